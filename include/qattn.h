@@ -1,0 +1,266 @@
+/*
+ * qattn — the attention block of quantized LLMs, as a C library.
+ *
+ * One call pair runs a whole attention block:
+ *
+ *   qattn_forward1:  x -> input norm -> Q,K,V projections (+bias, +LoRA)
+ *                      -> head norms -> RoPE -> q, k, v
+ *   (the caller runs attention over its KV cache between the phases)
+ *   qattn_forward2:  attn_out -> O projection (+bias, +LoRA) -> [post-norm]
+ *                      -> added to the residual x in place
+ *
+ * Conventions
+ *   - Every call returns a qattn_status. On failure, qattn_last_error() holds a
+ *     message for the calling thread. The library never aborts and never prints.
+ *   - Structs that may grow start with `struct_size`; fill them with the matching
+ *     *_default() initialiser, then set what you need.
+ *   - A device is an int: QATTN_DEVICE_CPU, or a CUDA device ordinal (>= 0).
+ *   - Tensors are data pointers plus the sizes given in the config; all are
+ *     dense and row-major. Weights passed at creation may live in host memory or
+ *     in the memory of the target device; the library copies (and may repack)
+ *     them, so the caller may free its copies afterwards. Activations passed to
+ *     forward calls must live in the memory of the layer's device.
+ *   - Work runs on the caller's stream (`void* stream` is a cudaStream_t; NULL is
+ *     the legacy default stream; ignored on the CPU). Forward calls allocate
+ *     nothing: scratch is sized at creation and by qattn_set_loras.
+ *   - Handles are not thread-safe: one thread (and one stream) at a time per
+ *     layer. Distinct layers may run concurrently on distinct streams.
+ */
+#ifndef QATTN_H
+#define QATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#  if defined(QATTN_BUILDING)
+#    define QATTN_API __declspec(dllexport)
+#  else
+#    define QATTN_API __declspec(dllimport)
+#  endif
+#else
+#  define QATTN_API __attribute__((visibility("default")))
+#endif
+
+#define QATTN_VERSION_MAJOR 0
+#define QATTN_VERSION_MINOR 1
+#define QATTN_VERSION_PATCH 0
+#define QATTN_VERSION (QATTN_VERSION_MAJOR * 10000 + QATTN_VERSION_MINOR * 100 + QATTN_VERSION_PATCH)
+
+#define QATTN_DEVICE_CPU (-1)
+
+typedef enum qattn_status {
+    QATTN_SUCCESS = 0,
+    QATTN_ERROR_INVALID_ARGUMENT = 1, /* null pointer, bad size, inconsistent shapes */
+    QATTN_ERROR_OUT_OF_RANGE = 2,     /* positions past the tables, rows past max_rows, unknown ids */
+    QATTN_ERROR_NOT_SUPPORTED = 3,    /* backend not compiled in, device absent, format/option unsupported */
+    QATTN_ERROR_OUT_OF_MEMORY = 4,
+    QATTN_ERROR_CUDA = 5,             /* a CUDA or cuBLAS call failed; the message carries its text */
+    QATTN_ERROR_INTERNAL = 6
+} qattn_status;
+
+/* Name of a status code ("QATTN_ERROR_OUT_OF_RANGE"); never NULL. */
+QATTN_API const char* qattn_status_string(qattn_status status);
+/* Message of the last failed call on this thread ("" if none); valid until the next call. */
+QATTN_API const char* qattn_last_error(void);
+
+/* QATTN_VERSION of the library actually loaded. */
+QATTN_API int qattn_version(void);
+/* Human-readable: version, backends compiled in, CUDA architectures. */
+QATTN_API const char* qattn_build_info(void);
+/* Number of CUDA devices usable by this build (0 without CUDA support or driver). */
+QATTN_API int qattn_cuda_device_count(void);
+
+/* ------------------------------------------------------------------------ */
+/* Quantized matrices                                                         */
+/* ------------------------------------------------------------------------ */
+
+/* A QMatrix maps `in_features` (K) inputs to `out_features` (N) outputs:
+ * y[r, n] = sum_k x[r, k] * W[k, n] (+ bias[n]). It lives on one device and may
+ * be shared by any number of layers on that device; destroy it only after them. */
+typedef struct qattn_qmatrix qattn_qmatrix;
+
+typedef enum qattn_qmatrix_format {
+    /* weight: fp16 [N, K] (nn.Linear.weight layout). */
+    QATTN_QMATRIX_DENSE_F16 = 0,
+    /* GPTQ, `bits` in {4, 8}, packed along K into int32 words (32/bits values per
+     * word, value j of a word in bits j*bits .. j*bits+bits-1):
+     *   qweight int32 [K*bits/32, N]; qzeros int32 [G, N*bits/32] (packed along N);
+     *   scales fp16 [G, N]; g_idx int32 [K] or NULL (then g = k / group_size).
+     *   W[k, n] = scales[g, n] * (q[k, n] - z[g, n]),  g = g_idx[k],
+     *   z = stored zero + 1 when zero_offset_one is set (the classic checkpoint format). */
+    QATTN_QMATRIX_GPTQ = 1
+} qattn_qmatrix_format;
+
+typedef struct qattn_qmatrix_desc {
+    size_t struct_size;
+    qattn_qmatrix_format format;
+    int device;           /* QATTN_DEVICE_CPU or CUDA ordinal */
+    int64_t in_features;  /* K */
+    int64_t out_features; /* N */
+    const void* bias;     /* fp16 [N], optional */
+
+    /* QATTN_QMATRIX_DENSE_F16 */
+    const void* weight;   /* fp16 [N, K] */
+
+    /* QATTN_QMATRIX_GPTQ */
+    int bits;             /* 4 or 8; default 4 */
+    int group_size;       /* > 0; used when g_idx is NULL; default 128 */
+    int64_t num_groups;   /* G; 0 means ceil(K / group_size) */
+    int zero_offset_one;  /* default 1: qzeros hold z - 1 (AutoGPTQ, ExLlama checkpoints) */
+    const int32_t* qweight;
+    const int32_t* qzeros;
+    const void* scales;   /* fp16 [G, N] */
+    const int32_t* g_idx; /* [K], values in [0, G); optional; any order (act-order) */
+} qattn_qmatrix_desc;
+
+QATTN_API qattn_qmatrix_desc qattn_qmatrix_desc_default(void);
+QATTN_API qattn_status qattn_qmatrix_create(const qattn_qmatrix_desc* desc, qattn_qmatrix** out);
+/* NULL is accepted and ignored. */
+QATTN_API qattn_status qattn_qmatrix_destroy(qattn_qmatrix* matrix);
+
+/* ------------------------------------------------------------------------ */
+/* Attention layer                                                            */
+/* ------------------------------------------------------------------------ */
+
+typedef struct qattn_layer qattn_layer;
+
+typedef enum qattn_norm_type {
+    QATTN_NORM_NONE = 0,
+    QATTN_NORM_RMS = 1,   /* x * rsqrt(mean(x^2) + eps) * w */
+    QATTN_NORM_LAYER = 2  /* (x - mean) * rsqrt(var + eps) * w (+ b) */
+} qattn_norm_type;
+
+typedef struct qattn_norm_desc {
+    qattn_norm_type type;
+    float eps;
+    const void* weight;   /* fp16; [width], or [heads, head_dim] for a per-head head norm */
+    const void* bias;     /* fp16, same shape as weight; LayerNorm only; optional */
+    int per_head;         /* head norms only: weight is [heads, head_dim] (Cohere) not [head_dim] (Qwen3) */
+} qattn_norm_desc;
+
+typedef enum qattn_rope_type {
+    QATTN_ROPE_NONE = 0,
+    QATTN_ROPE_NEOX = 1,  /* rotate halves: pairs (i, i + rotary_dim/2) */
+    QATTN_ROPE_GPTJ = 2   /* rotate interleaved pairs (2i, 2i + 1) */
+} qattn_rope_type;
+
+typedef struct qattn_layer_config {
+    size_t struct_size;
+    int device;
+    int hidden_size;      /* H */
+    int num_heads;        /* NH */
+    int num_kv_heads;     /* NKV; NH % NKV == 0 */
+    int head_dim;         /* D */
+    int max_rows;         /* most batch * q_len rows in one forward call */
+    int max_seq_len;      /* positions must stay below this */
+
+    qattn_norm_desc input_norm; /* over H, applied to x before Q/K/V */
+    qattn_norm_desc q_norm;     /* over D of each query head, before RoPE */
+    qattn_norm_desc k_norm;     /* over D of each key head, before RoPE */
+    qattn_norm_desc post_norm;  /* over H, applied to the O projection output (Gemma-2) */
+
+    qattn_rope_type rope;
+    int rotary_dim;       /* even, <= head_dim; 0 means head_dim */
+
+    int has_residual;     /* default 1: x += y; 0: x = y */
+    int residual_fp32;    /* x is fp32 instead of fp16 */
+    int use_graphs;       /* CUDA: capture each (batch, q_len) once, replay after */
+
+    /* Borrowed, not owned: must outlive the layer and live on its device. */
+    qattn_qmatrix* q_proj; /* H -> NH*D */
+    qattn_qmatrix* k_proj; /* H -> NKV*D */
+    qattn_qmatrix* v_proj; /* H -> NKV*D */
+    qattn_qmatrix* o_proj; /* NH*D -> H */
+} qattn_layer_config;
+
+QATTN_API qattn_layer_config qattn_layer_config_default(void);
+QATTN_API qattn_status qattn_create(const qattn_layer_config* config, qattn_layer** out);
+/* NULL is accepted and ignored. */
+QATTN_API qattn_status qattn_destroy(qattn_layer* layer);
+
+typedef struct qattn_forward1_args {
+    size_t struct_size;
+    int batch;
+    int q_len;                  /* rows = batch * q_len <= max_rows */
+    const void* x;              /* [rows, H], fp16 (fp32 if residual_fp32) */
+    /* Token t of sequence b sits at position past_lens[b] + t, or past_len + t
+     * when past_lens is NULL. past_lens is int32 [batch] in the layer's device
+     * memory, so a captured graph reads fresh values at each replay. */
+    int past_len;
+    const int32_t* past_lens;
+    /* RoPE tables, fp32 [max_positions, rotary_dim / 2], layer's device memory. */
+    const float* sin;
+    const float* cos;
+    int max_positions;
+    void* q;                    /* out: fp16 [rows, NH*D] */
+    void* k;                    /* out: fp16 [rows, NKV*D] */
+    void* v;                    /* out: fp16 [rows, NKV*D] */
+    const int32_t* lora_ids;    /* host memory; active adapters; may be NULL if num_lora_ids == 0 */
+    int num_lora_ids;
+} qattn_forward1_args;
+
+typedef struct qattn_forward2_args {
+    size_t struct_size;
+    int batch;
+    int q_len;
+    void* x;                    /* in/out residual [rows, H], fp16 (fp32 if residual_fp32) */
+    const void* attn_out;       /* fp16 [rows, NH*D] */
+    const int32_t* lora_ids;
+    int num_lora_ids;
+} qattn_forward2_args;
+
+QATTN_API qattn_forward1_args qattn_forward1_args_default(void);
+QATTN_API qattn_forward2_args qattn_forward2_args_default(void);
+
+QATTN_API qattn_status qattn_forward1(qattn_layer* layer, const qattn_forward1_args* args, void* stream);
+QATTN_API qattn_status qattn_forward2(qattn_layer* layer, const qattn_forward2_args* args, void* stream);
+
+/* Positions given in device memory (past_lens) cannot be checked on the host
+ * without a synchronisation, which forward calls never do. Device kernels check
+ * them instead: a row whose position is past max_positions or max_seq_len is not
+ * rotated nor written past its buffers, and a sticky flag is set in the layer.
+ * This call waits for `stream`, returns QATTN_ERROR_OUT_OF_RANGE if the flag was
+ * set since the last check (and clears it), else QATTN_SUCCESS. */
+QATTN_API qattn_status qattn_check_device_errors(qattn_layer* layer, void* stream);
+
+/* ------------------------------------------------------------------------ */
+/* LoRA                                                                       */
+/* ------------------------------------------------------------------------ */
+
+typedef enum qattn_proj {
+    QATTN_PROJ_Q = 0,
+    QATTN_PROJ_K = 1,
+    QATTN_PROJ_V = 2,
+    QATTN_PROJ_O = 3
+} qattn_proj;
+
+/* One adapter on one projection: adds (n . A) . B to that projection's output.
+ * Fold any scaling (alpha / rank) into B. */
+typedef struct qattn_lora_desc {
+    size_t struct_size;
+    int id;               /* adapter id, chosen by the caller; one id may cover several projections */
+    qattn_proj proj;
+    int rank;             /* r > 0 */
+    const void* a;        /* fp16 [in, r] */
+    const void* b;        /* fp16 [r, out] */
+} qattn_lora_desc;
+
+QATTN_API qattn_lora_desc qattn_lora_desc_default(void);
+
+/* Replaces the layer's whole adapter set by `count` adapters (count 0 clears it).
+ * `loras` is an array of descriptors, each `loras[0].struct_size` bytes apart.
+ * Writes the largest rank to *max_rank if max_rank is not NULL. An (id, proj) pair
+ * may appear once. Not safe while the layer's stream still runs a forward. */
+QATTN_API qattn_status qattn_set_loras(qattn_layer* layer, const qattn_lora_desc* loras, int count,
+                                       int* max_rank);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* QATTN_H */
