@@ -259,6 +259,92 @@ QATTN_API qattn_lora_desc qattn_lora_desc_default(void);
 QATTN_API qattn_status qattn_set_loras(qattn_layer* layer, const qattn_lora_desc* loras, int count,
                                        int* max_rank);
 
+/* ------------------------------------------------------------------------ */
+/* Whole block: forward1 -> attention (a callback) -> forward2                */
+/* ------------------------------------------------------------------------ */
+
+typedef enum qattn_kv_layout {
+    QATTN_KV_CONTIGUOUS = 0, /* k, v: fp16 [batch, max_seq_len, NKV, D] */
+    QATTN_KV_PAGED = 1       /* k, v: fp16 [num_blocks, block_size, NKV, D] + block table */
+} qattn_kv_layout;
+
+/* A KV cache in the layer's device memory, in flash-attn's layouts. */
+typedef struct qattn_kv_cache {
+    size_t struct_size;
+    qattn_kv_layout layout;
+    void* k;
+    void* v;
+    int max_seq_len;              /* contiguous: positions per sequence */
+    int num_blocks;               /* paged */
+    int block_size;               /* paged: tokens per block, a multiple of 16 */
+    const int32_t* block_table;   /* paged: int32 [batch, max_blocks_per_seq] */
+    int max_blocks_per_seq;       /* paged */
+} qattn_kv_cache;
+
+QATTN_API qattn_kv_cache qattn_kv_cache_default(void);
+
+/* What an attention callback receives. The callback must (1) write this call's
+ * k and v into the cache at positions past_len(s)[b] + t, as
+ * flash_attn_with_kvcache does when given k and v, and (2) write to `out` the
+ * attention of each query over keys 0 .. past + t of its sequence (causal) or
+ * over all past + q_len keys (not causal), with query head h reading KV head
+ * h / (num_heads / num_kv_heads). Work is enqueued on `stream` (CUDA) or done
+ * before returning (CPU). A status other than QATTN_SUCCESS aborts the block
+ * before forward2 and is returned by qattn_forward. */
+typedef struct qattn_attention_params {
+    size_t struct_size;
+    int device;
+    void* stream;
+    int batch, q_len, num_heads, num_kv_heads, head_dim;
+    const void* q;                /* fp16 [batch, q_len, NH, D], RoPE applied */
+    const void* k;                /* fp16 [batch, q_len, NKV, D], RoPE applied */
+    const void* v;                /* fp16 [batch, q_len, NKV, D] */
+    const qattn_kv_cache* cache;
+    int past_len;                 /* used when past_lens is NULL */
+    const int32_t* past_lens;     /* int32 [batch], layer's device memory, or NULL */
+    void* out;                    /* fp16 [batch, q_len, NH, D] */
+    float softmax_scale;
+    int causal;
+    void* user_data;
+} qattn_attention_params;
+
+typedef qattn_status (*qattn_attention_fn)(const qattn_attention_params* params);
+
+typedef struct qattn_block_args {
+    size_t struct_size;
+    int batch;
+    int q_len;
+    void* x;                      /* in/out residual [rows, H] */
+    int past_len;                 /* tokens already cached, as in forward1 */
+    const int32_t* past_lens;
+    const float* sin;
+    const float* cos;
+    int max_positions;
+    const int32_t* lora_ids;
+    int num_lora_ids;
+    const qattn_kv_cache* cache;
+    float softmax_scale;          /* 0 means 1/sqrt(head_dim) */
+    int causal;                   /* default 1 */
+    qattn_attention_fn attention;
+    void* user_data;
+    /* Scratch for q, k, v and the attention output, in the layer's device
+     * memory, at least qattn_block_workspace_size() bytes, 256-byte aligned.
+     * One workspace may serve every layer run on the same stream. */
+    void* workspace;
+    size_t workspace_size;
+} qattn_block_args;
+
+QATTN_API qattn_block_args qattn_block_args_default(void);
+
+/* Bytes of workspace qattn_forward needs for `rows` = batch * q_len rows. */
+QATTN_API size_t qattn_block_workspace_size(const qattn_layer* layer, int rows);
+
+/* Runs forward1 into the workspace, the attention callback, and forward2, on
+ * `stream`. Checks that the new tokens fit the cache (positions < max_seq_len,
+ * or < max_blocks_per_seq * block_size for a paged cache) and, on the CPU, that
+ * every block id the call touches is in [0, num_blocks). */
+QATTN_API qattn_status qattn_forward(qattn_layer* layer, const qattn_block_args* args, void* stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

@@ -24,6 +24,7 @@ qattn_status copy_to_host(void* dst, const void* src, size_t bytes);
 
 int cuda_device_count();
 
+
 // The bytes of a weight tensor, readable on the host: `data()` is the caller's
 // pointer when it is host memory, else a host copy. Weights are read on the host
 // once at creation (to validate, dequantize or repack them).

@@ -19,3 +19,9 @@ struct qattn_layer {
     // Scratch for resolving active adapter ids, kept to avoid per-call allocation.
     qattn::ActiveLoras active;
 };
+
+namespace qattn {
+// The checked entry points, shared by qattn_forward1/2 and the whole block.
+qattn_status forward1(qattn_layer* layer, const qattn_forward1_args* args, void* stream);
+qattn_status forward2(qattn_layer* layer, const qattn_forward2_args* args, void* stream);
+}  // namespace qattn

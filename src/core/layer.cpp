@@ -144,6 +144,8 @@ qattn_status resolve_loras(qattn_layer* layer, const int32_t* ids, int count) {
 
 size_t residual_bytes(const LayerInfo& info) { return info.residual_fp32 ? sizeof(float) : sizeof(uint16_t); }
 
+}  // namespace
+
 qattn_status forward1(qattn_layer* layer, const qattn_forward1_args* in, void* stream) {
     QATTN_REQUIRE_ARG(layer != nullptr, "qattn_forward1: layer is NULL");
     qattn_forward1_args a;
@@ -219,6 +221,8 @@ qattn_status forward2(qattn_layer* layer, const qattn_forward2_args* in, void* s
     call.loras = &layer->active;
     return layer->impl->forward2(call, stream);
 }
+
+namespace {
 
 qattn_status set_loras(qattn_layer* layer, const qattn_lora_desc* loras, int count, int* max_rank) {
     QATTN_REQUIRE_ARG(layer != nullptr, "qattn_set_loras: layer is NULL");
