@@ -1,0 +1,65 @@
+"""Checks every tensor before its pointer crosses into C: the library sees only
+pointers and sizes, so dtype, shape, device and layout are checked here."""
+import torch
+
+from . import _lib
+from .errors import invalid
+
+
+def device_index(device):
+    """The C device int of a torch device."""
+    if device.type == "cpu":
+        return _lib.DEVICE_CPU
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    raise invalid("device %s is not supported (use a CPU or CUDA tensor)" % device)
+
+
+def torch_device(index):
+    return torch.device("cpu") if index == _lib.DEVICE_CPU else torch.device("cuda", index)
+
+
+def same_device(a, b):
+    return a.type == b.type and (a.type == "cpu" or device_index(a) == device_index(b))
+
+
+def stream_of(device):
+    """The caller's current CUDA stream as a void*, or None on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return None
+
+
+def check_tensor(t, name, dtype, shape=None, device=None, allow_cpu=False):
+    """Checks a tensor; `shape` entries of None match any size. With `allow_cpu`, a
+    weight may be in host memory instead of `device` (the library copies it)."""
+    if not isinstance(t, torch.Tensor):
+        raise invalid("%s must be a torch.Tensor, got %s" % (name, type(t).__name__))
+    if t.layout != torch.strided:
+        raise invalid("%s must be a dense (strided) tensor, got layout %s" % (name, t.layout))
+    if t.dtype != dtype:
+        raise invalid("%s must have dtype %s, got %s" % (name, dtype, t.dtype))
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            expected = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise invalid("%s must have shape %s, got %s" % (name, expected, list(t.shape)))
+    if device is not None and not same_device(t.device, device):
+        if not (allow_cpu and t.device.type == "cpu"):
+            raise invalid("%s is on %s, expected %s" % (name, t.device, device))
+    if not t.is_contiguous():
+        raise invalid("%s must be contiguous (call .contiguous())" % name)
+    if t.numel() == 0:
+        raise invalid("%s is empty (shape %s)" % (name, list(t.shape)))
+    return t
+
+
+def ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def sync_for_host_read(*tensors):
+    """Weights on a CUDA device are copied by the library on the legacy default
+    stream; work queued on the caller's stream must be finished first."""
+    for t in tensors:
+        if t is not None and t.device.type == "cuda":
+            torch.cuda.current_stream(t.device).synchronize()

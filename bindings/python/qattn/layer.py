@@ -1,0 +1,244 @@
+"""Layer: one attention block (forward1 / forward2) and its LoRA adapters."""
+import ctypes
+import dataclasses
+import weakref
+from typing import Optional
+
+import torch
+
+from . import _lib
+from ._tensors import check_tensor, device_index, ptr, same_device, stream_of, sync_for_host_read
+from .errors import check, invalid
+from .qmatrix import QMatrix
+
+_NORM_KINDS = {"rms": _lib.NORM_RMS, "layer": _lib.NORM_LAYER}
+_ROPE_KINDS = {None: _lib.ROPE_NONE, "neox": _lib.ROPE_NEOX, "gptj": _lib.ROPE_GPTJ}
+_PROJS = {"q": _lib.PROJ_Q, "k": _lib.PROJ_K, "v": _lib.PROJ_V, "o": _lib.PROJ_O}
+
+
+@dataclasses.dataclass
+class Norm:
+    """RMSNorm ("rms") or LayerNorm ("layer"); weight (and bias) fp16 [width], or
+    [heads, head_dim] for a per-head head norm."""
+
+    kind: str
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    eps: float = 1e-6
+    per_head: bool = False
+
+
+@dataclasses.dataclass
+class LoRA:
+    """Adapter `id` on projection `proj` ("q", "k", "v" or "o"): adds (n . a) . b,
+    a fp16 [in, r], b fp16 [r, out]. Fold alpha / r into b."""
+
+    id: int
+    proj: str
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def _destroy(handle, projections):
+    # `projections` is held here so the matrices outlive the layer even when both
+    # become garbage at once.
+    _lib.lib.qattn_destroy(handle)
+
+
+def _lora_ids(loras):
+    ids = [int(i) for i in loras]
+    return (ctypes.c_int32 * len(ids))(*ids), len(ids)
+
+
+class Layer:
+    """The attention block of one transformer layer; see include/qattn.h."""
+
+    def __init__(self, *, hidden_size, num_heads, num_kv_heads, head_dim, q_proj, k_proj, v_proj, o_proj,
+                 input_norm=None, q_norm=None, k_norm=None, post_norm=None, rope="neox", rotary_dim=None,
+                 has_residual=True, residual_fp32=False, max_rows=2048, max_seq_len=4096, use_graphs=False):
+        projections = (q_proj, k_proj, v_proj, o_proj)
+        for name, m in zip(("q_proj", "k_proj", "v_proj", "o_proj"), projections):
+            if not isinstance(m, QMatrix):
+                raise invalid("%s must be a qattn.QMatrix, got %s" % (name, type(m).__name__))
+            if m.closed:
+                raise invalid("%s is a closed QMatrix" % name)
+            if not same_device(m.device, q_proj.device):
+                raise invalid("%s is on %s but q_proj on %s" % (name, m.device, q_proj.device))
+        if rope not in _ROPE_KINDS:
+            raise invalid("rope must be 'neox', 'gptj' or None, got %r" % (rope,))
+        self.device = q_proj.device
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.rope = rope
+        self.rotary_dim = (rotary_dim or head_dim) if rope else 0
+        self.residual_fp32 = bool(residual_fp32)
+        self.max_rows = max_rows
+        self.max_seq_len = max_seq_len
+
+        c = _lib.lib.qattn_layer_config_default()
+        c.device = device_index(self.device)
+        c.hidden_size = hidden_size
+        c.num_heads = num_heads
+        c.num_kv_heads = num_kv_heads
+        c.head_dim = head_dim
+        c.max_rows = max_rows
+        c.max_seq_len = max_seq_len
+        weights = []
+        for name, norm, width, heads in (
+            ("input_norm", input_norm, hidden_size, None),
+            ("q_norm", q_norm, head_dim, num_heads),
+            ("k_norm", k_norm, head_dim, num_kv_heads),
+            ("post_norm", post_norm, hidden_size, None),
+        ):
+            if norm is not None:
+                weights += self._fill_norm(getattr(c, name), name, norm, width, heads)
+        c.rope = _ROPE_KINDS[rope]
+        c.rotary_dim = rotary_dim or 0
+        c.has_residual = 1 if has_residual else 0
+        c.residual_fp32 = 1 if residual_fp32 else 0
+        c.use_graphs = 1 if use_graphs else 0
+        c.q_proj, c.k_proj, c.v_proj, c.o_proj = (m.handle for m in projections)
+
+        sync_for_host_read(*weights)
+        handle = ctypes.c_void_p()
+        check(_lib.lib.qattn_create(ctypes.byref(c), ctypes.byref(handle)))
+        self._handle = handle
+        self._projections = projections
+        self._finalizer = weakref.finalize(self, _destroy, handle, projections)
+        for m in projections:
+            m._users.add(self)
+
+    def _fill_norm(self, desc, name, norm, width, heads):
+        if not isinstance(norm, Norm):
+            raise invalid("%s must be a qattn.Norm, got %s" % (name, type(norm).__name__))
+        if norm.kind not in _NORM_KINDS:
+            raise invalid("%s.kind must be 'rms' or 'layer', got %r" % (name, norm.kind))
+        if norm.per_head and heads is None:
+            raise invalid("%s.per_head is only meaningful for q_norm and k_norm" % name)
+        shape = (heads, width) if norm.per_head else (width,)
+        check_tensor(norm.weight, name + ".weight", torch.float16, shape, self.device, allow_cpu=True)
+        if norm.bias is not None:
+            check_tensor(norm.bias, name + ".bias", torch.float16, shape, self.device, allow_cpu=True)
+        desc.type = _NORM_KINDS[norm.kind]
+        desc.eps = norm.eps
+        desc.weight = ptr(norm.weight)
+        desc.bias = ptr(norm.bias)
+        desc.per_head = 1 if norm.per_head else 0
+        return [norm.weight, norm.bias]
+
+    @property
+    def closed(self):
+        return not self._finalizer.alive
+
+    def _live_handle(self):
+        if self.closed:
+            raise invalid("Layer is closed")
+        return self._handle
+
+    def close(self):
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_rows(self, x, name):
+        dtype = torch.float32 if self.residual_fp32 else torch.float16
+        check_tensor(x, name, dtype, (None, None, self.hidden_size), self.device)
+        return x.shape[0], x.shape[1]
+
+    def _check_heads(self, t, name, batch, q_len, heads):
+        """fp16 [batch, q_len, heads, D] or [batch, q_len, heads * D]."""
+        if isinstance(t, torch.Tensor) and t.dim() == 3:
+            shape = (batch, q_len, heads * self.head_dim)
+        else:
+            shape = (batch, q_len, heads, self.head_dim)
+        check_tensor(t, name, torch.float16, shape, self.device)
+
+    def forward1(self, x, *, sin=None, cos=None, past_len=0, past_lens=None, loras=(), out=None):
+        """x [batch, q_len, H] -> (q [batch, q_len, NH, D], k, v [batch, q_len, NKV, D])."""
+        handle = self._live_handle()
+        batch, q_len = self._check_rows(x, "x")
+        a = _lib.lib.qattn_forward1_args_default()
+        if self.rope is not None:
+            half = self.rotary_dim // 2
+            if sin is None or cos is None:
+                raise invalid("sin and cos tables are required when rope is %r" % self.rope)
+            check_tensor(sin, "sin", torch.float32, (None, half), self.device)
+            check_tensor(cos, "cos", torch.float32, (sin.shape[0], half), self.device)
+            a.sin, a.cos, a.max_positions = sin.data_ptr(), cos.data_ptr(), sin.shape[0]
+        if past_lens is not None:
+            check_tensor(past_lens, "past_lens", torch.int32, (batch,), self.device)
+            a.past_lens = past_lens.data_ptr()
+        if out is None:
+            q = torch.empty(batch, q_len, self.num_heads, self.head_dim, dtype=torch.float16, device=self.device)
+            k = torch.empty(batch, q_len, self.num_kv_heads, self.head_dim, dtype=torch.float16, device=self.device)
+            v = torch.empty_like(k)
+        else:
+            if len(out) != 3:
+                raise invalid("out must be a (q, k, v) tuple")
+            q, k, v = out
+            self._check_heads(q, "out[0] (q)", batch, q_len, self.num_heads)
+            self._check_heads(k, "out[1] (k)", batch, q_len, self.num_kv_heads)
+            self._check_heads(v, "out[2] (v)", batch, q_len, self.num_kv_heads)
+        ids, count = _lora_ids(loras)
+        a.batch, a.q_len, a.x, a.past_len = batch, q_len, x.data_ptr(), int(past_len)
+        a.q, a.k, a.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
+        a.lora_ids, a.num_lora_ids = ids, count
+        check(_lib.lib.qattn_forward1(handle, ctypes.byref(a), stream_of(self.device)))
+        return q, k, v
+
+    def forward2(self, x, attn_out, *, loras=()):
+        """x += O(attn_out) (post-norm, LoRA as configured); x is updated in place and returned."""
+        handle = self._live_handle()
+        batch, q_len = self._check_rows(x, "x")
+        self._check_heads(attn_out, "attn_out", batch, q_len, self.num_heads)
+        ids, count = _lora_ids(loras)
+        a = _lib.lib.qattn_forward2_args_default()
+        a.batch, a.q_len, a.x, a.attn_out = batch, q_len, x.data_ptr(), attn_out.data_ptr()
+        a.lora_ids, a.num_lora_ids = ids, count
+        check(_lib.lib.qattn_forward2(handle, ctypes.byref(a), stream_of(self.device)))
+        return x
+
+    def set_loras(self, adapters):
+        """Replaces the adapter set; returns the largest rank (0 when empty)."""
+        handle = self._live_handle()
+        adapters = list(adapters)
+        q_width = self.num_heads * self.head_dim
+        kv_width = self.num_kv_heads * self.head_dim
+        widths = {"q": (self.hidden_size, q_width), "k": (self.hidden_size, kv_width),
+                  "v": (self.hidden_size, kv_width), "o": (q_width, self.hidden_size)}
+        descs = (_lib.LoraDesc * max(1, len(adapters)))()
+        for i, lora in enumerate(adapters):
+            if not isinstance(lora, LoRA):
+                raise invalid("adapters[%d] must be a qattn.LoRA, got %s" % (i, type(lora).__name__))
+            if lora.proj not in _PROJS:
+                raise invalid("adapters[%d].proj must be 'q', 'k', 'v' or 'o', got %r" % (i, lora.proj))
+            fan_in, fan_out = widths[lora.proj]
+            check_tensor(lora.a, "adapters[%d].a" % i, torch.float16, (fan_in, None), self.device, allow_cpu=True)
+            rank = lora.a.shape[1]
+            check_tensor(lora.b, "adapters[%d].b" % i, torch.float16, (rank, fan_out), self.device, allow_cpu=True)
+            d = _lib.lib.qattn_lora_desc_default()
+            d.id, d.proj, d.rank = int(lora.id), _PROJS[lora.proj], rank
+            d.a, d.b = lora.a.data_ptr(), lora.b.data_ptr()
+            descs[i] = d
+        sync_for_host_read(*(t for lora in adapters for t in (lora.a, lora.b)))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        max_rank = ctypes.c_int(0)
+        check(_lib.lib.qattn_set_loras(handle, descs, len(adapters), ctypes.byref(max_rank)))
+        return max_rank.value
+
+    def check_device_errors(self):
+        """Raises QattnError (QATTN_ERROR_OUT_OF_RANGE) if a device kernel met a position
+        past the tables or max_seq_len since the last check; waits for the stream."""
+        check(_lib.lib.qattn_check_device_errors(self._live_handle(), stream_of(self.device)))
+
+    def __repr__(self):
+        return "Layer(H=%d, NH=%d, NKV=%d, D=%d, device=%s%s)" % (
+            self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.device,
+            ", closed" if self.closed else "")
