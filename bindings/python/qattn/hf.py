@@ -73,6 +73,7 @@ class AttentionInfo:
     sliding_window: Optional[int]  # attend only to keys with position > query position - sliding_window
     logit_softcap: Optional[float]  # scores = softcap * tanh(scores / softcap) before the mask (Gemma-2)
     parallel_mlp_norm: Optional[str]  # see the module docstring; None for sequential layers
+    layer_type: Optional[str]      # HF attention layer type; pass it to rope_tables_from_hf
 
 
 def _config_value(config, *names, default=None):
@@ -244,7 +245,8 @@ def from_hf_attention(decoder_layer, config, *, device=None, max_rows, max_seq_l
                          rope=family.rope, rotary_dim=rotary_dim, softmax_scale=float(attn.scaling),
                          causal=bool(getattr(attn, "is_causal", True)),
                          sliding_window=None if sliding is None else int(sliding),
-                         logit_softcap=None if softcap is None else float(softcap), parallel_mlp_norm=mlp_norm)
+                         logit_softcap=None if softcap is None else float(softcap), parallel_mlp_norm=mlp_norm,
+                         layer_type=layer_type)
     return layer, info
 
 
@@ -264,9 +266,16 @@ def rope_tables_from_hf(model_or_rotary_emb, max_positions, device=None, *, laye
     """(sin, cos) fp32 [max_positions, rotary_dim / 2] for qattn from an HF rotary
     embedding (or a model holding exactly one): its inv_freq and attention_scaling,
     so any static rope scaling (linear, NTK, YaRN, llama3, ...) carries over.
-    `layer_type` picks the per-type tables of models such as Gemma-3
-    ("sliding_attention" / "full_attention")."""
+    `layer_type` (AttentionInfo.layer_type) picks the per-type tables of models
+    such as Gemma-3 ("sliding_attention" / "full_attention"); embeddings with one
+    set of tables ignore it."""
     rotary = _find_rotary_emb(model_or_rotary_emb)
+    per_type = isinstance(getattr(rotary, "rope_type", None), dict)
+    if per_type and layer_type not in rotary.rope_type:
+        raise ValueError("%s has tables per layer type (%s); pass layer_type=one of them, got %r"
+                         % (type(rotary).__name__, ", ".join(rotary.rope_type), layer_type))
+    if not per_type:
+        layer_type = None
     prefix = "" if layer_type is None else layer_type + "_"
     inv_freq = getattr(rotary, prefix + "original_inv_freq", None)
     if inv_freq is None:
