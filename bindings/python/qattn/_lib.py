@@ -129,6 +129,73 @@ class LoraDesc(ctypes.Structure):
     ]
 
 
+KV_CONTIGUOUS, KV_PAGED = 0, 1
+
+
+class KVCache(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("layout", ctypes.c_int),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("max_seq_len", ctypes.c_int),
+        ("num_blocks", ctypes.c_int),
+        ("block_size", ctypes.c_int),
+        ("block_table", ctypes.c_void_p),
+        ("max_blocks_per_seq", ctypes.c_int),
+    ]
+
+
+class AttentionParams(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("device", ctypes.c_int),
+        ("stream", ctypes.c_void_p),
+        ("batch", ctypes.c_int),
+        ("q_len", ctypes.c_int),
+        ("num_heads", ctypes.c_int),
+        ("num_kv_heads", ctypes.c_int),
+        ("head_dim", ctypes.c_int),
+        ("q", ctypes.c_void_p),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("cache", ctypes.POINTER(KVCache)),
+        ("past_len", ctypes.c_int),
+        ("past_lens", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("softmax_scale", ctypes.c_float),
+        ("causal", ctypes.c_int),
+        ("user_data", ctypes.c_void_p),
+    ]
+
+
+# qattn_attention_fn; keep a reference to every instance passed to C while C may call it.
+ATTENTION_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(AttentionParams))
+
+
+class BlockArgs(ctypes.Structure):
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("batch", ctypes.c_int),
+        ("q_len", ctypes.c_int),
+        ("x", ctypes.c_void_p),
+        ("past_len", ctypes.c_int),
+        ("past_lens", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p),
+        ("max_positions", ctypes.c_int),
+        ("lora_ids", ctypes.POINTER(ctypes.c_int32)),
+        ("num_lora_ids", ctypes.c_int),
+        ("cache", ctypes.POINTER(KVCache)),
+        ("softmax_scale", ctypes.c_float),
+        ("causal", ctypes.c_int),
+        ("attention", ATTENTION_FN),
+        ("user_data", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+        ("workspace_size", ctypes.c_size_t),
+    ]
+
+
 def _candidates():
     path = os.environ.get("QATTN_LIBRARY")
     if path:
@@ -186,6 +253,10 @@ def _declare(lib):
             status,
             [handle, ctypes.POINTER(LoraDesc), ctypes.c_int, ctypes.POINTER(ctypes.c_int)],
         ),
+        "qattn_kv_cache_default": (KVCache, []),
+        "qattn_block_args_default": (BlockArgs, []),
+        "qattn_block_workspace_size": (ctypes.c_size_t, [handle, ctypes.c_int]),
+        "qattn_forward": (status, [handle, ctypes.POINTER(BlockArgs), ctypes.c_void_p]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)

@@ -75,11 +75,13 @@ class _KVCacheBase:
         _positive_int("head_dim", head_dim)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise _invalid("KV cache dtype must be float16, bfloat16 or float32, got %s" % dtype)
-        self.device = torch.device(device)
+        self.seq_lens = torch.zeros(rows, dtype=torch.int32, device=device)
+        # The allocated tensor's device carries the index ("cuda" becomes "cuda:0"),
+        # so comparisons with other tensors' devices are exact.
+        self.device = self.seq_lens.device
         self.dtype = dtype
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.seq_lens = torch.zeros(rows, dtype=torch.int32, device=self.device)
         self._host_lens = [0] * rows
         self._index_memo = {}
         self.last_backend = None
