@@ -1,0 +1,945 @@
+"""`python -m qattn bench`: qattn's attention block against its floors and a plain
+PyTorch fp16 layer, all measured in the same run. docs/BENCHMARK_METHOD.md says
+what is measured and why; this docstring only maps the code.
+
+- `Floors`: measured device-to-device copy bandwidth and fp16 matmul rate.
+- `Model`: the weights of N distinct layers of one shape (GPTQ for qattn, the same
+  values dequantized to fp16 for PyTorch), cycled so no timing is L2-cache-hot.
+- `CaseData`: one input / KV-cache set per layer of a case.
+- `measure_case`: forward1, forward2 and the whole block of qattn, and the PyTorch
+  layer, eager and replayed from a CUDA graph, per layer.
+- `accuracy`: block outputs against a float64 reference of the same math.
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+import qattn
+
+# Llama-3 RMSNorm epsilon and RoPE base.
+EPS = 1e-5
+ROPE_BASE = 500000.0
+ZERO = 8  # symmetric 4-bit GPTQ: every zero point is the middle of 0..15
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    group: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    shape: str
+    batch: int
+    q_len: int
+    past: int
+
+    @property
+    def rows(self):
+        return self.batch * self.q_len
+
+    @property
+    def kv_len(self):
+        return self.past + self.q_len
+
+    @property
+    def causal(self):
+        # Decode: the new query sees every cached key and its own. Prefill from an
+        # empty cache: the top-left causal mask, which SDPA takes without a mask tensor.
+        return self.q_len > 1
+
+    def key(self):
+        return (self.shape, self.batch, self.q_len, self.past)
+
+
+FULL_SHAPES = {
+    "8B": Shape("8B", 4096, 32, 8, 128),
+    "70B": Shape("70B", 8192, 64, 8, 128),
+}
+# Same code paths on shapes a CPU reference backend runs in seconds; K stays a
+# multiple of the group size so that GPTQ groups are whole.
+TINY_SHAPES = {
+    "8B": Shape("8B", 256, 4, 2, 64),
+    "70B": Shape("70B", 512, 8, 4, 64),
+}
+
+CASE_NAMES = ("D1", "D16", "P2k", "70B", "sweep")
+SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def make_cases(tiny):
+    past = 32 if tiny else 2048
+    prefill = 64 if tiny else 2048
+    cases = {
+        "D1": Case("D1", "8B", 1, 1, past),
+        "D16": Case("D16", "8B", 16, 1, past),
+        "P2k": Case("P2k", "8B", 1, prefill, 0),
+        "70B": Case("70B-D1", "70B", 1, 1, past),
+    }
+    sweep = [Case("sweep-B%d" % b, "8B", b, 1, past) for b in SWEEP_BATCHES]
+    return cases, sweep
+
+
+# ---------------------------------------------------------------------------
+# Timing
+
+
+class Clock:
+    """Times a callable per call: CUDA events on the GPU (device time between the
+    start and end of each call, queue kept full), wall clock on the CPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def measure(self, fn, iters, warmup):
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        if not self.cuda:
+            times = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return times
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for s, e in zip(starts, ends):
+            s.record()
+            fn()
+            e.record()
+        self.sync()
+        return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
+
+
+def summary(times, per):
+    """Median and 10th/90th percentiles of `times`, divided by `per` (layers per call), in us."""
+    ordered = sorted(t / per * 1e6 for t in times)
+    pick = lambda f: ordered[min(len(ordered) - 1, int(f * len(ordered)))]
+    return {"median_us": statistics.median(ordered), "p10_us": pick(0.1), "p90_us": pick(0.9), "samples": len(ordered)}
+
+
+def capture_graph(fn, device):
+    """A CUDA graph of fn, captured after warm-up on a side stream (lazy cuBLAS and
+    allocator set-up must not happen inside the capture). Returns (graph, mode);
+    tries the strict capture mode first, then "relaxed" for libraries that call
+    capture-unsafe but harmless CUDA APIs."""
+    errors = []
+    for mode in ("global", "relaxed"):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode=mode):
+                fn()
+            return graph, mode
+        except Exception as e:  # a capture that fails leaves no graph; report why
+            errors.append("%s: %s" % (mode, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__))
+            torch.cuda.synchronize(device)
+    raise RuntimeError("CUDA graph capture failed (" + "; ".join(errors) + ")")
+
+
+# ---------------------------------------------------------------------------
+# Floors
+
+
+@dataclasses.dataclass
+class Floors:
+    copy_bytes_per_s: float
+    matmul_flops_per_s: float
+    copy_size_bytes: int
+    matmul_n: int
+
+    @classmethod
+    def measure(cls, device, clock, tiny):
+        # 2 x 512 MiB: far beyond L2, so the copy streams through HBM both ways.
+        n = (1 << 22) if tiny else (1 << 28)
+        src = torch.randn(n, device=device).half()
+        dst = torch.empty_like(src)
+        t = statistics.median(clock.measure(lambda: dst.copy_(src), iters=5 if tiny else 30, warmup=2 if tiny else 5))
+        copy_bw = 2 * src.numel() * src.element_size() / t
+        del src, dst
+        m = 256 if tiny else 8192
+        a = torch.randn(m, m, device=device).half()
+        b = (torch.randn(m, m, device=device) / math.sqrt(m)).half()
+        c = torch.empty(m, m, device=device, dtype=torch.float16)
+        t = statistics.median(clock.measure(lambda: torch.mm(a, b, out=c), iters=5 if tiny else 30, warmup=2 if tiny else 5))
+        rate = 2.0 * m ** 3 / t
+        del a, b, c
+        return cls(copy_bw, rate, 2 * n * 2, m)
+
+
+def gptq_bytes(k, n, group):
+    """Bytes of one 4-bit GPTQ matrix K -> N: packed weights, fp16 scales, packed zeros."""
+    groups = -(-k // group)
+    return k * n // 2 + groups * n * 2 + groups * n // 2
+
+
+def traffic(shape, case):
+    """Bytes that must move and FLOPs that must be done, for forward1, forward2 and the block."""
+    s, rows = shape, case.rows
+    q_w, kv_w = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    w_qkv = gptq_bytes(s.hidden, q_w, s.group) + 2 * gptq_bytes(s.hidden, kv_w, s.group)
+    w_o = gptq_bytes(q_w, s.hidden, s.group)
+    norm_w = s.hidden * 2
+    rope = rows * (s.head_dim // 2) * 4 * 2  # one sin and one cos row (fp32) per token
+    x_bytes = rows * s.hidden * 2
+    kv_read = case.batch * case.kv_len * kv_w * 2 * 2
+    kv_write = rows * kv_w * 2 * 2
+    # (query, key) pairs: decode sees all past + 1 keys; prefill is causal.
+    pairs = case.batch * (case.q_len * case.past + case.q_len * (case.q_len + 1) // 2)
+    f1_flops = 2 * rows * s.hidden * (q_w + 2 * kv_w)
+    f2_flops = 2 * rows * q_w * s.hidden
+    return {
+        "bytes": {
+            "f1": w_qkv + norm_w + rope + x_bytes + rows * (q_w + 2 * kv_w) * 2,
+            "f2": w_o + rows * q_w * 2 + 2 * x_bytes,
+            "block": w_qkv + w_o + norm_w + rope + 2 * x_bytes + kv_read + kv_write,
+        },
+        "flops": {
+            "f1": f1_flops,
+            "f2": f2_flops,
+            "block": f1_flops + f2_flops + 4 * s.heads * s.head_dim * pairs,
+        },
+    }
+
+
+def case_floors(shape, case, floors):
+    t = traffic(shape, case)
+    bw, rate = floors.copy_bytes_per_s, floors.matmul_flops_per_s
+    out = {}
+    for part in ("f1", "f2", "block"):
+        out[part + "_bytes_us"] = t["bytes"][part] / bw * 1e6
+        out[part + "_compute_us"] = t["flops"][part] / rate * 1e6
+    out["proj_bytes_us"] = out["f1_bytes_us"] + out["f2_bytes_us"]
+    out["proj_compute_us"] = out["f1_compute_us"] + out["f2_compute_us"]
+    out["proj_us"] = max(out["proj_bytes_us"], out["proj_compute_us"])
+    out["block_us"] = max(out["block_bytes_us"], out["block_compute_us"])
+    return out, t
+
+
+# ---------------------------------------------------------------------------
+# Weights and data
+
+
+def _randn(shape, device, gen, std=1.0):
+    return (torch.randn(shape, device=device, generator=gen) * std).half()
+
+
+def random_gptq(k, n, group, device, gen):
+    """Random 4-bit GPTQ tensors, classic checkpoint layout (stored zero = 8 - 1).
+    Scales are positive, U[0.5, 1.5] / (4.6 sqrt(K)): (q - 8) has an RMS of ~4.6,
+    so a unit-RMS input gives unit-RMS outputs and W has Llama-like magnitude
+    (RMS ~0.016 at K = 4096)."""
+    groups = -(-k // group)
+    words = torch.randint(-(2 ** 31), 2 ** 31, (k // 8, n), device=device, generator=gen, dtype=torch.int64)
+    qweight = words.to(torch.int32)
+    stored = ZERO - 1
+    word = sum(stored << (4 * j) for j in range(8))  # 0x77777777 fits in int32
+    qzeros = torch.full((groups, n // 8), word, dtype=torch.int32, device=device)
+    scales = ((torch.rand(groups, n, device=device, generator=gen) + 0.5) / (4.6 * math.sqrt(k))).half()
+    return qweight, qzeros, scales
+
+
+def dequantize(qweight, scales, group, dtype):
+    """W [K, N] = scales[k // group, n] * (q[k, n] - 8), computed in float64 then cast."""
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    q = (qweight.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF
+    q = q.reshape(-1, qweight.shape[1]).to(torch.float64)
+    s = scales.to(torch.float64).repeat_interleave(group, dim=0)[: q.shape[0]]
+    return (s * (q - ZERO)).to(dtype)
+
+
+@dataclasses.dataclass
+class TorchWeights:
+    norm: torch.Tensor  # fp16 [H]
+    qkv: torch.Tensor  # fp16 [NH*D + 2*NKV*D, H]: one cuBLAS GEMM for Q, K and V
+    o: torch.Tensor  # fp16 [H, NH*D]
+
+
+class Model:
+    """`count` distinct layers of one shape: qattn layers on GPTQ weights and the
+    PyTorch layer's fp16 weights (the same values, dequantized). Layer 0's GPTQ
+    tensors are kept for the float64 reference."""
+
+    def __init__(self, shape, count, max_rows, max_seq_len, device, seed):
+        self.shape = shape
+        self.device = device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        s = shape
+        q_w, kv_w = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        self.layers, self.torch_weights = [], []
+        self.reference = None
+        for i in range(count):
+            mats = {
+                "q": random_gptq(s.hidden, q_w, s.group, device, gen),
+                "k": random_gptq(s.hidden, kv_w, s.group, device, gen),
+                "v": random_gptq(s.hidden, kv_w, s.group, device, gen),
+                "o": random_gptq(q_w, s.hidden, s.group, device, gen),
+            }
+            norm = (1.0 + 0.1 * torch.randn(s.hidden, device=device, generator=gen)).half()
+            qm = {
+                name: qattn.QMatrix.gptq(qw, qz, sc, bits=4, group_size=s.group, zero_offset_one=True)
+                for name, (qw, qz, sc) in mats.items()
+            }
+            self.layers.append(
+                qattn.Layer(
+                    hidden_size=s.hidden, num_heads=s.heads, num_kv_heads=s.kv_heads, head_dim=s.head_dim,
+                    q_proj=qm["q"], k_proj=qm["k"], v_proj=qm["v"], o_proj=qm["o"],
+                    input_norm=qattn.Norm("rms", norm, eps=EPS), rope="neox",
+                    max_rows=max_rows, max_seq_len=max_seq_len, use_graphs=False,
+                )
+            )
+            dense = {name: dequantize(qw, sc, s.group, torch.float16).t().contiguous()
+                     for name, (qw, _, sc) in mats.items()}
+            self.torch_weights.append(
+                TorchWeights(norm, torch.cat([dense["q"], dense["k"], dense["v"]]).contiguous(), dense["o"])
+            )
+            if i == 0:
+                self.reference = {"mats": mats, "norm": norm}
+            del mats, dense
+        self.inv_freq = qattn.default_inv_freq(s.head_dim, base=ROPE_BASE)
+        self.sin, self.cos = qattn.rope_tables(self.inv_freq, max_seq_len, device=device)
+
+    def close(self):
+        for layer in self.layers:
+            layer.close()
+        self.layers, self.torch_weights, self.reference = [], [], None
+
+
+class CaseData:
+    """Per-layer buffers of one case: residual x (and its initial value, restored
+    before each measurement), KV cache [batch, past + q_len, NKV, D] with random
+    past entries, forward1 outputs, and a random attention output for forward2
+    timed alone. Also the PyTorch layer's RoPE rows for the case's positions."""
+
+    def __init__(self, model, case, count, gen):
+        s, dev = model.shape, model.device
+        b, l = case.batch, case.q_len
+        self.sets = []
+        for _ in range(count):
+            x0 = _randn((b, l, s.hidden), dev, gen)
+            self.sets.append({
+                "x0": x0,
+                "x": x0.clone(),
+                "kc": _randn((b, case.kv_len, s.kv_heads, s.head_dim), dev, gen),
+                "vc": _randn((b, case.kv_len, s.kv_heads, s.head_dim), dev, gen),
+                "q": torch.empty(b, l, s.heads, s.head_dim, dtype=torch.float16, device=dev),
+                "k": torch.empty(b, l, s.kv_heads, s.head_dim, dtype=torch.float16, device=dev),
+                "v": torch.empty(b, l, s.kv_heads, s.head_dim, dtype=torch.float16, device=dev),
+                "attn": _randn((b, l, s.heads * s.head_dim), dev, gen, std=0.25),
+            })
+        self.rope16 = torch_rope_rows(model, case)
+
+    def reset(self):
+        for d in self.sets:
+            d["x"].copy_(d["x0"])
+
+
+def torch_rope_rows(model, case):
+    """cos, sin fp16 [1, q_len, 1, D] for the case's positions, halves repeated,
+    as Hugging Face's rotary embedding hands them to every layer of a model."""
+    pos = torch.arange(case.past, case.kv_len, device=model.device)
+    cos = model.cos[pos].half()
+    sin = model.sin[pos].half()
+    cos = torch.cat([cos, cos], dim=-1)[None, :, None, :].contiguous()
+    sin = torch.cat([sin, sin], dim=-1)[None, :, None, :].contiguous()
+    return cos, sin
+
+
+# ---------------------------------------------------------------------------
+# The block: qattn and PyTorch
+
+
+def sdpa_supports_gqa(device):
+    try:
+        q = torch.ones(1, 2, 1, 8, device=device, dtype=torch.float16)
+        kv = torch.ones(1, 1, 1, 8, device=device, dtype=torch.float16)
+        F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+        return True
+    except TypeError:
+        return False
+
+
+class Attention:
+    """Writes the new k, v into the cache at the case's positions and runs torch
+    SDPA over the cache: [B, L, NH, D] -> [B, L, NH, D]. GQA through enable_gqa
+    (no copies of K/V) where this torch has it, else K/V expanded per query head."""
+
+    def __init__(self, case, shape, gqa):
+        self.case, self.group, self.gqa = case, shape.heads // shape.kv_heads, gqa
+
+    def __call__(self, q, k, v, kc, vc):
+        c = self.case
+        kc[:, c.past:c.kv_len].copy_(k)
+        vc[:, c.past:c.kv_len].copy_(v)
+        keys, values = kc.transpose(1, 2), vc.transpose(1, 2)
+        extra = {}
+        if self.group > 1:
+            if self.gqa:
+                extra["enable_gqa"] = True
+            else:
+                keys = keys.repeat_interleave(self.group, dim=1)
+                values = values.repeat_interleave(self.group, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, is_causal=self.case.causal, **extra)
+        return out.transpose(1, 2).contiguous()
+
+
+def qattn_forward1(layer, d, model, case):
+    return layer.forward1(d["x"], sin=model.sin, cos=model.cos, past_len=case.past, out=(d["q"], d["k"], d["v"]))
+
+
+def qattn_block(layer, d, model, case, attention):
+    q, k, v = qattn_forward1(layer, d, model, case)
+    layer.forward2(d["x"], attention(q, k, v, d["kc"], d["vc"]))
+
+
+def _rotate_half(t):
+    half = t.shape[-1] // 2
+    return torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+
+
+def torch_block(w, d, shape, case, rope16, attention):
+    """The plain PyTorch fp16 layer, written as Hugging Face's Llama writes it
+    (RMSNorm in fp32 then cast, RoPE in fp16), with Q, K and V in one GEMM."""
+    s, x = shape, d["x"]
+    b, l = case.batch, case.q_len
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS)
+    n = w.norm * h.half()
+    q_w, kv_w = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    q, k, v = F.linear(n, w.qkv).split([q_w, kv_w, kv_w], dim=-1)
+    cos, sin = rope16
+    q = q.view(b, l, s.heads, s.head_dim)
+    k = k.view(b, l, s.kv_heads, s.head_dim)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    o = attention(q, k, v.view(b, l, s.kv_heads, s.head_dim), d["kc"], d["vc"])
+    x.add_(F.linear(o.view(b, l, q_w), w.o))
+
+
+def reference_block(model, case, x16, kc16, vc16):
+    """The block in float64 on the device, from the exact dequantized GPTQ weights
+    and exact RoPE angles; the cached past keys/values are the fp16 values both
+    implementations read."""
+    s, ref = model.shape, model.reference
+    w = {name: dequantize(qw, sc, s.group, torch.float64) for name, (qw, _, sc) in ref["mats"].items()}
+    b, l = case.batch, case.q_len
+    x = x16.double()
+    n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * ref["norm"].double()
+    q = (n @ w["q"]).view(b, l, s.heads, s.head_dim)
+    k = (n @ w["k"]).view(b, l, s.kv_heads, s.head_dim)
+    v = (n @ w["v"]).view(b, l, s.kv_heads, s.head_dim)
+    pos = torch.arange(case.past, case.kv_len, device=x.device, dtype=torch.float64)
+    angle = pos[:, None] * model.inv_freq.to(device=x.device, dtype=torch.float64)[None, :]
+    cos, sin = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+
+    def rope(t):
+        half = s.head_dim // 2
+        t1, t2 = t[..., :half], t[..., half:]
+        return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1)
+
+    q, k = rope(q), rope(k)
+    keys = torch.cat([kc16[:, :case.past].double(), k], dim=1)
+    values = torch.cat([vc16[:, :case.past].double(), v], dim=1)
+    group = s.heads // s.kv_heads
+    keys = keys.repeat_interleave(group, dim=2)
+    values = values.repeat_interleave(group, dim=2)
+    scores = torch.einsum("blhd,bshd->bhls", q, keys) / math.sqrt(s.head_dim)
+    if case.causal:
+        qpos = torch.arange(l, device=x.device)[:, None] + case.past
+        kpos = torch.arange(case.kv_len, device=x.device)[None, :]
+        scores = scores.masked_fill(kpos > qpos, float("-inf"))
+    o = torch.einsum("bhls,bshd->blhd", scores.softmax(-1), values)
+    return x + o.reshape(b, l, s.heads * s.head_dim) @ w["o"]
+
+
+# ---------------------------------------------------------------------------
+# Measurement
+
+
+@dataclasses.dataclass
+class Settings:
+    device: torch.device
+    tiny: bool
+    iters: int
+    warmup: int
+    layers: int
+    gqa: bool
+
+
+def _timed(clock, settings, fn, per, graphs, label, notes):
+    """(eager, graph) summaries of fn; graph is None on the CPU or when capture fails."""
+    eager = summary(clock.measure(fn, settings.iters, settings.warmup), per)
+    graph = None
+    if graphs:
+        try:
+            g, mode = capture_graph(fn, settings.device)
+            graph = summary(clock.measure(g.replay, settings.iters, settings.warmup), per)
+            if mode != "global":
+                notes.append("%s: captured with capture_error_mode=%r" % (label, mode))
+            del g
+        except Exception as e:
+            notes.append("%s graph: %s" % (label, e))
+    return eager, graph
+
+
+def measure_case(model, case, settings, clock, full):
+    """Per-layer times of one case. `full` adds forward1 and forward2 alone."""
+    gen = torch.Generator(device=settings.device)
+    gen.manual_seed(zlib.crc32(repr(case.key()).encode()))
+    n = len(model.layers)
+    data = CaseData(model, case, n, gen)
+    attention = Attention(case, model.shape, settings.gqa)
+    pairs = list(zip(model.layers, model.torch_weights, data.sets))
+    graphs = settings.device.type == "cuda"
+    notes, times = [], {}
+
+    def f1_all():
+        for layer, _, d in pairs:
+            qattn_forward1(layer, d, model, case)
+
+    def f2_all():
+        for layer, _, d in pairs:
+            layer.forward2(d["x"], d["attn"])
+
+    def block_all():
+        for layer, _, d in pairs:
+            qattn_block(layer, d, model, case, attention)
+
+    def torch_all():
+        for _, w, d in pairs:
+            torch_block(w, d, model.shape, case, data.rope16, attention)
+
+    runs = [("qattn_block", block_all), ("torch", torch_all)]
+    if full:
+        runs = [("qattn_f1", f1_all), ("qattn_f2", f2_all)] + runs
+    for label, fn in runs:
+        data.reset()
+        eager, graph = _timed(clock, settings, fn, n, graphs, label, notes)
+        times[label + "_eager"] = eager
+        times[label + "_graph"] = graph
+        finite = all(bool(torch.isfinite(d["x"]).all()) for d in data.sets)
+        if not finite:
+            notes.append("%s: the residual stream became non-finite during timing" % label)
+    for i, layer in enumerate(model.layers):
+        try:
+            layer.check_device_errors()
+        except qattn.QattnError as e:
+            notes.append("layer %d: %s" % (i, e))
+    del data
+    return times, notes
+
+
+def accuracy(model, case, settings):
+    """Relative errors of the block output x (and of its update x - x_in) against
+    the float64 reference, for qattn and for the PyTorch fp16 layer, on layer 0."""
+    gen = torch.Generator(device=settings.device)
+    gen.manual_seed(1000 + case.batch)
+    data = CaseData(model, case, 1, gen)
+    d0 = data.sets[0]
+    attention = Attention(case, model.shape, settings.gqa)
+    ref = reference_block(model, case, d0["x0"], d0["kc"], d0["vc"])
+    update = (ref - d0["x0"].double()).norm()
+    out = {}
+    for label in ("qattn", "torch"):
+        d = {key: t.clone() for key, t in d0.items()}
+        if label == "qattn":
+            qattn_block(model.layers[0], d, model, case, attention)
+        else:
+            torch_block(model.torch_weights[0], d, model.shape, case, data.rope16, attention)
+        diff = (d["x"].double() - ref).norm()
+        out[label + "_output_rel_err"] = float(diff / ref.norm())
+        out[label + "_update_rel_err"] = float(diff / update)
+    out["output_ratio"] = out["qattn_output_rel_err"] / out["torch_output_rel_err"]
+    out["update_ratio"] = out["qattn_update_rel_err"] / out["torch_update_rel_err"]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def _us(entry):
+    return None if entry is None else entry["median_us"]
+
+
+def _fmt(v, width=8, digits=1):
+    if v is None:
+        return "-".rjust(width)
+    return ("%.*f" % (digits, v)).rjust(width)
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def print_table(results, out):
+    header = (
+        "%-9s | %-17s | %-17s | %-17s | %-17s | %8s %8s | %-13s | %-13s"
+        % ("case", "qattn f1 (us)", "qattn f2 (us)", "qattn block (us)", "torch fp16 (us)",
+           "bytes", "compute", "block/floor", "torch/floor")
+    )
+    sub = (
+        "%-9s | %8s %8s | %8s %8s | %8s %8s | %8s %8s | %8s %8s | %6s %6s | %6s %6s"
+        % ("", "eager", "graph", "eager", "graph", "eager", "graph", "eager", "graph",
+           "floor us", "floor us", "eager", "graph", "eager", "graph")
+    )
+    print(header, file=out)
+    print(sub, file=out)
+    print("-" * len(sub), file=out)
+    for r in results:
+        t, fl = r["time"], r["floor"]
+        if t is None:
+            print("%-9s | failed: %s" % (r["name"], r["error"]), file=out)
+            continue
+        cells = []
+        for key in ("qattn_f1", "qattn_f2", "qattn_block", "torch"):
+            cells += [_fmt(_us(t.get(key + "_eager"))), _fmt(_us(t.get(key + "_graph")))]
+        ratios = []
+        for key in ("qattn_block", "torch"):
+            for mode in ("eager", "graph"):
+                ratios.append(_fmt(_ratio(_us(t.get(key + "_" + mode)), fl["block_us"]), 6, 2))
+        print(
+            "%-9s | %s %s | %s %s | %s %s | %s %s | %s %s | %s %s | %s %s"
+            % ((r["name"],) + tuple(cells) + (_fmt(fl["block_bytes_us"]), _fmt(fl["block_compute_us"]))
+               + tuple(ratios)),
+            file=out,
+        )
+
+
+def _best(t, key):
+    """The graphed time where there is one (how decode is deployed), else eager."""
+    g = _us(t.get(key + "_graph"))
+    return (g, "graph") if g is not None else (_us(t.get(key + "_eager")), "eager")
+
+
+def evaluate_targets(by_name, sweep, acc):
+    """(met: bool or None, line) for each target of the issue; None: not measured."""
+    lines = []
+
+    def target(label, value, limit, detail):
+        if value is None:
+            lines.append((None, "%s: not measured" % label))
+        else:
+            lines.append((value <= limit, "%s: %.2fx (target <= %.2fx) %s" % (label, value, limit, detail)))
+
+    def timed(name):
+        r = by_name.get(name)
+        return r if r is not None and r["time"] is not None else None
+
+    r = timed("D1")
+    if r:
+        f1, mode = _best(r["time"], "qattn_f1")
+        f2, _ = _best(r["time"], "qattn_f2")
+        proj = None if f1 is None or f2 is None else f1 + f2
+        target("D1 projections (forward1 + forward2) vs bytes floor", _ratio(proj, r["floor"]["proj_bytes_us"]), 1.5,
+               "[%s: %s us vs %.1f us]" % (mode, _fmt(proj, 0), r["floor"]["proj_bytes_us"]))
+        blk, mode = _best(r["time"], "qattn_block")
+        target("D1 whole block vs floor", _ratio(blk, r["floor"]["block_us"]), 2.5,
+               "[%s: %s us vs %.1f us]" % (mode, _fmt(blk, 0), r["floor"]["block_us"]))
+    else:
+        target("D1 projections vs bytes floor", None, 1.5, "")
+        target("D1 whole block vs floor", None, 2.5, "")
+    r = timed("D16")
+    blk, mode = _best(r["time"], "qattn_block") if r else (None, "")
+    target("D16 whole block vs floor", _ratio(blk, r["floor"]["block_us"]) if r else None, 1.4,
+           "[%s: %s us vs %.1f us]" % (mode, _fmt(blk, 0), r["floor"]["block_us"]) if r else "")
+    r = timed("P2k")
+    blk, mode = _best(r["time"], "qattn_block") if r else (None, "")
+    target("P2k whole block vs compute floor", _ratio(blk, r["floor"]["block_compute_us"]) if r else None, 1.25,
+           "[%s: %s us vs %.1f us]" % (mode, _fmt(blk, 0), r["floor"]["block_compute_us"]) if r else "")
+
+    slower, compared = [], 0
+    for r in list(by_name.values()) + sweep:
+        if r["time"] is None:
+            continue
+        for mode in ("eager", "graph"):
+            a, b = _us(r["time"].get("qattn_block_" + mode)), _us(r["time"].get("torch_" + mode))
+            if a is None or b is None:
+                continue
+            compared += 1
+            if a > b:
+                slower.append("%s %s %.1f us > torch %.1f us" % (r["name"], mode, a, b))
+    if compared == 0:
+        lines.append((None, "qattn never slower than the PyTorch fp16 layer: not measured"))
+    else:
+        lines.append((not slower, "qattn never slower than the PyTorch fp16 layer (%d comparisons)%s"
+                      % (compared, "" if not slower else ": slower in " + "; ".join(slower))))
+    for name in ("D1", "D16"):
+        a = acc.get(name)
+        if a is None or "error" in a:
+            lines.append((None, "%s accuracy: not measured%s" % (name, "" if a is None else " (" + a["error"] + ")")))
+        else:
+            lines.append((a["output_ratio"] <= 1.5, "%s accuracy, qattn error / torch error: %.2fx (target <= 1.50x)"
+                          % (name, a["output_ratio"])))
+    return lines
+
+
+def write_plot(path, sweep, device_name, out):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (%s)" % path, file=out)
+        return False
+    points = [r for r in sweep if r["time"] is not None]
+    if not points:
+        print("no sweep results: skipping the plot", file=out)
+        return False
+    batches = [r["batch"] for r in points]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, style in (
+        ("qattn_block_graph", "qattn block, CUDA graph", "o-"),
+        ("qattn_block_eager", "qattn block, eager", "o--"),
+        ("torch_graph", "PyTorch fp16 layer, CUDA graph", "s-"),
+        ("torch_eager", "PyTorch fp16 layer, eager", "s--"),
+    ):
+        ys = [_us(r["time"].get(key)) for r in points]
+        xs = [b for b, y in zip(batches, ys) if y is not None]
+        if xs:
+            ax.plot(xs, [y for y in ys if y is not None], style, label=label)
+    ax.plot(batches, [r["floor"]["block_us"] for r in points], "k-", linewidth=2, label="floor (bytes / copy bandwidth)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(batches)
+    ax.set_xticklabels([str(b) for b in batches])
+    ax.set_xlabel("decode batch size (past %d tokens each)" % points[0]["past"])
+    ax.set_ylabel("time per layer (us, median)")
+    ax.set_title("Attention block, Llama-3-8B shape, GPTQ 4-bit\n%s" % device_name)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print("plot written to %s" % path, file=out)
+    return True
+
+
+def _git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Driver
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m qattn bench",
+        description="Time qattn's attention block (Llama-3 shapes, GPTQ 4-bit) against its bytes and compute "
+                    "floors and a plain PyTorch fp16 layer, and check its accuracy against float64.",
+    )
+    p.add_argument("--cases", default=",".join(CASE_NAMES),
+                   help="comma-separated subset of %s (default: all)" % ",".join(CASE_NAMES))
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed iterations per measurement, each over all cycled layers (default 100; --tiny 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 10; --tiny 1)")
+    p.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
+    p.add_argument("--plot", default="bench.png", help="where to save the batch-size plot (default bench.png)")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (cpu needs --tiny)")
+    p.add_argument("--tiny", action="store_true",
+                   help="small shapes and few layers: runs every code path quickly (timings mean nothing)")
+    args = p.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASE_NAMES]
+    if unknown or not cases:
+        p.error("--cases: unknown %s; choose from %s" % (unknown or "(empty)", ",".join(CASE_NAMES)))
+    args.cases = cases
+    for name in ("iters", "warmup"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "iters" else 0):
+            p.error("--%s must be >= %d, got %d" % (name, 1 if name == "iters" else 0, value))
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error("--device: %s" % e)
+    if args.device.type not in ("cuda", "cpu"):
+        p.error("--device must be cuda, cuda:N or cpu, got %s" % args.device)
+    if args.device.type == "cpu" and not args.tiny:
+        p.error("--device cpu runs the CPU reference backend, far too slow for full shapes; add --tiny")
+    if args.device.type == "cuda":
+        if not torch.cuda.is_available():
+            p.error("torch sees no CUDA device; use --device cpu --tiny")
+        if qattn.cuda_device_count() == 0:
+            p.error("this qattn build has no CUDA backend or sees no device: %s" % qattn.build_info())
+        if args.device.index is None:
+            args.device = torch.device("cuda", torch.cuda.current_device())
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = sys.stdout
+    dev = args.device
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    settings = Settings(
+        device=dev, tiny=args.tiny,
+        iters=args.iters if args.iters is not None else (3 if args.tiny else 100),
+        warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 10),
+        layers=2 if args.tiny else 8,
+        gqa=sdpa_supports_gqa(dev),
+    )
+    shapes = TINY_SHAPES if args.tiny else FULL_SHAPES
+    cases, sweep_cases = make_cases(args.tiny)
+    selected = [cases[c] for c in CASE_NAMES[:-1] if c in args.cases]
+    sweep_selected = sweep_cases if "sweep" in args.cases else []
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (qattn reference backend)"
+    clock = Clock(dev)
+    started = time.perf_counter()
+
+    print("qattn %s (%s) from %s" % (qattn.version(), qattn.build_info(), qattn.library_path()), file=out)
+    print("device: %s; torch %s; SDPA GQA: %s; %d layers cycled; %d iterations after %d warm-up"
+          % (device_name, torch.__version__, "enable_gqa" if settings.gqa else "expanded K/V",
+             settings.layers, settings.iters, settings.warmup), file=out)
+    if args.tiny:
+        print("--tiny: small shapes; the timings below say nothing about performance", file=out)
+    if dev.type == "cpu":
+        print("CPU: no CUDA graphs; floors are measured on the CPU", file=out)
+
+    floors = Floors.measure(dev, clock, args.tiny)
+    print("floors: device-to-device copy %.0f GB/s (read + write), fp16 matmul %.1f TFLOP/s (n = %d)"
+          % (floors.copy_bytes_per_s / 1e9, floors.matmul_flops_per_s / 1e12, floors.matmul_n), file=out)
+
+    results, sweep_results, acc, notes = [], [], {}, []
+    measured = {}
+    by_shape = {}
+    for c in selected + sweep_selected:
+        by_shape.setdefault(c.shape, []).append(c)
+    for shape_name in ("8B", "70B"):
+        group = by_shape.get(shape_name)
+        if not group:
+            continue
+        shape = shapes[shape_name]
+        t0 = time.perf_counter()
+        model = Model(shape, settings.layers, max(c.rows for c in group), max(c.kv_len for c in group), dev,
+                      seed=7 if shape_name == "8B" else 70)
+        clock.sync()
+        print("built %d %s layers in %.1f s" % (settings.layers, shape_name, time.perf_counter() - t0), file=out)
+        for c in group:
+            if c.name in ("D1", "D16"):
+                try:
+                    acc[c.name] = accuracy(model, c, settings)
+                except Exception as e:
+                    acc[c.name] = {"error": "%s: %s" % (type(e).__name__, e)}
+        for c in group:
+            is_sweep = c.name.startswith("sweep")
+            entry = {"name": c.name, "shape": c.shape, "batch": c.batch, "q_len": c.q_len, "past": c.past,
+                     "time": None, "notes": [], "error": None}
+            entry["floor"], entry["traffic"] = case_floors(shape, c, floors)
+            if is_sweep and c.key() in measured:
+                entry["time"] = measured[c.key()]
+            else:
+                t0 = time.perf_counter()
+                try:
+                    entry["time"], entry["notes"] = measure_case(model, c, settings, clock, full=not is_sweep)
+                    measured[c.key()] = entry["time"]
+                except Exception as e:
+                    entry["error"] = "%s: %s" % (type(e).__name__, e)
+                print("measured %s in %.1f s%s" % (c.name, time.perf_counter() - t0,
+                                                   "" if entry["error"] is None else ": FAILED " + entry["error"]),
+                      file=out)
+            notes += ["%s: %s" % (c.name, n) for n in entry["notes"]]
+            (sweep_results if is_sweep else results).append(entry)
+        model.close()
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print("\nPer-layer medians in microseconds. Floors: bytes that must move / copy bandwidth, and FLOPs / "
+          "matmul rate; ratios are to the larger of the two.", file=out)
+    print_table(results + sweep_results, out)
+    for r in results:
+        if r["time"] is not None and r["time"].get("qattn_f1_eager") is not None:
+            f1 = _best(r["time"], "qattn_f1")[0]
+            f2 = _best(r["time"], "qattn_f2")[0]
+            if f1 is not None and f2 is not None:
+                print("%-8s projections (f1 + f2, %s): %.1f us, floor %.1f us (%.2fx)"
+                      % (r["name"], _best(r["time"], "qattn_f1")[1], f1 + f2, r["floor"]["proj_us"],
+                         (f1 + f2) / r["floor"]["proj_us"]), file=out)
+    if acc:
+        print("\nAccuracy of the block output x against float64 (relative error ||out - ref|| / ||ref||;"
+              " 'update' divides by ||ref - x_in|| instead):", file=out)
+        for name, a in acc.items():
+            if "error" in a:
+                print("  %-4s failed: %s" % (name, a["error"]), file=out)
+                continue
+            print("  %-4s output: qattn %.3e, torch fp16 %.3e, ratio %.2f | update: qattn %.3e, torch %.3e, ratio %.2f"
+                  % (name, a["qattn_output_rel_err"], a["torch_output_rel_err"], a["output_ratio"],
+                     a["qattn_update_rel_err"], a["torch_update_rel_err"], a["update_ratio"]), file=out)
+    if notes:
+        print("\nNotes:", file=out)
+        for n in notes:
+            print("  " + n, file=out)
+
+    lines = evaluate_targets({r["name"]: r for r in results}, sweep_results, acc)
+    print("\nTargets%s:" % (" (CPU --tiny: not meaningful)" if dev.type == "cpu" or args.tiny else ""), file=out)
+    for met, line in lines:
+        print("  [%s] %s" % ({True: "MET", False: "NOT MET", None: "n/a"}[met], line), file=out)
+
+    report = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "qattn_version": qattn.version(),
+        "qattn_build_info": qattn.build_info(),
+        "git_commit": _git_commit(),
+        "tiny": args.tiny,
+        "settings": {"iters": settings.iters, "warmup": settings.warmup, "layers_cycled": settings.layers,
+                     "sdpa_gqa": settings.gqa},
+        "shapes": {k: dataclasses.asdict(v) for k, v in shapes.items()},
+        "floors": dataclasses.asdict(floors),
+        "cases": results,
+        "sweep": sweep_results,
+        "accuracy": acc,
+        "targets": [{"met": met, "text": line} for met, line in lines],
+        "notes": notes,
+    }
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=1)
+    print("\nresults written to %s" % args.json, file=out)
+    if sweep_results:
+        write_plot(args.plot, sweep_results, device_name, out)
+    print("total %.1f s" % (time.perf_counter() - started), file=out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
