@@ -1,5 +1,6 @@
 """qattn: the attention block of quantized LLMs, through the C library libqattn (ctypes)."""
 from . import _lib
+from .cache import ContiguousKVCache, PagedKVCache
 from .errors import QattnError
 from .layer import Layer, LoRA, Norm
 from .qmatrix import QMatrix
@@ -11,6 +12,8 @@ __all__ = [
     "Layer",
     "Norm",
     "LoRA",
+    "ContiguousKVCache",
+    "PagedKVCache",
     "rope_tables",
     "default_inv_freq",
     "version",

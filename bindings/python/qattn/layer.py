@@ -204,6 +204,13 @@ class Layer:
         check(_lib.lib.qattn_forward2(handle, ctypes.byref(a), stream_of(self.device)))
         return x
 
+    def forward(self, x, cache, seq_ids=None, **kwargs):
+        """The whole block over a KV cache (forward1, attention, forward2); see qattn.block.forward."""
+        from . import block
+
+        self._live_handle()
+        return block.forward(self, x, cache, seq_ids, **kwargs)
+
     def set_loras(self, adapters):
         """Replaces the adapter set; returns the largest rank (0 when empty)."""
         handle = self._live_handle()
