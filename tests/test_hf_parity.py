@@ -151,7 +151,7 @@ def _run_qattn(layer, info, x, sin, cos, device, control=None):
     (NaN where a row is not produced). `control` injects a deliberate bug."""
     if control == "rope_off":
         sin, cos = torch.zeros_like(sin), torch.ones_like(cos)
-    x = x.to(device)
+    x = x.to(device)  # fp16, or fp32 for a residual_fp32 layer
     cache_k = torch.full((2, MAX_SEQ, info.num_kv_heads, info.head_dim), float("nan"), dtype=torch.float16,
                          device=device)
     cache_v = torch.full_like(cache_k, float("nan"))
@@ -239,11 +239,29 @@ def test_fp16_model_and_structure(device):
         assert delta_err < DELTA_TOL and out_err < OUTPUT_TOL, (out_err, delta_err)
 
 
+def test_fp32_residual(device):
+    """residual_fp32 carries through: x and the output stay fp32."""
+    gen = torch.Generator().manual_seed(11)
+    model, config = _build("qwen3", gen)
+    x = torch.randn(2, TOTAL, HIDDEN, generator=gen)
+    ref = _reference(model, x)
+    layer, info = from_hf_attention(model.layers[0], config, device=device, max_rows=32, max_seq_len=MAX_SEQ,
+                                    residual_fp32=True)
+    with layer:
+        sin, cos = rope_tables_from_hf(model, MAX_SEQ, device)
+        out_err, delta_err = _errors(_run_qattn(layer, info, x, sin, cos, device), ref, x)
+        # The fp32 output is not rounded to fp16, so the whole output is closer than
+        # with an fp16 residual (measured 3.2e-4 against 3.5e-4 to 1.2e-3 at fp16).
+        assert delta_err < DELTA_TOL and out_err < OUTPUT_TOL, (out_err, delta_err)
+
+
 def test_unsupported_inputs_are_named():
     gen = torch.Generator().manual_seed(3)
     model, config = _build("llama", gen)
     with pytest.raises(ValueError, match="model_type 'bert' is not supported"):
         from_hf_attention(model.layers[0], transformers.BertConfig(), max_rows=8, max_seq_len=8)
+    with pytest.raises(ValueError, match=r"decoder_layer \(GPTNeoXLayer\) has no .self_attn"):
+        from_hf_attention(_build("gpt_neox", gen)[0].layers[0], config, max_rows=8, max_seq_len=8)
     model.layers[0].self_attn.k_proj = torch.nn.Identity()
     with pytest.raises(TypeError, match=r"self_attn\.k_proj is a Identity"):
         from_hf_attention(model.layers[0], config, max_rows=8, max_seq_len=8)

@@ -100,6 +100,14 @@ def _fp16(t, name, device):
     return out
 
 
+def _child(module, attr, name):
+    child = getattr(module, attr, None)
+    if child is None:
+        raise ValueError("%s (%s) has no .%s; is the model_type in the config the one of this layer?"
+                         % (name, type(module).__name__, attr))
+    return child
+
+
 def _linear(module, name):
     if not isinstance(module, torch.nn.Linear):
         raise TypeError("%s is a %s; from_hf_attention reads dense torch.nn.Linear projections only (build "
@@ -113,14 +121,19 @@ def _dense(weight, bias, name, device):
                          None if bias is None else _fp16(bias, name + ".bias", device))
 
 
-def _projections(attn, family, num_heads, num_kv_heads, head_dim, device, prefix):
+def _projections(attn, family, num_heads, num_kv_heads, head_dim, device):
     q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
+    prefix = family.attn + "."
     if family.qkv == "separate":
-        parts = [(_linear(getattr(attn, n), prefix + n), prefix + n) for n in ("q_proj", "k_proj", "v_proj")]
+        names = [prefix + n for n in ("q_proj", "k_proj", "v_proj")]
+        parts = [(_linear(_child(attn, n.split(".")[-1], family.attn), n), n) for n in names]
     else:
         attr = "query_key_value" if family.qkv == "neox" else "qkv_proj"
         name = prefix + attr
-        weight, bias = _linear(getattr(attn, attr), name)
+        weight, bias = _linear(_child(attn, attr, family.attn), name)
+        if weight.shape[0] != q_width + 2 * kv_width:
+            raise ValueError("%s has %d output rows; %d query and 2 x %d key/value heads of %d need %d"
+                             % (name, weight.shape[0], num_heads, num_kv_heads, head_dim, q_width + 2 * kv_width))
         if family.qkv == "neox":
             # GPT-NeoX interleaves per head: output rows are [head, (q|k|v), D].
             if num_heads != num_kv_heads:
@@ -135,7 +148,7 @@ def _projections(attn, family, num_heads, num_kv_heads, head_dim, device, prefix
         parts = [(s, "%s[%s]" % (name, p)) for s, p in zip(split, "qkv")]
     mats = [_dense(w, b, n, device) for (w, b), n in parts]
     o_name = prefix + family.o_proj
-    mats.append(_dense(*_linear(getattr(attn, family.o_proj), o_name), o_name, device))
+    mats.append(_dense(*_linear(_child(attn, family.o_proj, family.attn), o_name), o_name, device))
     return mats
 
 
@@ -197,10 +210,7 @@ def from_hf_attention(decoder_layer, config, *, device=None, max_rows, max_seq_l
     if family is None:
         raise ValueError("model_type %r is not supported by from_hf_attention (supported: %s)"
                          % (model_type, ", ".join(SUPPORTED_MODEL_TYPES)))
-    attn = getattr(decoder_layer, family.attn, None)
-    if attn is None:
-        raise ValueError("%s has no .%s; pass one decoder layer (e.g. model.model.layers[i])"
-                         % (type(decoder_layer).__name__, family.attn))
+    attn = _child(decoder_layer, family.attn, "decoder_layer")
     if device is None:
         device = next(decoder_layer.parameters()).device
     device = torch.device(device)
@@ -221,8 +231,9 @@ def from_hf_attention(decoder_layer, config, *, device=None, max_rows, max_seq_l
         mlp_norm = "post_attention_layernorm"
 
     prefix = family.attn + "."
-    q_proj, k_proj, v_proj, o_proj = _projections(attn, family, num_heads, num_kv_heads, head_dim, device, prefix)
-    input_norm = _norm(decoder_layer.input_layernorm, "input_layernorm", device, [(hidden,)])
+    q_proj, k_proj, v_proj, o_proj = _projections(attn, family, num_heads, num_kv_heads, head_dim, device)
+    input_norm = _norm(_child(decoder_layer, "input_layernorm", "decoder_layer"), "input_layernorm", device,
+                       [(hidden,)])
     q_norm = k_norm = None
     if family.head_norms is not None:
         q_mod, k_mod = (getattr(attn, n, None) for n in family.head_norms)
@@ -232,7 +243,8 @@ def from_hf_attention(decoder_layer, config, *, device=None, max_rows, max_seq_l
             k_norm = _norm(k_mod, prefix + family.head_norms[1], device, [(head_dim,), (num_kv_heads, head_dim)])
     post_norm = None
     if family.post_norm is not None:
-        post_norm = _norm(getattr(decoder_layer, family.post_norm), family.post_norm, device, [(hidden,)])
+        post_norm = _norm(_child(decoder_layer, family.post_norm, "decoder_layer"), family.post_norm, device,
+                          [(hidden,)])
 
     layer = Layer(hidden_size=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                   q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, o_proj=o_proj, input_norm=input_norm,
