@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import zlib
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -494,6 +495,7 @@ class Settings:
     warmup: int
     layers: int
     gqa: bool
+    l2_bytes: Optional[int]
 
 
 def _timed(clock, settings, fn, per, graphs, label, notes):
@@ -510,6 +512,21 @@ def _timed(clock, settings, fn, per, graphs, label, notes):
         except Exception as e:
             notes.append("%s graph: %s" % (label, e))
     return eager, graph
+
+
+def l2_notes(shape, case, layers, l2_bytes, full):
+    """Where the bytes cycled through one timed loop are under twice the L2 size,
+    part of each layer's data may still be in L2 when the loop comes back to it."""
+    if not l2_bytes:
+        return []
+    notes = []
+    parts = ("f1", "f2", "block") if full else ("block",)
+    for part in parts:
+        footprint = traffic(shape, case)["bytes"][part] * layers
+        if footprint < 2 * l2_bytes:
+            notes.append("qattn %s cycles %.0f MB through a %.0f MB L2 (< 2x): some reads may hit L2; "
+                         "compare with more --layers" % (part, footprint / 1e6, l2_bytes / 1e6))
+    return notes
 
 
 def measure_case(model, case, settings, clock, full):
@@ -550,6 +567,7 @@ def measure_case(model, case, settings, clock, full):
         finite = all(bool(torch.isfinite(d["x"]).all()) for d in data.sets)
         if not finite:
             notes.append("%s: the residual stream became non-finite during timing" % label)
+    notes += l2_notes(model.shape, case, n, settings.l2_bytes, full)
     for i, layer in enumerate(model.layers):
         try:
             layer.check_device_errors()
@@ -678,10 +696,12 @@ def evaluate_targets(by_name, sweep, acc):
     target("P2k whole block vs compute floor", _ratio(blk, r["floor"]["block_compute_us"]) if r else None, 1.25,
            "[%s: %s us vs %.1f us]" % (mode, _fmt(blk, 0), r["floor"]["block_compute_us"]) if r else "")
 
-    slower, compared = [], 0
+    slower, compared, seen = [], 0, set()
     for r in list(by_name.values()) + sweep:
-        if r["time"] is None:
+        # Sweep points that reuse a case's measurement are compared once.
+        if r["time"] is None or id(r["time"]) in seen:
             continue
+        seen.add(id(r["time"]))
         for mode in ("eager", "graph"):
             a, b = _us(r["time"].get("qattn_block_" + mode)), _us(r["time"].get("torch_" + mode))
             if a is None or b is None:
@@ -704,7 +724,7 @@ def evaluate_targets(by_name, sweep, acc):
     return lines
 
 
-def write_plot(path, sweep, device_name, out):
+def write_plot(path, sweep, device_name, tiny, out):
     try:
         import matplotlib
 
@@ -729,14 +749,14 @@ def write_plot(path, sweep, device_name, out):
         xs = [b for b, y in zip(batches, ys) if y is not None]
         if xs:
             ax.plot(xs, [y for y in ys if y is not None], style, label=label)
-    ax.plot(batches, [r["floor"]["block_us"] for r in points], "k-", linewidth=2, label="floor (bytes / copy bandwidth)")
+    ax.plot(batches, [r["floor"]["block_us"] for r in points], "k-", linewidth=2, label="floor (larger of bytes and compute floors)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(batches)
     ax.set_xticklabels([str(b) for b in batches])
     ax.set_xlabel("decode batch size (past %d tokens each)" % points[0]["past"])
     ax.set_ylabel("time per layer (us, median)")
-    ax.set_title("Attention block, Llama-3-8B shape, GPTQ 4-bit\n%s" % device_name)
+    ax.set_title("Attention block, %s, GPTQ 4-bit\n%s" % ("--tiny shape" if tiny else "Llama-3-8B shape", device_name))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -773,6 +793,9 @@ def parse_args(argv):
     p.add_argument("--json", default="bench.json", help="where to write the results (default bench.json)")
     p.add_argument("--plot", default="bench.png", help="where to save the batch-size plot (default bench.png)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (cpu needs --tiny)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="distinct layers (weights, inputs, KV caches) cycled in each timed loop "
+                        "(default 8; --tiny 2)")
     p.add_argument("--tiny", action="store_true",
                    help="small shapes and few layers: runs every code path quickly (timings mean nothing)")
     args = p.parse_args(argv)
@@ -781,10 +804,10 @@ def parse_args(argv):
     if unknown or not cases:
         p.error("--cases: unknown %s; choose from %s" % (unknown or "(empty)", ",".join(CASE_NAMES)))
     args.cases = cases
-    for name in ("iters", "warmup"):
+    for name, least in (("iters", 1), ("warmup", 0), ("layers", 1)):
         value = getattr(args, name)
-        if value is not None and value < (1 if name == "iters" else 0):
-            p.error("--%s must be >= %d, got %d" % (name, 1 if name == "iters" else 0, value))
+        if value is not None and value < least:
+            p.error("--%s must be >= %d, got %d" % (name, least, value))
     try:
         args.device = torch.device(args.device)
     except RuntimeError as e:
@@ -813,8 +836,9 @@ def main(argv=None):
         device=dev, tiny=args.tiny,
         iters=args.iters if args.iters is not None else (3 if args.tiny else 100),
         warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 10),
-        layers=2 if args.tiny else 8,
+        layers=args.layers if args.layers is not None else (2 if args.tiny else 8),
         gqa=sdpa_supports_gqa(dev),
+        l2_bytes=getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", None) if dev.type == "cuda" else None,
     )
     shapes = TINY_SHAPES if args.tiny else FULL_SHAPES
     cases, sweep_cases = make_cases(args.tiny)
@@ -825,8 +849,9 @@ def main(argv=None):
     started = time.perf_counter()
 
     print("qattn %s (%s) from %s" % (qattn.version(), qattn.build_info(), qattn.library_path()), file=out)
-    print("device: %s; torch %s; SDPA GQA: %s; %d layers cycled; %d iterations after %d warm-up"
-          % (device_name, torch.__version__, "enable_gqa" if settings.gqa else "expanded K/V",
+    print("device: %s%s; torch %s; SDPA GQA: %s; %d layers cycled; %d iterations after %d warm-up"
+          % (device_name, "" if not settings.l2_bytes else " (L2 %.0f MB)" % (settings.l2_bytes / 1e6),
+             torch.__version__, "enable_gqa" if settings.gqa else "expanded K/V",
              settings.layers, settings.iters, settings.warmup), file=out)
     if args.tiny:
         print("--tiny: small shapes; the timings below say nothing about performance", file=out)
@@ -848,9 +873,19 @@ def main(argv=None):
             continue
         shape = shapes[shape_name]
         t0 = time.perf_counter()
-        model = Model(shape, settings.layers, max(c.rows for c in group), max(c.kv_len for c in group), dev,
-                      seed=7 if shape_name == "8B" else 70)
-        clock.sync()
+        try:
+            model = Model(shape, settings.layers, max(c.rows for c in group), max(c.kv_len for c in group), dev,
+                          seed=7 if shape_name == "8B" else 70)
+            clock.sync()
+        except Exception as e:
+            error = "building the %s layers failed: %s: %s" % (shape_name, type(e).__name__, e)
+            print(error, file=out)
+            for c in group:
+                entry = {"name": c.name, "shape": c.shape, "batch": c.batch, "q_len": c.q_len, "past": c.past,
+                         "time": None, "notes": [], "error": error}
+                entry["floor"], entry["traffic"] = case_floors(shape, c, floors)
+                (sweep_results if c.name.startswith("sweep") else results).append(entry)
+            continue
         print("built %d %s layers in %.1f s" % (settings.layers, shape_name, time.perf_counter() - t0), file=out)
         for c in group:
             if c.name in ("D1", "D16"):
@@ -909,7 +944,7 @@ def main(argv=None):
             print("  " + n, file=out)
 
     lines = evaluate_targets({r["name"]: r for r in results}, sweep_results, acc)
-    print("\nTargets%s:" % (" (CPU --tiny: not meaningful)" if dev.type == "cpu" or args.tiny else ""), file=out)
+    print("\nTargets%s:" % (" (--tiny or CPU: not meaningful)" if dev.type == "cpu" or args.tiny else ""), file=out)
     for met, line in lines:
         print("  [%s] %s" % ({True: "MET", False: "NOT MET", None: "n/a"}[met], line), file=out)
 
@@ -923,7 +958,7 @@ def main(argv=None):
         "git_commit": _git_commit(),
         "tiny": args.tiny,
         "settings": {"iters": settings.iters, "warmup": settings.warmup, "layers_cycled": settings.layers,
-                     "sdpa_gqa": settings.gqa},
+                     "sdpa_gqa": settings.gqa, "l2_bytes": settings.l2_bytes},
         "shapes": {k: dataclasses.asdict(v) for k, v in shapes.items()},
         "floors": dataclasses.asdict(floors),
         "cases": results,
@@ -936,7 +971,7 @@ def main(argv=None):
         json.dump(report, f, indent=1)
     print("\nresults written to %s" % args.json, file=out)
     if sweep_results:
-        write_plot(args.plot, sweep_results, device_name, out)
+        write_plot(args.plot, sweep_results, device_name, args.tiny, out)
     print("total %.1f s" % (time.perf_counter() - started), file=out)
     return 0
 
