@@ -1,0 +1,96 @@
+"""Times the CUDA backend on Llama-3-8B attention shapes (H 4096, 32/8 heads, D 128,
+GPTQ 4-bit, group 128): forward1 and forward2 at decode batch 1 and 16 and prefill
+2048, with CUDA events, medians, and eight layers cycled so the weights come from
+HBM, not L2 (8 x 22 MB > 50 MB). Prints each time beside its floor: the packed
+bytes over the measured copy bandwidth (decode), or the same GEMMs in fp16 through
+torch/cuBLAS (prefill). Usage: python scripts/cuda_timing.py [--graphs]"""
+import statistics
+import sys
+
+import torch
+
+import qattn
+
+H, NH, NKV, D, GROUP = 4096, 32, 8, 128, 128
+LAYERS = 8
+DEV = torch.device("cuda", 0)
+
+
+def median_ms(fn, reps=30, inner=LAYERS * 2):
+    for _ in range(3):
+        fn(0)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(inner):
+            fn(i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    src = torch.randn(256 << 20, device=DEV)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda i: dst.copy_(src), reps=10, inner=4)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def random_gptq(k, n, gen):
+    qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device=DEV, generator=gen)
+    qzeros = torch.randint(-2**31, 2**31 - 1, (k // GROUP, n // 8), dtype=torch.int32, device=DEV, generator=gen)
+    scales = ((torch.rand(k // GROUP, n, device=DEV, generator=gen) + 0.5) / (8 * k**0.5)).half()
+    g_idx = (torch.arange(k, device=DEV) // GROUP)[torch.randperm(k, device=DEV, generator=gen)].int()
+    return qattn.QMatrix.gptq(qweight, qzeros, scales, g_idx, bits=4, group_size=GROUP)
+
+
+def main():
+    graphs = "--graphs" in sys.argv
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    bandwidth = copy_bandwidth()
+    print("card: %s, copy bandwidth %.2f TB/s (read + write)" % (torch.cuda.get_device_name(), bandwidth / 1e12))
+    norm = qattn.Norm("rms", torch.rand(H, device=DEV).half() + 0.5)
+    sin, cos = qattn.rope_tables(qattn.default_inv_freq(D, 500000.0), 8192, device=DEV)
+    layers = []
+    for _ in range(LAYERS):
+        mats = [random_gptq(H, NH * D, gen), random_gptq(H, NKV * D, gen), random_gptq(H, NKV * D, gen),
+                random_gptq(NH * D, H, gen)]
+        layers.append(qattn.Layer(hidden_size=H, num_heads=NH, num_kv_heads=NKV, head_dim=D, q_proj=mats[0],
+                                  k_proj=mats[1], v_proj=mats[2], o_proj=mats[3], input_norm=norm, rope="neox",
+                                  max_rows=2048, max_seq_len=8192, use_graphs=graphs))
+    packed_qkv = H * (NH + 2 * NKV) * D / 2 + (H // GROUP) * (NH + 2 * NKV) * D * 4
+    packed_o = NH * D * H / 2 + (NH * D // GROUP) * H * 4
+    print("graphs: %s; floors: decode = packed bytes / copy bandwidth, prefill = torch fp16 matmul" % graphs)
+    print("%-12s %10s %10s %10s %8s" % ("case", "phase", "time_us", "floor_us", "ratio"))
+    for batch, q_len in ((1, 1), (16, 1), (1, 2048)):
+        rows = batch * q_len
+        xs = [torch.randn(batch, q_len, H, device=DEV).half() for _ in range(LAYERS)]
+        attn = [torch.randn(batch, q_len, NH, D, device=DEV).half() for _ in range(LAYERS)]
+        lens = torch.randint(0, 4096, (batch,), dtype=torch.int32, device=DEV)
+        outs = [layers[0].forward1(xs[i], sin=sin, cos=cos, past_lens=lens) for i in range(LAYERS)]
+
+        def f1(i):
+            layers[i % LAYERS].forward1(xs[i % LAYERS], sin=sin, cos=cos, past_lens=lens, out=outs[i % LAYERS])
+
+        def f2(i):
+            layers[i % LAYERS].forward2(xs[i % LAYERS], attn[i % LAYERS])
+
+        t1, t2 = median_ms(f1) * 1e3, median_ms(f2) * 1e3
+        if rows <= 32:
+            floor1, floor2 = packed_qkv / bandwidth * 1e6, packed_o / bandwidth * 1e6
+        else:
+            a = torch.randn(rows, H, device=DEV).half()
+            wqkv = torch.randn((NH + 2 * NKV) * D, H, device=DEV).half()
+            wo = torch.randn(H, NH * D, device=DEV).half()
+            floor1 = median_ms(lambda i: a @ wqkv.t(), reps=10, inner=4) * 1e3
+            floor2 = median_ms(lambda i: a @ wo.t(), reps=10, inner=4) * 1e3
+        name = "D%d" % batch if q_len == 1 else "P%d" % q_len
+        for phase, t, f in (("forward1", t1, floor1), ("forward2", t2, floor2), ("both", t1 + t2, floor1 + floor2)):
+            print("%-12s %10s %10.1f %10.1f %8.2f" % (name, phase, t, f, t / f))
+    torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Builds qattn for sm_90 with every core, then runs on the GPU machine: the whole
+# pytest suite (CUDA cases included), the GoogleTest binary, compute-sanitizer
+# memcheck and racecheck on it, `python -m qattn bench` and the backend timing
+# script. Logs go to $OUT (or ./gpu_check_out), one file per stage (at most 8,
+# what the device tool brings back); a summary is printed last.
+#
+#   scripts/gpu_check.sh [stage ...]    stages: build pytest gtest sanitizer bench timing (default: all)
+#
+# GoogleTest sources: .deps/googletest when present (carried to machines without
+# them; copy /usr/src/googletest there), else the system package.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+BUILD=${QATTN_GPU_BUILD:-build-gpu}
+STAGES=${*:-build pytest gtest sanitizer bench timing}
+JOBS=$(nproc)
+SUMMARY=()
+: >"$LOG"
+
+note() { echo "== $*" | tee -a "$LOG"; }
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+# run NAME LIMIT_S CMD...: output to $OUT/NAME.log (and its tail to the main log)
+run() {
+    local name=$1 limit=$2
+    shift 2
+    note "$name: $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log" >>"$LOG"
+    note "$name: exit $rc after $((SECONDS - start)) s"
+    return $rc
+}
+
+CARD=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
+COMMIT=${QATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+note "card: ${CARD:-none}; commit: $COMMIT; date: $(date -u +%FT%TZ)"
+
+if want build; then
+    GTEST_ARGS=()
+    [[ -d .deps/googletest ]] && GTEST_ARGS=(-DQATTN_GTEST_SOURCE_DIR="$PWD/.deps/googletest")
+    if run build 600 bash -c 'cmake -S . -B "$0" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQATTN_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES=90 -DQATTN_BUILD_TESTS=ON "${@:2}" && cmake --build "$0" -j "$1"' \
+        "$BUILD" "$JOBS" "${GTEST_ARGS[@]}"; then
+        SUMMARY+=("build: ok")
+    else
+        SUMMARY+=("build: FAILED (see build.log)")
+    fi
+fi
+
+export QATTN_LIBRARY="$PWD/$BUILD/libqattn.so"
+export PYTHONPATH="$PWD/bindings/python${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+GTEST_BIN="$BUILD/cpp_tests/qattn_tests"
+
+if want pytest; then
+    run pytest 900 python3 -m pytest tests -q -rs -p no:cacheprovider
+    SUMMARY+=("pytest: $(grep -E '^(=+ )?[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s' "$OUT/pytest.log" | tail -n 1)")
+fi
+
+if want gtest; then
+    if [[ -x $GTEST_BIN ]]; then
+        run gtest 600 "$GTEST_BIN"
+        SUMMARY+=("gtest: $(grep -E '^\[  (PASSED|FAILED)  \]|tests? ran' "$OUT/gtest.log" | tr '\n' ' ')")
+    else
+        SUMMARY+=("gtest: not built")
+    fi
+fi
+
+if want sanitizer; then
+    if [[ -x $GTEST_BIN ]]; then
+        for tool in memcheck racecheck; do
+            run "sanitizer_$tool" 600 compute-sanitizer --tool "$tool" --error-exitcode 9 "$GTEST_BIN"
+            SUMMARY+=("compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -n 1))")
+        done
+    else
+        SUMMARY+=("compute-sanitizer: skipped (no gtest binary)")
+    fi
+fi
+
+if want bench; then
+    if [[ -f bindings/python/qattn/bench.py ]]; then
+        run bench 600 python3 -m qattn bench
+        SUMMARY+=("qattn bench: exit $?")
+    else
+        SUMMARY+=("qattn bench: not present")
+    fi
+fi
+
+if want timing; then
+    run timing 500 bash -c 'python3 scripts/cuda_timing.py && python3 scripts/cuda_timing.py --graphs'
+    SUMMARY+=("timing: exit $? (table below)")
+fi
+
+note "summary (card: ${CARD:-none}, commit: $COMMIT)"
+for line in "${SUMMARY[@]}"; do echo "   $line" | tee -a "$LOG"; done
+want timing && grep -E '^(card|graphs|case|D[0-9]|P[0-9])' "$OUT/timing.log"

@@ -1,0 +1,339 @@
+// The attention block on a CUDA device. forward1:
+//   [input norm -> fp16]  ->  Q|K|V into one fp32 accumulator (packed GPTQ 4-bit
+//   and <= 32 rows: one tensor-core launch for all three; otherwise cuBLAS, with
+//   packed weights dequantized a bounded slice of columns at a time)  ->  LoRA
+//   (two cuBLAS GEMMs per adapter, accumulating into the same buffer)  ->  one
+//   epilogue kernel: bias, head norms, RoPE, fp16 q/k/v, accumulator zeroed.
+// forward2 is the same with attn_out, the O projection and the residual epilogue.
+// All scratch is allocated at creation (LoRA scratch by set_loras); forward only
+// launches work on the caller's stream and never waits for the device.
+#include "core/backend.h"
+#include "cuda/cublas_gemm.h"
+#include "cuda/cuda_qmatrix.h"
+#include "cuda/graphs.h"
+#include "cuda/kernels.h"
+
+#include <algorithm>
+
+namespace qattn::cuda {
+namespace {
+
+constexpr size_t kCublasWorkspaceBytes = size_t(8) << 20;
+// Bound on the fp16 scratch that the large-row path dequantizes into (32 MiB).
+constexpr int64_t kDequantScratchElements = int64_t(16) << 20;
+
+struct Adapter {
+    qattn_proj proj = QATTN_PROJ_Q;
+    int rank = 0;
+    DeviceBuffer a, b;  // fp16 [in, rank], [rank, out]
+};
+
+struct DeviceNorm {
+    NormInfo info;
+    DeviceBuffer weight, bias;
+    NormParams params() const {
+        NormParams p;
+        p.type = info.type;
+        p.eps = info.eps;
+        p.weight = weight.get<__half>();
+        p.bias = bias.get<__half>();
+        p.per_head = info.per_head ? 1 : 0;
+        return p;
+    }
+    qattn_status load(const NormInfo& i, const NormWeights& w) {
+        info = i;
+        if (!i.enabled()) return QATTN_SUCCESS;
+        QATTN_TRY(weight.upload(w.weight.data(), sizeof(uint16_t) * w.weight.size()));
+        if (!w.bias.empty()) QATTN_TRY(bias.upload(w.bias.data(), sizeof(uint16_t) * w.bias.size()));
+        return QATTN_SUCCESS;
+    }
+};
+
+class CudaLayer final : public LayerImpl {
+public:
+    static qattn_status create(const LayerInfo& info, const LayerHostWeights& weights,
+                               const LayerProjections& projections, std::unique_ptr<LayerImpl>* out) {
+        DeviceGuard guard;
+        QATTN_TRY(guard.enter(info.device));
+        std::unique_ptr<CudaLayer> layer(new CudaLayer(info, projections));
+        QATTN_TRY(layer->init(weights));
+        *out = std::move(layer);
+        return QATTN_SUCCESS;
+    }
+
+    ~CudaLayer() override {
+        DeviceGuard guard;
+        if (guard.enter(info_.device) != QATTN_SUCCESS) return;
+        graphs_.reset();
+        if (blas_) cublasDestroy(blas_);
+    }
+
+    qattn_status forward1(const Forward1Call& call, void* stream) override {
+        DeviceGuard guard;
+        QATTN_TRY(guard.enter(info_.device));
+        const auto s = static_cast<cudaStream_t>(stream);
+        bool capturing = false;
+        QATTN_TRY(stream_is_capturing(s, &capturing));
+        if (!graphs_ || capturing) return run(s, [&](cudaStream_t cs) { return forward1_body(call, cs); });
+        return graphs_->run(graph_key(1, call.batch, call.q_len, *call.loras),
+                            [&](cudaStream_t cs) { return run(cs, [&](cudaStream_t c) { return forward1_body(call, c); }); },
+                            s);
+    }
+
+    qattn_status forward2(const Forward2Call& call, void* stream) override {
+        DeviceGuard guard;
+        QATTN_TRY(guard.enter(info_.device));
+        const auto s = static_cast<cudaStream_t>(stream);
+        bool capturing = false;
+        QATTN_TRY(stream_is_capturing(s, &capturing));
+        if (!graphs_ || capturing) return run(s, [&](cudaStream_t cs) { return forward2_body(call, cs); });
+        return graphs_->run(graph_key(2, call.batch, call.q_len, *call.loras),
+                            [&](cudaStream_t cs) { return run(cs, [&](cudaStream_t c) { return forward2_body(call, c); }); },
+                            s);
+    }
+
+    qattn_status set_loras(const std::vector<LoraSpec>& specs) override {
+        DeviceGuard guard;
+        QATTN_TRY(guard.enter(info_.device));
+        std::vector<Adapter> adapters(specs.size());
+        int max_rank = 0;
+        for (size_t i = 0; i < specs.size(); ++i) {
+            const LoraSpec& s = specs[i];
+            adapters[i].proj = s.proj;
+            adapters[i].rank = s.rank;
+            QATTN_TRY(adapters[i].a.upload(s.a.data(), sizeof(uint16_t) * s.a.size()));
+            QATTN_TRY(adapters[i].b.upload(s.b.data(), sizeof(uint16_t) * s.b.size()));
+            max_rank = std::max(max_rank, s.rank);
+        }
+        DeviceBuffer scratch;
+        QATTN_TRY(scratch.allocate(sizeof(uint16_t) * info_.max_rows * max_rank));
+        QATTN_CUDA_TRY(cudaStreamSynchronize(nullptr));  // uploads done before any stream reads them
+        if (graphs_) graphs_->clear();
+        adapters_ = std::move(adapters);
+        lora_scratch_ = std::move(scratch);
+        return QATTN_SUCCESS;
+    }
+
+    qattn_status check_device_errors(void* stream) override {
+        DeviceGuard guard;
+        QATTN_TRY(guard.enter(info_.device));
+        QATTN_CUDA_TRY(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+        int flag = 0;
+        QATTN_CUDA_TRY(cudaMemcpy(&flag, error_flag_.get(), sizeof flag, cudaMemcpyDeviceToHost));
+        if (flag == 0) return QATTN_SUCCESS;
+        QATTN_CUDA_TRY(cudaMemset(error_flag_.get(), 0, sizeof flag));
+        QATTN_CUDA_TRY(cudaStreamSynchronize(nullptr));
+        return fail(QATTN_ERROR_OUT_OF_RANGE,
+                    "a forward1 call on this layer had a row whose position (past_lens[b] + t) was outside "
+                    "[0, min(max_seq_len, max_positions)); those rows were left unrotated");
+    }
+
+private:
+    CudaLayer(const LayerInfo& info, const LayerProjections& p) : info_(info) {
+        proj_[0] = static_cast<const CudaQMatrix*>(p.q);
+        proj_[1] = static_cast<const CudaQMatrix*>(p.k);
+        proj_[2] = static_cast<const CudaQMatrix*>(p.v);
+        proj_[3] = static_cast<const CudaQMatrix*>(p.o);
+        column_[0] = 0;
+        column_[1] = info.q_width();
+        column_[2] = info.q_width() + info.kv_width();
+        qkv_width_ = info.q_width() + 2 * info.kv_width();
+    }
+
+    qattn_status init(const LayerHostWeights& w) {
+        QATTN_TRY(input_norm_.load(info_.input_norm, w.input_norm));
+        QATTN_TRY(q_norm_.load(info_.q_norm, w.q_norm));
+        QATTN_TRY(k_norm_.load(info_.k_norm, w.k_norm));
+        QATTN_TRY(post_norm_.load(info_.post_norm, w.post_norm));
+        QATTN_CUDA_TRY(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, info_.device));
+
+        const size_t rows = static_cast<size_t>(info_.max_rows);
+        if (info_.input_norm.enabled() || info_.residual_fp32)
+            QATTN_TRY(normed_.allocate(sizeof(__half) * rows * info_.hidden_size));
+        QATTN_TRY(acc_qkv_.allocate(sizeof(float) * rows * qkv_width_));
+        QATTN_TRY(acc_o_.allocate(sizeof(float) * rows * info_.hidden_size));
+        QATTN_TRY(error_flag_.allocate(sizeof(int)));
+        QATTN_CUDA_TRY(cudaMemset(acc_qkv_.get(), 0, acc_qkv_.bytes()));
+        QATTN_CUDA_TRY(cudaMemset(acc_o_.get(), 0, acc_o_.bytes()));
+        QATTN_CUDA_TRY(cudaMemset(error_flag_.get(), 0, sizeof(int)));
+
+        // The large-row path of packed matrices dequantizes whole columns of K
+        // values; a slice of columns is bounded by kDequantScratchElements.
+        int64_t need = 0;
+        for (const CudaQMatrix* m : proj_)
+            if (m->packed() && info_.max_rows > kSmallRows)
+                need = std::max(need, std::min(m->in_features() * m->out_features(),
+                                               std::max(kDequantScratchElements, 8 * m->in_features())));
+        QATTN_TRY(dequant_.allocate(sizeof(__half) * need));
+        dequant_elements_ = need;
+
+        QATTN_CUBLAS_TRY(cublasCreate(&blas_));
+        QATTN_TRY(workspace_.allocate(kCublasWorkspaceBytes));
+        if (info_.use_graphs) {
+            graphs_.reset(new GraphCache());
+            QATTN_TRY(graphs_->init());
+        }
+        QATTN_CUDA_TRY(cudaStreamSynchronize(nullptr));
+        return QATTN_SUCCESS;
+    }
+
+    static std::vector<int> graph_key(int phase, int batch, int q_len, const ActiveLoras& loras) {
+        std::vector<int> key{phase, batch, q_len};
+        for (const auto& list : loras) {
+            key.push_back(-1);
+            key.insert(key.end(), list.begin(), list.end());
+        }
+        return key;
+    }
+
+    // The accumulators are zero between calls (each epilogue zeroes what it read).
+    // A call that failed half-way may leave partial sums: the next call clears them.
+    template <typename Body>
+    qattn_status run(cudaStream_t s, Body&& body) {
+        if (dirty_) {
+            QATTN_CUDA_TRY(cudaMemsetAsync(acc_qkv_.get(), 0, acc_qkv_.bytes(), s));
+            QATTN_CUDA_TRY(cudaMemsetAsync(acc_o_.get(), 0, acc_o_.bytes(), s));
+            dirty_ = false;
+        }
+        blas_stream_bound_ = false;
+        const qattn_status status = body(s);
+        if (status != QATTN_SUCCESS) dirty_ = true;
+        return status;
+    }
+
+    // cublasSetStream also resets the workspace, so both are set together, once per call.
+    qattn_status bind_blas(cudaStream_t s) {
+        if (blas_stream_bound_) return QATTN_SUCCESS;
+        QATTN_CUBLAS_TRY(cublasSetStream(blas_, s));
+        QATTN_CUBLAS_TRY(cublasSetWorkspace(blas_, workspace_.get(), workspace_.bytes()));
+        blas_stream_bound_ = true;
+        return QATTN_SUCCESS;
+    }
+
+    // c[r, 0:N] = x . W for a matrix not taken by the small-row kernel.
+    qattn_status project_large(const CudaQMatrix& m, const __half* x, int ldx, int rows, float* c, int ldc,
+                               cudaStream_t s) {
+        QATTN_TRY(bind_blas(s));
+        const int K = static_cast<int>(m.in_features()), N = static_cast<int>(m.out_features());
+        if (!m.packed()) return gemm_xwT(blas_, rows, N, K, x, ldx, m.dense(), c, ldc, 0.0f);
+        const int slice = static_cast<int>(std::min<int64_t>(N, dequant_elements_ / K / 8 * 8));
+        for (int n0 = 0; n0 < N; n0 += slice) {
+            const int count = std::min(slice, N - n0);
+            QATTN_TRY(launch_dequantize_gptq4(m.packed_gptq(), K, N, n0, count, dequant_.get<__half>(), s));
+            QATTN_TRY(gemm_xwT(blas_, rows, count, K, x, ldx, dequant_.get<__half>(), c + n0, ldc, 0.0f));
+        }
+        return QATTN_SUCCESS;
+    }
+
+    qattn_status add_loras(qattn_proj proj, const std::vector<int>& active, const __half* x, int ldx, int rows,
+                           float* c, int ldc, cudaStream_t s) {
+        for (int index : active) {
+            const Adapter& a = adapters_[index];
+            QATTN_TRY(bind_blas(s));
+            const CudaQMatrix& m = *proj_[proj];
+            QATTN_TRY(lora_add(blas_, rows, static_cast<int>(m.in_features()), a.rank,
+                               static_cast<int>(m.out_features()), x, ldx, a.a.get<__half>(), a.b.get<__half>(),
+                               lora_scratch_.get<__half>(), c, ldc));
+        }
+        return QATTN_SUCCESS;
+    }
+
+    qattn_status forward1_body(const Forward1Call& call, cudaStream_t s) {
+        const int rows = call.rows, H = info_.hidden_size;
+        const __half* x = static_cast<const __half*>(call.x);
+        if (normed_.get()) {
+            QATTN_TRY(launch_input_norm(call.x, info_.residual_fp32, rows, H, input_norm_.params(),
+                                        normed_.get<__half>(), s));
+            x = normed_.get<__half>();
+        }
+        float* acc = acc_qkv_.get<float>();
+        SmallGemmProblem small[3];
+        int small_count = 0;
+        for (int p = 0; p < 3; ++p) {
+            const CudaQMatrix& m = *proj_[p];
+            if (m.packed() && rows <= kSmallRows)
+                small[small_count++] = SmallGemmProblem{m.packed_gptq(), static_cast<int>(m.out_features() / 8),
+                                                        column_[p]};
+        }
+        QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, s));
+        for (int p = 0; p < 3; ++p) {
+            const CudaQMatrix& m = *proj_[p];
+            if (!(m.packed() && rows <= kSmallRows))
+                QATTN_TRY(project_large(m, x, H, rows, acc + column_[p], qkv_width_, s));
+            QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
+                                qkv_width_, s));
+        }
+
+        HeadEpilogueParams e;
+        e.acc = acc;
+        e.acc_stride = qkv_width_;
+        e.rows = rows;
+        e.q_len = call.q_len;
+        e.num_heads = info_.num_heads;
+        e.num_kv_heads = info_.num_kv_heads;
+        e.head_dim = info_.head_dim;
+        for (int p = 0; p < 3; ++p) e.bias[p] = proj_[p]->bias();
+        e.norm[0] = q_norm_.params();
+        e.norm[1] = k_norm_.params();
+        e.rope = info_.rope;
+        e.rotary_dim = info_.rotary_dim;
+        e.sin = call.sin;
+        e.cos = call.cos;
+        e.past_len = call.past_len;
+        e.past_lens = call.past_lens;
+        e.max_positions = call.max_positions;
+        e.out[0] = static_cast<__half*>(call.q);
+        e.out[1] = static_cast<__half*>(call.k);
+        e.out[2] = static_cast<__half*>(call.v);
+        e.error_flag = error_flag_.get<int>();
+        return launch_head_epilogue(e, s);
+    }
+
+    qattn_status forward2_body(const Forward2Call& call, cudaStream_t s) {
+        const int rows = call.rows, K = info_.q_width(), H = info_.hidden_size;
+        const auto* attn = static_cast<const __half*>(call.attn_out);
+        const CudaQMatrix& m = *proj_[3];
+        float* acc = acc_o_.get<float>();
+        if (m.packed() && rows <= kSmallRows) {
+            const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0};
+            QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, s));
+        } else {
+            QATTN_TRY(project_large(m, attn, K, rows, acc, H, s));
+        }
+        QATTN_TRY(add_loras(QATTN_PROJ_O, (*call.loras)[QATTN_PROJ_O], attn, K, rows, acc, H, s));
+
+        ResidualEpilogueParams e;
+        e.acc = acc;
+        e.rows = rows;
+        e.width = H;
+        e.bias = m.bias();
+        e.post_norm = post_norm_.params();
+        e.x = call.x;
+        e.x_fp32 = info_.residual_fp32;
+        e.has_residual = info_.has_residual;
+        return launch_residual_epilogue(e, s);
+    }
+
+    LayerInfo info_;
+    const CudaQMatrix* proj_[4] = {};
+    int column_[3] = {};
+    int qkv_width_ = 0;
+    int sm_count_ = 1;
+    DeviceNorm input_norm_, q_norm_, k_norm_, post_norm_;
+    DeviceBuffer normed_, acc_qkv_, acc_o_, error_flag_, dequant_, workspace_, lora_scratch_;
+    int64_t dequant_elements_ = 0;
+    std::vector<Adapter> adapters_;
+    cublasHandle_t blas_ = nullptr;
+    bool blas_stream_bound_ = false;
+    bool dirty_ = false;
+    std::unique_ptr<GraphCache> graphs_;
+};
+
+}  // namespace
+
+qattn_status create_layer(const LayerInfo& info, const LayerHostWeights& weights,
+                          const LayerProjections& projections, std::unique_ptr<LayerImpl>* out) {
+    return CudaLayer::create(info, weights, projections, out);
+}
+
+}  // namespace qattn::cuda

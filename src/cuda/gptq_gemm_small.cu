@@ -1,0 +1,196 @@
+// GPTQ 4-bit GEMM for decode-sized row counts (1..32 rows), bound by the bytes of
+// the packed weights. Each warp owns 8 output columns (one MMA n-tile) and walks
+// a slice of K: one 16-byte coalesced load per lane brings 128 rows of its
+// column (8 m16n8k16 steps), dequantized straight into the B fragment:
+//   nibble pair -> (lop3 with 0x6400) -> fp16 1024 + q -> minus (1024 + z) -> times scale
+// (all exact but the final rounding, i.e. the fp16 value of the weight). The
+// tensor cores accumulate in fp32. K is split across blocks so the grid fills
+// every SM; partial sums meet in the fp32 accumulator through atomics, and the
+// epilogue kernel that reads the accumulator zeroes it again.
+#include "cuda/kernels.h"
+
+#include <algorithm>
+
+namespace qattn::cuda {
+namespace {
+
+constexpr int kWarps = 8;             // n-tiles per block
+constexpr int kMaxChunksPerBlock = 4; // 4 x 128 rows of K per block
+constexpr int kMaxProblems = 3;
+
+struct Batch {
+    SmallGemmProblem p[kMaxProblems];
+    int block_begin[kMaxProblems];
+    int count;
+};
+
+__device__ __forceinline__ uint4 load_streaming(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// Two nibbles at bits [0,4) and [16,20) of `bits` -> fp16x2 weights.
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t bits, __half2 scale, __half2 zero) {
+    uint32_t h = (bits & 0x000F000Fu) | 0x64006400u;
+    __half2 v = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), zero), scale);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                          uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int MT>  // m16 tiles: rows <= 16 * MT
+__global__ void __launch_bounds__(kWarps * 32) gptq4_gemm_small_kernel(Batch batch, const __half* __restrict__ x,
+                                                                     int x_stride, int rows, float* acc,
+                                                                     int acc_stride, int chunks_per_block) {
+    extern __shared__ __half xs[];  // [rows][stride]: this block's slice of x, in packed row order
+    int pi = 0;
+#pragma unroll
+    for (int i = 1; i < kMaxProblems; ++i)
+        if (i < batch.count && static_cast<int>(blockIdx.x) >= batch.block_begin[i]) pi = i;
+    const SmallGemmProblem P = pi == 0 ? batch.p[0] : pi == 1 ? batch.p[1] : batch.p[2];
+    const int block_in_problem = blockIdx.x - (pi == 0 ? batch.block_begin[0] : pi == 1 ? batch.block_begin[1]
+                                                                                         : batch.block_begin[2]);
+
+    const int chunk0 = blockIdx.y * chunks_per_block;
+    if (chunk0 >= P.w.chunks) return;
+    const int chunk_end = min(chunk0 + chunks_per_block, P.w.chunks);
+    const int span = (chunk_end - chunk0) * kPackRows;
+    const int stride = chunks_per_block * kPackRows + 8;  // +8 halves: A-fragment reads hit 32 distinct banks
+
+    for (int i = threadIdx.x; i < rows * span; i += blockDim.x) {
+        const int r = i / span, kk = i - r * span;
+        const int src = P.w.perm[chunk0 * kPackRows + kk];
+        xs[r * stride + kk] = src >= 0 ? x[static_cast<size_t>(r) * x_stride + src] : __float2half(0.0f);
+    }
+    __syncthreads();
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int nt = block_in_problem * kWarps + warp;
+    if (nt >= P.n_tiles) return;
+    const int g = lane >> 2, t = lane & 3;
+    const int N = P.n_tiles * 8;
+    const int column = nt * 8 + g;  // this lane's column of B
+
+    float c[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.0f;
+
+    const size_t chunk_stride = static_cast<size_t>(P.n_tiles) * 32;
+    const uint4* qp = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + nt) * 32 + lane;
+
+    for (int chunk = chunk0; chunk < chunk_end; chunk += 4) {
+        // Issue every load of up to four chunks before the first use.
+        uint4 q[4];
+        int group[4];
+        __half2 sz[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            if (chunk + u < chunk_end) {
+                q[u] = load_streaming(qp + static_cast<size_t>(chunk + u - chunk0) * chunk_stride);
+                group[u] = P.w.step_group[(chunk + u) * 8];
+                sz[u] = P.w.scale_zero[static_cast<size_t>(group[u]) * N + column];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            if (chunk + u >= chunk_end) break;
+            int current = group[u];
+            __half2 scale = __half2half2(__low2half(sz[u]));
+            __half2 zero = __half2half2(__high2half(sz[u]));
+            const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+            const int kbase = (chunk + u - chunk0) * kPackRows;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                if (j > 0) {
+                    // Groups are contiguous in packed order: this branch is rarely taken
+                    // (only where a group ends inside a 128-row chunk) and warp-uniform.
+                    const int gj = P.w.step_group[(chunk + u) * 8 + j];
+                    if (gj != current) {
+                        current = gj;
+                        const __half2 s = P.w.scale_zero[static_cast<size_t>(gj) * N + column];
+                        scale = __half2half2(__low2half(s));
+                        zero = __half2half2(__high2half(s));
+                    }
+                }
+                const uint32_t w = words[j >> 1] >> ((j & 1) * 8);
+                const uint32_t b0 = dequant_pair(w, scale, zero);
+                const uint32_t b1 = dequant_pair(w >> 4, scale, zero);
+                const int k = kbase + j * 16 + 2 * t;
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    const int r0 = m * 16 + g, r1 = r0 + 8;
+                    uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+                    if (r0 < rows) {
+                        a0 = *reinterpret_cast<const uint32_t*>(xs + r0 * stride + k);
+                        a2 = *reinterpret_cast<const uint32_t*>(xs + r0 * stride + k + 8);
+                    }
+                    if (r1 < rows) {
+                        a1 = *reinterpret_cast<const uint32_t*>(xs + r1 * stride + k);
+                        a3 = *reinterpret_cast<const uint32_t*>(xs + r1 * stride + k + 8);
+                    }
+                    mma_16816(c[m], a0, a1, a2, a3, b0, b1);
+                }
+            }
+        }
+    }
+
+    const int out_column = P.col_offset + nt * 8 + 2 * t;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        const int r0 = m * 16 + g, r1 = r0 + 8;
+        if (r0 < rows) {
+            atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_column, c[m][0]);
+            atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_column + 1, c[m][1]);
+        }
+        if (r1 < rows) {
+            atomicAdd(acc + static_cast<size_t>(r1) * acc_stride + out_column, c[m][2]);
+            atomicAdd(acc + static_cast<size_t>(r1) * acc_stride + out_column + 1, c[m][3]);
+        }
+    }
+}
+
+}  // namespace
+
+qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
+                                     int rows, float* acc, int acc_stride, int sm_count, cudaStream_t stream) {
+    if (count <= 0) return QATTN_SUCCESS;
+    if (count > kMaxProblems || rows < 1 || rows > kSmallRows)
+        return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: %d problems, %d rows", count, rows);
+    Batch batch{};
+    batch.count = count;
+    int blocks_x = 0, max_chunks = 0;
+    for (int i = 0; i < count; ++i) {
+        batch.p[i] = problems[i];
+        batch.block_begin[i] = blocks_x;
+        blocks_x += (problems[i].n_tiles + kWarps - 1) / kWarps;
+        max_chunks = std::max(max_chunks, problems[i].w.chunks);
+    }
+    for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks_x;
+    // Enough blocks for about four per SM, without slicing K finer than one chunk.
+    const int target_blocks = 4 * std::max(sm_count, 1);
+    const int splits_wanted = std::max(1, (target_blocks + blocks_x - 1) / blocks_x);
+    const int chunks_per_block =
+        std::min(kMaxChunksPerBlock, std::max(1, (max_chunks + splits_wanted - 1) / splits_wanted));
+    const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
+    const size_t shared = sizeof(__half) * rows * (chunks_per_block * kPackRows + 8);
+    if (rows <= 16)
+        gptq4_gemm_small_kernel<1><<<grid, kWarps * 32, shared, stream>>>(batch, x, x_stride, rows, acc, acc_stride,
+                                                                          chunks_per_block);
+    else
+        gptq4_gemm_small_kernel<2><<<grid, kWarps * 32, shared, stream>>>(batch, x, x_stride, rows, acc, acc_stride,
+                                                                          chunks_per_block);
+    QATTN_LAUNCH_CHECK("gptq4_gemm_small");
+    return QATTN_SUCCESS;
+}
+
+}  // namespace qattn::cuda

@@ -1,0 +1,77 @@
+// Launchers of the backend's kernels: host-callable, stream-ordered, allocation
+// free. Each returns QATTN_SUCCESS or the launch error.
+#pragma once
+
+#include "cuda/cuda_qmatrix.h"
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace qattn::cuda {
+
+// A norm's parameters as kernels read them (weights in device memory).
+struct NormParams {
+    qattn_norm_type type = QATTN_NORM_NONE;
+    float eps = 1e-6f;
+    const __half* weight = nullptr;  // [width] or [heads, width]
+    const __half* bias = nullptr;    // same shape, LayerNorm only, optional
+    int per_head = 0;
+};
+
+// rms_layer_norm.cu: out[r, :] = norm(x[r, :]) in fp16 (or a plain fp16 copy when
+// norm.type is NONE), x fp16 or fp32 [rows, width].
+qattn_status launch_input_norm(const void* x, bool x_fp32, int rows, int width, const NormParams& norm,
+                               __half* out, cudaStream_t stream);
+
+// gptq_gemm_small.cu: acc[r, col_offset + n] += sum_k x[r, k] W[k, n] for up to
+// three packed GPTQ 4-bit matrices sharing one input, rows <= kSmallRows.
+constexpr int kSmallRows = 32;
+struct SmallGemmProblem {
+    PackedGptq4 w;
+    int n_tiles = 0;     // N / 8
+    int col_offset = 0;  // first column of this matrix in acc
+};
+qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
+                                     int rows, float* acc, int acc_stride, int sm_count, cudaStream_t stream);
+
+// dequantize.cu: out[n - n_begin, k] = W[k, n] in fp16 for n in [n_begin, n_begin + n_count),
+// k in input-feature order (the packing permutation undone). n_begin, n_count % 8 == 0.
+qattn_status launch_dequantize_gptq4(const PackedGptq4& w, int K, int N, int n_begin, int n_count, __half* out,
+                                     cudaStream_t stream);
+
+// head_norm_rope.cu: reads the fused Q|K|V fp32 accumulator, adds the biases,
+// applies head norms and RoPE, writes fp16 q, k, v, and zeroes the accumulator
+// rows it read (the next call's split-K atomics start from zero).
+struct HeadEpilogueParams {
+    float* acc = nullptr;
+    int acc_stride = 0;
+    int rows = 0, q_len = 1;
+    int num_heads = 0, num_kv_heads = 0, head_dim = 0;
+    const __half* bias[3] = {};
+    NormParams norm[2];  // q, k
+    qattn_rope_type rope = QATTN_ROPE_NONE;
+    int rotary_dim = 0;
+    const float* sin = nullptr;
+    const float* cos = nullptr;
+    int past_len = 0;
+    const int32_t* past_lens = nullptr;
+    int max_positions = 0;  // positions must lie in [0, max_positions)
+    __half* out[3] = {};
+    int* error_flag = nullptr;  // set to 1 when a row's position is out of range
+};
+qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stream);
+
+// residual_epilogue.cu: y = acc[r, :] + bias, optional post-norm, then x = x + y
+// (or x = y), x fp16 or fp32; zeroes the accumulator rows it read.
+struct ResidualEpilogueParams {
+    float* acc = nullptr;
+    int rows = 0, width = 0;
+    const __half* bias = nullptr;
+    NormParams post_norm;
+    void* x = nullptr;
+    bool x_fp32 = false;
+    bool has_residual = true;
+};
+qattn_status launch_residual_epilogue(const ResidualEpilogueParams& p, cudaStream_t stream);
+
+}  // namespace qattn::cuda

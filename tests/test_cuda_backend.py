@@ -1,0 +1,361 @@
+"""The CUDA backend against the CPU backend of the same library: identical random
+weights and inputs go to a CPU layer and a CUDA layer, and the outputs must agree
+within fp16 tolerance. Covers both weight formats at decode (tensor-core GEMV) and
+prefill (dequantize + cuBLAS) row counts, every layer feature, graphs, capture in
+torch.cuda.graph, concurrent streams and device-side position checks."""
+import dataclasses
+from typing import Optional
+
+import pytest
+import torch
+
+import qattn
+import quant
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or qattn.cuda_device_count() == 0,
+    reason="needs a CUDA device and a qattn build with the CUDA backend",
+)
+
+# The CPU backend multiplies fp32 activations by fp32 weights; the CUDA backend
+# rounds the normed activations and the dequantized weights to fp16 and
+# accumulates in fp32. Outputs are fp16. Two or three fp16 roundings: ~1e-3.
+TOL = 3e-3
+CUDA = torch.device("cuda", 0)
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@dataclasses.dataclass
+class Spec:
+    hidden: int = 256
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64
+    weights: str = "gptq4"  # "dense", "gptq4", "gptq4_act", "gptq4_noidx", "gptq4_z0", "gptq4_g32", "gptq8"
+    input_norm: Optional[str] = "rms"  # None, "rms", "layer", "layer_bias"
+    head_norm: Optional[str] = None  # None, "rms", "layer_bias_per_head"
+    rope: Optional[str] = "neox"
+    rotary_dim: Optional[int] = None
+    post_norm: Optional[str] = None
+    has_residual: bool = True
+    residual_fp32: bool = False
+    biases: bool = False
+    max_rows: int = 32
+    max_seq_len: int = 2048
+    use_graphs: bool = False
+
+
+def _gptq_options(kind):
+    return {
+        "gptq4": dict(bits=4, group_size=64),
+        "gptq4_act": dict(bits=4, group_size=64, act_order=True),
+        "gptq4_noidx": dict(bits=4, group_size=64),
+        "gptq4_z0": dict(bits=4, group_size=128, act_order=True, zero_offset_one=False),
+        "gptq4_g32": dict(bits=4, group_size=32, act_order=True),
+        "gptq8": dict(bits=8, group_size=64, act_order=True),
+    }[kind]
+
+
+class Pair:
+    """The same layer on the CPU and on the GPU."""
+
+    def __init__(self, spec, gen):
+        self.spec = spec
+        H, NH, NKV, D = spec.hidden, spec.heads, spec.kv_heads, spec.head_dim
+        mats = {"cpu": {}, "cuda": {}}
+        for name, (k, n) in {"q": (H, NH * D), "k": (H, NKV * D), "v": (H, NKV * D), "o": (NH * D, H)}.items():
+            bias = (0.5 * torch.randn(n, generator=gen)).half() if spec.biases else None
+            if spec.weights == "dense":
+                w = (torch.randn(n, k, generator=gen) / k**0.5).half()
+                for dev in ("cpu", "cuda"):
+                    mats[dev][name] = qattn.QMatrix.dense(w.to(dev), None if bias is None else bias.to(dev))
+            else:
+                g = quant.random_gptq(k, n, generator=gen, **_gptq_options(spec.weights))
+                g_idx = None if spec.weights == "gptq4_noidx" else g["g_idx"]
+                for dev in ("cpu", "cuda"):
+                    mats[dev][name] = qattn.QMatrix.gptq(
+                        g["qweight"].to(dev), g["qzeros"].to(dev), g["scales"].to(dev),
+                        None if g_idx is None else g_idx.to(dev), None if bias is None else bias.to(dev),
+                        bits=g["bits"], group_size=g["group_size"], zero_offset_one=g["zero_offset_one"])
+        norms = {
+            "input_norm": self._norm(spec.input_norm, (H,), gen),
+            "q_norm": self._norm(spec.head_norm, (NH, D) if _per_head(spec.head_norm) else (D,), gen),
+            "k_norm": self._norm(spec.head_norm, (NKV, D) if _per_head(spec.head_norm) else (D,), gen),
+            "post_norm": self._norm(spec.post_norm, (H,), gen),
+        }
+        self.rotary_dim = spec.rotary_dim or D
+        self.layers = {}
+        for dev in ("cpu", "cuda"):
+            kwargs = {name: None if n is None else dataclasses.replace(n, weight=n.weight.to(dev),
+                                                                      bias=None if n.bias is None else n.bias.to(dev))
+                      for name, n in norms.items()}
+            self.layers[dev] = qattn.Layer(
+                hidden_size=H, num_heads=NH, num_kv_heads=NKV, head_dim=D,
+                q_proj=mats[dev]["q"], k_proj=mats[dev]["k"], v_proj=mats[dev]["v"], o_proj=mats[dev]["o"],
+                rope=spec.rope, rotary_dim=spec.rotary_dim, has_residual=spec.has_residual,
+                residual_fp32=spec.residual_fp32, max_rows=spec.max_rows, max_seq_len=spec.max_seq_len,
+                use_graphs=spec.use_graphs and dev == "cuda", **kwargs)
+        inv = qattn.default_inv_freq(self.rotary_dim)
+        self.tables = {dev: qattn.rope_tables(inv, spec.max_seq_len, device=dev) for dev in ("cpu", "cuda")}
+
+    @staticmethod
+    def _norm(kind, shape, gen):
+        if kind is None:
+            return None
+        weight = (1.0 + 0.5 * torch.randn(shape, generator=gen)).half()
+        bias = (0.3 * torch.randn(shape, generator=gen)).half() if "bias" in kind else None
+        return qattn.Norm(kind.split("_")[0], weight, bias, eps=1e-5, per_head=_per_head(kind))
+
+    def inputs(self, batch, q_len, gen):
+        dtype = torch.float32 if self.spec.residual_fp32 else torch.float16
+        x = (2.0 * torch.randn(batch, q_len, self.spec.hidden, generator=gen)).to(dtype)
+        attn = torch.randn(batch, q_len, self.spec.heads, self.spec.head_dim, generator=gen).half()
+        return x, attn
+
+    def forward1(self, dev, x, **kwargs):
+        sin, cos = self.tables[dev]
+        if self.spec.rope is None:
+            sin = cos = None
+        if kwargs.get("past_lens") is not None:
+            kwargs["past_lens"] = kwargs["past_lens"].to(dev)
+        return self.layers[dev].forward1(x.to(dev), sin=sin, cos=cos, **kwargs)
+
+    def forward2(self, dev, x, attn, **kwargs):
+        return self.layers[dev].forward2(x.to(dev).clone(), attn.to(dev), **kwargs)
+
+    def check(self, batch, q_len, gen, *, past_len=0, past_lens=None, loras=()):
+        x, attn = self.inputs(batch, q_len, gen)
+        ref = self.forward1("cpu", x, past_len=past_len, past_lens=past_lens, loras=loras)
+        out = self.forward1("cuda", x, past_len=past_len, past_lens=past_lens, loras=loras)
+        torch.cuda.synchronize()
+        for name, o, r in zip("qkv", out, ref):
+            assert rel_err(o, r) < TOL, "%s: relative error %.2e" % (name, rel_err(o, r))
+        y_ref = self.forward2("cpu", x, attn, loras=loras)
+        y = self.forward2("cuda", x, attn, loras=loras)
+        torch.cuda.synchronize()
+        # With a residual, compare the block's contribution, not the (large) residual.
+        base = x.double() if self.spec.has_residual else torch.zeros_like(x, dtype=torch.float64)
+        err = rel_err(y.cpu().double() - base, y_ref.double() - base)
+        assert err < TOL, "forward2: relative error %.2e" % err
+
+
+def _per_head(kind):
+    return kind is not None and "per_head" in kind
+
+
+WEIGHTS = ["dense", "gptq4", "gptq4_act", "gptq4_noidx", "gptq4_z0", "gptq4_g32", "gptq8"]
+ROWS = [(1, 1), (16, 1), (4, 8), (2, 50), (1, 600)]  # 1, 16, 32, 100, 600 rows
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("batch,q_len", ROWS)
+def test_projections_match_cpu(weights, batch, q_len, gen):
+    pair = Pair(Spec(weights=weights, max_rows=batch * q_len, biases=True), gen)
+    pair.check(batch, q_len, gen, past_len=3)
+
+
+@pytest.mark.parametrize("batch,q_len", [(1, 1), (8, 4), (3, 40)])
+def test_uneven_shapes_pad_groups(batch, q_len, gen):
+    # K = 200 is not a multiple of 128 and group 6 holds only 8 rows: the packed
+    # layout pads groups and chunks, which must contribute nothing.
+    spec = Spec(hidden=200, heads=5, kv_heads=1, head_dim=40, weights="gptq4_g32", max_rows=120,
+                head_norm="rms")
+    Pair(spec, gen).check(batch, q_len, gen, past_len=5)
+
+
+FEATURES = {
+    "layer_norm_bias": dict(input_norm="layer_bias"),
+    "no_input_norm": dict(input_norm=None),
+    "head_norm_rms": dict(head_norm="rms"),
+    "head_norm_layer_per_head": dict(head_norm="layer_bias_per_head"),
+    "gptj": dict(rope="gptj"),
+    "partial_neox": dict(rope="neox", rotary_dim=32),
+    "partial_gptj": dict(rope="gptj", rotary_dim=16),
+    "no_rope": dict(rope=None),
+    "post_norm_rms": dict(post_norm="rms"),
+    "post_norm_layer_bias": dict(post_norm="layer_bias"),
+    "no_residual": dict(has_residual=False),
+    "fp32_residual": dict(residual_fp32=True),
+    "fp32_residual_no_norm": dict(residual_fp32=True, input_norm=None),
+    "everything": dict(input_norm="layer_bias", head_norm="layer_bias_per_head", post_norm="layer_bias",
+                       biases=True, rope="gptj", rotary_dim=48, residual_fp32=True),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+@pytest.mark.parametrize("weights", ["dense", "gptq4_act"])
+@pytest.mark.parametrize("batch,q_len", [(2, 1), (2, 50)])
+def test_features_match_cpu(feature, weights, batch, q_len, gen):
+    spec = Spec(weights=weights, max_rows=100, **FEATURES[feature])
+    Pair(spec, gen).check(batch, q_len, gen, past_len=7)
+
+
+def _adapters(pair, gen, layout):
+    """layout: {id: {proj: rank}} -> qattn.LoRA list for the CPU and the CUDA layer."""
+    H, NH, NKV, D = pair.spec.hidden, pair.spec.heads, pair.spec.kv_heads, pair.spec.head_dim
+    widths = {"q": (H, NH * D), "k": (H, NKV * D), "v": (H, NKV * D), "o": (NH * D, H)}
+    out = {"cpu": [], "cuda": []}
+    for lora_id, projs in layout.items():
+        for proj, rank in projs.items():
+            fan_in, fan_out = widths[proj]
+            a = (torch.randn(fan_in, rank, generator=gen) / fan_in**0.5).half()
+            b = (0.5 * torch.randn(rank, fan_out, generator=gen) / rank**0.5).half()
+            for dev in out:
+                out[dev].append(qattn.LoRA(lora_id, proj, a.to(dev), b.to(dev)))
+    return out
+
+
+@pytest.mark.parametrize("weights", ["dense", "gptq4_act"])
+@pytest.mark.parametrize("batch,q_len", [(1, 1), (16, 1), (2, 50)])
+def test_lora_matches_cpu(weights, batch, q_len, gen):
+    pair = Pair(Spec(weights=weights, max_rows=100, post_norm="rms", head_norm="rms"), gen)
+    adapters = _adapters(pair, gen, {3: {"q": 8, "v": 4, "o": 16}, 9: {"k": 2, "q": 5}, 11: {"o": 3}})
+    ranks = {dev: pair.layers[dev].set_loras(adapters[dev]) for dev in adapters}
+    assert ranks == {"cpu": 16, "cuda": 16}
+    pair.check(batch, q_len, gen, past_len=1, loras=(3, 9, 11))
+    pair.check(batch, q_len, gen, past_len=1, loras=(11,))
+    pair.check(batch, q_len, gen, past_len=1)
+    # Replacing the set re-uploads; clearing it leaves the base layer.
+    adapters = _adapters(pair, gen, {5: {"o": 7, "k": 3}})
+    for dev in adapters:
+        pair.layers[dev].set_loras(adapters[dev])
+    pair.check(batch, q_len, gen, past_len=1, loras=(5,))
+    for dev in adapters:
+        pair.layers[dev].set_loras([])
+    pair.check(batch, q_len, gen, past_len=1)
+
+
+@pytest.mark.parametrize("weights", ["dense", "gptq4_act"])
+def test_graphs_follow_new_pointers_and_positions(weights, gen):
+    pair = Pair(Spec(weights=weights, max_rows=32, head_norm="rms", use_graphs=True), gen)
+    adapters = _adapters(pair, gen, {1: {"q": 4, "o": 4}})
+    for dev in adapters:
+        pair.layers[dev].set_loras(adapters[dev])
+    # The same (batch, q_len) again and again: fresh tensors (new pointers), new
+    # scalar past_len, device past_lens, with and without adapters.
+    for step in range(3):
+        pair.check(4, 1, gen, past_len=10 + step)
+        lens = torch.randint(0, 1000, (4,), generator=gen, dtype=torch.int32)
+        pair.check(4, 1, gen, past_lens=lens)
+        pair.check(4, 1, gen, past_lens=lens + 1, loras=(1,))
+        pair.check(2, 16, gen, past_len=step)
+    # Device past_lens changed in place between two calls with the same pointers.
+    x, _ = pair.inputs(4, 1, gen)
+    lens_cuda = torch.tensor([5, 6, 7, 8], dtype=torch.int32, device=CUDA)
+    xc = x.to(CUDA)
+    sin, cos = pair.tables["cuda"]
+    outs = [torch.empty(4, 1, h, pair.spec.head_dim, dtype=torch.float16, device=CUDA) for h in (4, 2, 2)]
+    for new_lens in ([5, 6, 7, 8], [100, 0, 3, 1500]):
+        lens_cuda.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        pair.layers["cuda"].forward1(xc, sin=sin, cos=cos, past_lens=lens_cuda, out=outs)
+        ref = pair.forward1("cpu", x, past_lens=torch.tensor(new_lens, dtype=torch.int32))
+        torch.cuda.synchronize()
+        for o, r in zip(outs, ref):
+            assert rel_err(o, r) < TOL
+
+
+@pytest.mark.parametrize("use_graphs", [False, True])
+def test_capture_in_torch_cuda_graph(use_graphs, gen):
+    pair = Pair(Spec(weights="gptq4_act", max_rows=16, post_norm="rms", use_graphs=use_graphs), gen)
+    layer = pair.layers["cuda"]
+    sin, cos = pair.tables["cuda"]
+    batch = 8
+    x_static = torch.empty(batch, 1, pair.spec.hidden, dtype=torch.float16, device=CUDA)
+    attn_static = torch.empty(batch, 1, pair.spec.heads, pair.spec.head_dim, dtype=torch.float16, device=CUDA)
+    lens_static = torch.zeros(batch, dtype=torch.int32, device=CUDA)
+    x0, a0 = pair.inputs(batch, 1, gen)
+    x_static.copy_(x0)
+    attn_static.copy_(a0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture, as torch recommends
+        layer.forward1(x_static, sin=sin, cos=cos, past_lens=lens_static)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q, k, v = layer.forward1(x_static, sin=sin, cos=cos, past_lens=lens_static)
+        y = layer.forward2(x_static, attn_static)
+    for _ in range(3):
+        x, attn = pair.inputs(batch, 1, gen)
+        lens = torch.randint(0, 2000, (batch,), generator=gen, dtype=torch.int32)
+        x_static.copy_(x)
+        attn_static.copy_(attn)
+        lens_static.copy_(lens)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = pair.forward1("cpu", x, past_lens=lens)
+        for name, o, r in zip("qkv", (q, k, v), ref):
+            assert rel_err(o, r) < TOL, name
+        y_ref = pair.forward2("cpu", x, attn)
+        assert rel_err(y.cpu().double() - x.double(), y_ref.double() - x.double()) < TOL
+
+
+def test_two_layers_on_two_streams(gen):
+    pairs = [Pair(Spec(weights=w, max_rows=64, head_norm="rms"), gen) for w in ("gptq4_act", "dense")]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    cases = []
+    for pair in pairs:
+        x, attn = pair.inputs(4, 16 if pair.spec.weights == "dense" else 8, gen)
+        cases.append((x, attn, x.to(CUDA), attn.to(CUDA)))
+    torch.cuda.synchronize()
+    results = []
+    for _ in range(5):
+        for pair, stream, (x, attn, xc, ac) in zip(pairs, streams, cases):
+            with torch.cuda.stream(stream):
+                sin, cos = pair.tables["cuda"]
+                qkv = pair.layers["cuda"].forward1(xc, sin=sin, cos=cos, past_len=2)
+                y = pair.layers["cuda"].forward2(xc.clone(), ac)
+                results.append((pair, x, attn, qkv, y))
+    torch.cuda.synchronize()
+    for pair, x, attn, qkv, y in results:
+        ref = pair.forward1("cpu", x, past_len=2)
+        for o, r in zip(qkv, ref):
+            assert rel_err(o, r) < TOL
+        y_ref = pair.forward2("cpu", x, attn)
+        assert rel_err(y.cpu().double() - x.double(), y_ref.double() - x.double()) < TOL
+
+
+@pytest.mark.parametrize("use_graphs", [False, True])
+def test_out_of_range_past_lens_are_flagged(use_graphs, gen):
+    spec = Spec(weights="gptq4_act", max_rows=16, max_seq_len=256, use_graphs=use_graphs)
+    pair = Pair(spec, gen)
+    layer = pair.layers["cuda"]
+    batch, q_len = 4, 2
+    x, _ = pair.inputs(batch, q_len, gen)
+    good = torch.tensor([0, 10, 100, 254], dtype=torch.int32)
+    bad = torch.tensor([0, 10, 255, -3], dtype=torch.int32)  # rows of sequences 2 and 3 leave [0, 256)
+    q_ref, k_ref, v_ref = pair.forward1("cpu", x, past_lens=good)
+    guard = 4  # elements past the outputs, to see that nothing is written there
+    bufs = [torch.full((batch * q_len * h * spec.head_dim + guard,), 7.0, dtype=torch.float16, device=CUDA)
+            for h in (spec.heads, spec.kv_heads, spec.kv_heads)]
+    outs = [b[:-guard].view(batch, q_len, -1, spec.head_dim) for b in bufs]
+    sin, cos = pair.tables["cuda"]
+    layer.forward1(x.to(CUDA), sin=sin, cos=cos, past_lens=bad.to(CUDA), out=outs)
+    with pytest.raises(qattn.QattnError) as info:
+        layer.check_device_errors()
+    assert info.value.status == "QATTN_ERROR_OUT_OF_RANGE"
+    layer.check_device_errors()  # the flag was cleared
+    for b in bufs:
+        assert (b[-guard:] == 7.0).all()
+    # Sequences 0 and 1 are untouched by the bad positions; v is never rotated.
+    for o, r in zip(outs[:2], (q_ref, k_ref)):
+        assert rel_err(o[:2], r[:2]) < TOL
+    assert rel_err(outs[2], v_ref) < TOL
+    # The layer still works afterwards.
+    out = layer.forward1(x.to(CUDA), sin=sin, cos=cos, past_lens=good.to(CUDA))
+    layer.check_device_errors()
+    for o, r in zip(out, (q_ref, k_ref, v_ref)):
+        assert rel_err(o, r) < TOL
+
+
+def test_caller_device_is_restored(gen):
+    pair = Pair(Spec(weights="gptq4", max_rows=4), gen)
+    before = torch.cuda.current_device()
+    pair.check(2, 2, gen, past_len=0)
+    assert torch.cuda.current_device() == before
