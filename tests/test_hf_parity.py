@@ -28,7 +28,6 @@ import copy
 import pytest
 import torch
 
-import qattn
 from qattn.hf import from_hf_attention, rope_tables_from_hf
 
 transformers = pytest.importorskip("transformers")

@@ -76,12 +76,10 @@ class AttentionInfo:
     layer_type: Optional[str]      # HF attention layer type; pass it to rope_tables_from_hf
 
 
-def _config_value(config, *names, default=None):
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
+def _config_value(config, name, default):
+    """config.name, or default where it is missing or None (head_dim is None in some configs)."""
+    value = getattr(config, name, None)
+    return default if value is None else value
 
 
 def _rope_parameters(config, layer_type):
@@ -217,8 +215,8 @@ def from_hf_attention(decoder_layer, config, *, device=None, max_rows, max_seq_l
 
     hidden = int(config.hidden_size)
     num_heads = int(config.num_attention_heads)
-    num_kv_heads = int(_config_value(config, "num_key_value_heads", default=num_heads))
-    head_dim = int(_config_value(config, "head_dim", default=hidden // num_heads))
+    num_kv_heads = int(_config_value(config, "num_key_value_heads", num_heads))
+    head_dim = int(_config_value(config, "head_dim", hidden // num_heads))
     layer_type = getattr(attn, "layer_type", None)
     partial = float(_rope_parameters(config, layer_type).get("partial_rotary_factor", 1.0))
     rotary_dim = int(head_dim * partial)  # int() truncates, as transformers does
