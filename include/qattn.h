@@ -328,7 +328,7 @@ typedef struct qattn_block_args {
     qattn_attention_fn attention;
     void* user_data;
     /* Scratch for q, k, v and the attention output, in the layer's device
-     * memory, at least qattn_block_workspace_size() bytes, 256-byte aligned.
+     * memory, at least qattn_block_workspace_size() bytes, 16-byte aligned.
      * One workspace may serve every layer run on the same stream. */
     void* workspace;
     size_t workspace_size;

@@ -10,9 +10,12 @@
 namespace qattn {
 namespace {
 
-constexpr size_t kWorkspaceAlignment = 256;
+// Sub-buffers start at multiples of 256 bytes from the workspace, which itself
+// needs only the 16 bytes of the kernels' vector loads.
+constexpr size_t kSubBufferAlignment = 256;
+constexpr size_t kWorkspaceAlignment = 16;
 
-size_t round_up(size_t bytes) { return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment; }
+size_t round_up(size_t bytes) { return (bytes + kSubBufferAlignment - 1) / kSubBufferAlignment * kSubBufferAlignment; }
 
 struct WorkspaceLayout {
     size_t q = 0, k = 0, v = 0, out = 0, total = 0;
