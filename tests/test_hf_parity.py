@@ -225,14 +225,17 @@ def test_attention_half_matches_hf(case, device):
                 % (control, wrong))
 
 
-def test_fp16_model_and_structure(device):
-    """A model already in fp16 converts (norms are identified on fp16 modules too), and
-    the per-family facts the caller needs come out right."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model(device, dtype):
+    """A model already in fp16 or bf16 converts (its norms are identified on half-precision
+    modules, bf16 weights are exact in fp16), and the per-family facts come out right.
+    The reference is that model's own weights in float64."""
     gen = torch.Generator().manual_seed(7)
     model, config = _build("gpt_neox", gen)
-    ref = _reference(model, x := torch.randn(2, TOTAL, HIDDEN, generator=gen).to(torch.float16))
-    layer, info = from_hf_attention(model.half().layers[0], config, device=device, max_rows=32,
-                                    max_seq_len=MAX_SEQ)
+    model = model.to(dtype)
+    x = torch.randn(2, TOTAL, HIDDEN, generator=gen).to(torch.float16)
+    ref = _reference(model, x)
+    layer, info = from_hf_attention(model.layers[0], config, device=device, max_rows=32, max_seq_len=MAX_SEQ)
     with layer:
         assert info.parallel_mlp_norm == "post_attention_layernorm"
         assert info.num_kv_heads == HEADS and info.rotary_dim == HEAD_DIM // 4 and info.rope == "neox"

@@ -19,6 +19,14 @@
 The attention itself runs between forward1 and forward2 in the caller's code;
 `AttentionInfo` carries what it needs (softmax scale, sliding window, logit
 softcap, causality), none of which the library applies.
+
+    layer, info = from_hf_attention(model.model.layers[i], model.config, max_rows=4096, max_seq_len=8192)
+    sin, cos = rope_tables_from_hf(model.model, 8192, layer_type=info.layer_type)
+    q, k, v = layer.forward1(x, sin=sin, cos=cos, past_len=past)
+    ... write k, v into the KV cache; attn = attention(q, cache, scale=info.softmax_scale, ...)
+    layer.forward2(x, attn)   # x now holds x + attention half
+
+tests/test_hf_parity.py checks every family above against transformers.
 """
 import dataclasses
 from typing import Optional
