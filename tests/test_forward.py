@@ -97,8 +97,8 @@ def test_residual(device, gen, has_residual, residual_fp32):
             # An fp16 round trip of the residual would be caught by the fp32 tolerance.
             assert R.rel_err(out["x"].half(), expected["x"]) > 2 * tol
             # The update itself (small next to x) to fp16-output accuracy.
-            update = out["x"].double() - ctx["x"].double()
-            assert R.rel_err(update, expected["x"] - ctx["x"].double()) < TOL
+            update = R.d64(out["x"]) - R.d64(ctx["x"])
+            assert R.rel_err(update, expected["x"] - R.d64(ctx["x"])) < TOL
 
 
 def test_biases(device, gen):
