@@ -1,5 +1,6 @@
 """qattn: the attention block of quantized LLMs, through the C library libqattn (ctypes)."""
 from . import _lib
+from . import attention
 from .cache import ContiguousKVCache, PagedKVCache
 from .errors import QattnError
 from .layer import Layer, LoRA, Norm
@@ -14,6 +15,7 @@ __all__ = [
     "LoRA",
     "ContiguousKVCache",
     "PagedKVCache",
+    "attention",
     "rope_tables",
     "default_inv_freq",
     "version",

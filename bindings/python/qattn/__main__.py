@@ -16,6 +16,8 @@ def info():
             p = torch.cuda.get_device_properties(i)
             print("  cuda:%d %s, sm_%d%d, %.1f GiB" % (i, p.name, p.major, p.minor, p.total_memory / 2**30))
     print("torch %s (CUDA %s)" % (torch.__version__, torch.version.cuda or "none"))
+    print("attention backends available: %s (default on CUDA: %s)"
+          % (", ".join(qattn.attention.available_backends()), qattn.attention.default_backend()))
     return 0
 
 

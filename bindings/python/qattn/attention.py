@@ -205,7 +205,7 @@ def _attend_torch(q, k, v, step, scale):
         mask = mask[:, None]
     out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scale)
     out = out.reshape(batch, num_kv, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
-    return out.reshape(batch, q_len, num_heads, head_dim)
+    return out.contiguous().reshape(batch, q_len, num_heads, head_dim)
 
 
 def _attend_flash(q, k, v, step, scale):
@@ -216,11 +216,13 @@ def _attend_flash(q, k, v, step, scale):
     elif not step.identity:
         kwargs["cache_batch_idx"] = step.index32
     try:
-        return _flash_module().flash_attn_with_kvcache(q, cache.k, cache.v, **kwargs)
+        out = _flash_module().flash_attn_with_kvcache(q, cache.k, cache.v, **kwargs)
     except RuntimeError as e:
         raise QattnError(
             "QATTN_ERROR_NOT_SUPPORTED", "flash_attn.flash_attn_with_kvcache rejected the step: %s" % e
         ) from e
+    # For one query token per sequence flash-attn may return a view of a transposed result.
+    return out.contiguous()
 
 
 _IMPLEMENTATIONS = {"torch": _attend_torch, "flash_attn": _attend_flash}

@@ -157,9 +157,7 @@ class _KVCacheBase:
         if step.identity:
             self.seq_lens[: step.batch] += step.q_len
         else:
-            self.seq_lens.index_add_(
-                0, step.index, torch.full_like(step.index32, step.q_len)
-            )
+            self.seq_lens[step.index] += step.q_len
         for s in step.seq_ids:
             self._host_lens[s] += step.q_len
 
@@ -173,6 +171,10 @@ class _KVCacheBase:
             self.seq_lens.zero_()
         else:
             self.seq_lens[seq_id] = 0
+
+    def free(self, seq_id):
+        """Ends a sequence: empties it and returns its pages (paged cache)."""
+        self.reset(seq_id)
 
     def _release_sequence(self, seq_id):
         pass
@@ -340,10 +342,6 @@ class PagedKVCache(_KVCacheBase):
         self._free = [p for p in self._free if p not in chosen]
         self._pages[s].extend(pages)
         self._upload_rows([s])
-
-    def free(self, seq_id):
-        """Returns a finished sequence's pages and empties it."""
-        self.reset(seq_id)
 
     def _release_sequence(self, seq_id):
         if self._pages[seq_id]:
