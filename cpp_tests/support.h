@@ -7,7 +7,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <new>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -123,7 +125,8 @@ public:
     DeviceBuffer() = default;
     DeviceBuffer(int device, size_t bytes) : device_(device), bytes_(bytes) {
         if (device == QATTN_DEVICE_CPU) {
-            host_.reset(new unsigned char[bytes]);
+            // 256-byte aligned like cudaMalloc, so one test serves both devices.
+            host_.reset(static_cast<unsigned char*>(::operator new(std::max<size_t>(bytes, 1), kAlignment)));
             ptr_ = host_.get();
         } else {
 #if defined(QATTN_TESTS_WITH_CUDA)
@@ -185,10 +188,15 @@ private:
         host_.reset();
     }
 
+    static constexpr std::align_val_t kAlignment{256};
+    struct AlignedDelete {
+        void operator()(unsigned char* p) const { ::operator delete(p, kAlignment); }
+    };
+
     int device_ = QATTN_DEVICE_CPU;
     size_t bytes_ = 0;
     void* ptr_ = nullptr;
-    std::unique_ptr<unsigned char[]> host_;
+    std::unique_ptr<unsigned char, AlignedDelete> host_;
 };
 
 // A stream for the device: a fresh non-blocking CUDA stream (so that the library's
