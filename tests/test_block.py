@@ -6,10 +6,11 @@ sees keys 0..p+t; query head h reads KV head h // (NH / NKV)). The whole block i
 checked against tests/reference.py's float64 layer with that float64 attention
 between its phases, and against Hugging Face's decoder layers (Llama, Qwen3).
 
-Tolerances. ATTN_TOL: attention outputs are fp16 (rounding alone ~3e-4 relative
-RMS) and the CPU SDPA kernels accumulate fp16 inputs in fp32; 2e-3 leaves room
-for that and fails on any wrong key or mask (one wrong key among ~20 moves the
-output by >1e-2; see test_reference_catches_an_off_by_one). The block's output
+Tolerances. ATTN_TOL: fp16 attention outputs carry their
+rounding (~3e-4 relative RMS measured) and SDPA accumulates in fp32; 2e-3 leaves
+room for that and fails on any wrong key or mask (one wrong key among ~20 moves
+the output by ~1e-1; see test_reference_catches_an_off_by_one). bfloat16 rounds
+8x coarser (1e-2); float32 only accumulates (1e-5). The block's output
 x = x_in + y: DELTA_TOL bounds the error of y (fp16 q/k/v, attention output and
 the projections each round once: ~1e-3 measured), OUTPUT_TOL the whole x. Two
 runs of qattn on the same inputs through different paths (decode vs prefill,
@@ -29,7 +30,7 @@ from layer_case import Spec, build, tables
 from qattn import attention
 from qattn.cache import ContiguousKVCache, PagedKVCache
 
-ATTN_TOL = 2e-3
+ATTN_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 DELTA_TOL = 5e-3
 OUTPUT_TOL = 2.5e-3
 SAME_TOL = 1e-3
@@ -135,13 +136,13 @@ class Sequences:
         outputs = []
         for seq_ids, q_len in schedule:
             batch = len(seq_ids)
-            q = torch.randn(batch, q_len, NH, cache.head_dim, generator=gen).half()
-            k = torch.randn(batch, q_len, cache.num_kv_heads, cache.head_dim, generator=gen).half()
-            v = torch.randn(batch, q_len, cache.num_kv_heads, cache.head_dim, generator=gen).half()
+            q = torch.randn(batch, q_len, NH, cache.head_dim, generator=gen).to(cache.dtype)
+            k = torch.randn(batch, q_len, cache.num_kv_heads, cache.head_dim, generator=gen).to(cache.dtype)
+            v = torch.randn(batch, q_len, cache.num_kv_heads, cache.head_dim, generator=gen).to(cache.dtype)
             past = [cache.lengths()[s] for s in seq_ids]
             out = attention.attend(q.to(cache.device), k.to(cache.device), v.to(cache.device), cache, seq_ids,
                                    backend=backend, softmax_scale=scale)
-            assert out.shape == q.shape and out.dtype == torch.float16
+            assert out.shape == q.shape and out.dtype == cache.dtype
             outputs.append(out.cpu())
             for i, s in enumerate(seq_ids):
                 self.history[s][0].append(k[i])
@@ -151,7 +152,7 @@ class Sequences:
                     ref_attention(q[i], torch.cat(self.history[s][0]), torch.cat(self.history[s][1]), past[i], scale)
                     for i, s in enumerate(seq_ids)])
                 err = R.rel_err(out, expected)
-                assert err < ATTN_TOL, "step %s: attention differs from float64 by %.2e" % ((seq_ids, q_len), err)
+                assert err < ATTN_TOL[cache.dtype], "step %s: attention differs from float64 by %.2e" % ((seq_ids, q_len), err)
             assert cache.last_backend == backend
         self.check_contents()
         return outputs
@@ -189,6 +190,13 @@ def test_attention_scale_and_mha(device, gen):
     run_schedule(cache, gen, scale=0.37)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_attention_other_dtypes(device, gen, kind, dtype):
+    """The torch backend serves bfloat16 and float32 caches too (attend used alone)."""
+    run_schedule(make_cache(kind, device, dtype=dtype), gen, SCHEDULE[:5])
+
+
 def test_reference_catches_an_off_by_one(gen):
     """ref_attention must tell a causal window off by one key apart by far more than
     ATTN_TOL, or the comparisons above could not catch such a mask bug."""
@@ -197,7 +205,7 @@ def test_reference_catches_an_off_by_one(gen):
     values = torch.randn(20, NKV, D, generator=gen).half()
     right = ref_attention(q, keys, values, 17)
     shifted = ref_attention(q, keys[:19], values[:19], 16)
-    assert R.rel_err(shifted, right) > 10 * ATTN_TOL
+    assert R.rel_err(shifted, right) > 10 * ATTN_TOL[torch.float16]
 
 
 def test_paged_equals_contiguous(device):

@@ -11,6 +11,8 @@ A forward step uses a cache in three moves, so that bad input leaves it untouche
 step needs (undone by `release()` if the step fails), `advance()` moves the lengths
 once the new keys and values are written.
 """
+import operator
+
 import torch
 
 from .errors import QattnError
@@ -70,7 +72,7 @@ class CacheStep:
 class _KVCacheBase:
     kind = None
 
-    def __init__(self, rows, row_capacity, num_kv_heads, head_dim, dtype, device):
+    def __init__(self, rows, num_kv_heads, head_dim, dtype, device):
         _positive_int("num_kv_heads", num_kv_heads)
         _positive_int("head_dim", head_dim)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -108,9 +110,13 @@ class _KVCacheBase:
             ids = seq_ids.tolist()
         else:
             ids = list(seq_ids)
-        for s in ids:
-            if isinstance(s, bool) or not isinstance(s, int):
-                raise _invalid("seq_ids must hold ints, got %r" % (s,))
+        for i, s in enumerate(ids):
+            try:
+                if isinstance(s, bool):
+                    raise TypeError
+                ids[i] = operator.index(s)
+            except TypeError:
+                raise _invalid("seq_ids must hold ints, got %r" % (s,)) from None
         if len(ids) != batch:
             raise _invalid("%d seq_ids given for a batch of %d sequences" % (len(ids), batch))
         for s in ids:
@@ -138,6 +144,7 @@ class _KVCacheBase:
 
     def plan(self, seq_ids, batch, q_len):
         """Checks that `batch` sequences can each take `q_len` more tokens; changes nothing."""
+        _positive_int("batch", batch)
         _positive_int("q_len", q_len)
         ids = self._seq_ids(seq_ids, batch)
         index, index32 = self._index(ids)
@@ -163,20 +170,20 @@ class _KVCacheBase:
 
     def reset(self, seq_id=None):
         """Empties one sequence (or all); the stored keys and values become unused."""
-        ids = range(self.num_rows) if seq_id is None else self._seq_ids([seq_id], 1)
+        ids = list(range(self.num_rows)) if seq_id is None else self._seq_ids([seq_id], 1)
+        self._release_pages(ids)
         for s in ids:
-            self._release_sequence(s)
             self._host_lens[s] = 0
         if seq_id is None:
             self.seq_lens.zero_()
         else:
-            self.seq_lens[seq_id] = 0
+            self.seq_lens[ids[0]] = 0
 
     def free(self, seq_id):
         """Ends a sequence: empties it and returns its pages (paged cache)."""
         self.reset(seq_id)
 
-    def _release_sequence(self, seq_id):
+    def _release_pages(self, seq_ids):
         pass
 
     def check_consistency(self):
@@ -198,7 +205,7 @@ class ContiguousKVCache(_KVCacheBase):
     def __init__(self, batch, max_seq, num_kv_heads, head_dim, dtype=torch.float16, device="cpu"):
         _positive_int("batch", batch)
         _positive_int("max_seq", max_seq)
-        super().__init__(batch, max_seq, num_kv_heads, head_dim, dtype, device)
+        super().__init__(batch, num_kv_heads, head_dim, dtype, device)
         shape = (batch, max_seq, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -239,7 +246,7 @@ class PagedKVCache(_KVCacheBase):
         _positive_int("max_blocks_per_seq", max_blocks_per_seq)
         if block_size % 16 != 0:
             raise _invalid("block_size must be a multiple of 16, got %d" % block_size)
-        super().__init__(max_seqs, max_blocks_per_seq * block_size, num_kv_heads, head_dim, dtype, device)
+        super().__init__(max_seqs, num_kv_heads, head_dim, dtype, device)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
@@ -300,9 +307,8 @@ class PagedKVCache(_KVCacheBase):
         self.block_table[seq_ids] = torch.tensor(rows, dtype=torch.int32).to(self.device)
 
     def reserve(self, step):
+        self._check_capacity(step)
         need = self._pages_needed(step)
-        if sum(need.values()) > len(self._free):
-            raise QattnError("QATTN_ERROR_OUT_OF_MEMORY", "out of KV cache pages")
         for s, extra in need.items():
             taken = [self._free.pop() for _ in range(extra)]
             self._pages[s].extend(taken)
@@ -320,7 +326,7 @@ class PagedKVCache(_KVCacheBase):
         """Appends caller-chosen free pages to a sequence's block table (for callers
         that place pages themselves, e.g. to lay a sequence out for another engine)."""
         (s,) = self._seq_ids([seq_id], 1)
-        pages = [int(p) for p in pages]
+        pages = [operator.index(p) for p in pages]
         for p in pages:
             if not 0 <= p < self.num_blocks:
                 raise _out_of_range(
@@ -343,11 +349,12 @@ class PagedKVCache(_KVCacheBase):
         self._pages[s].extend(pages)
         self._upload_rows([s])
 
-    def _release_sequence(self, seq_id):
-        if self._pages[seq_id]:
-            self._free.extend(reversed(self._pages[seq_id]))
-            self._pages[seq_id] = []
-            self._upload_rows([seq_id])
+    def _release_pages(self, seq_ids):
+        holding = [s for s in seq_ids if self._pages[s]]
+        for s in holding:
+            self._free.extend(reversed(self._pages[s]))
+            self._pages[s] = []
+        self._upload_rows(holding)
 
     def check_consistency(self):
         super().check_consistency()
