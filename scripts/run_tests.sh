@@ -24,6 +24,7 @@ PYTHON=${PYTHON:-python3}
 BUILD=${QATTN_TEST_BUILD_DIR:-$ROOT/build-tests-run}
 JOBS=$(nproc 2>/dev/null || echo 2)
 START=$SECONDS
+export PIP_ROOT_USER_ACTION=${PIP_ROOT_USER_ACTION:-ignore}  # CI runs as root
 
 step() { printf '\n==== [%4ds] %s\n' $((SECONDS - START)) "$*"; }
 die() { echo "run_tests.sh: $*" >&2; exit 1; }
@@ -146,6 +147,7 @@ fi
 step "pytest against the installed package"
 # Run from outside the source tree so that `import qattn` finds the installed
 # package (with its libqattn.so), not bindings/python.
+(cd "$PREFIX" && env -u QATTN_LIBRARY "$PYTHON" -c "import qattn; print('testing', qattn.__file__, 'with', qattn.library_path())")
 PYTEST_STATUS=0
 (cd "$PREFIX" && env -u QATTN_LIBRARY "$PYTHON" -m pytest "$ROOT/tests" -p no:cacheprovider ${QATTN_PYTEST_ARGS:-}) ||
     PYTEST_STATUS=$?
