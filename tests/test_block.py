@@ -14,8 +14,10 @@ the output by ~1e-1; see test_reference_catches_an_off_by_one). bfloat16 rounds
 x = x_in + y: DELTA_TOL bounds the error of y (fp16 q/k/v, attention output and
 the projections each round once: ~1e-3 measured), OUTPUT_TOL the whole x. Two
 runs of qattn on the same inputs through different paths (decode vs prefill,
-paged vs contiguous, batched vs alone) differ only by fp16 rounding of outputs
-and kernel order: SAME_TOL.
+paged vs contiguous, batched vs alone) differ only where kernels chosen by row
+count or mask round differently: up to 1 fp16 ulp (4.9e-4 relative) at each of
+q/k/v, the attention output and y, so SAME_TOL is 2e-3 (the CPU backend measures
+<= 1.4e-4; a position or mask bug costs > 1e-2).
 """
 import copy
 import sys
@@ -33,7 +35,7 @@ from qattn.cache import ContiguousKVCache, PagedKVCache
 ATTN_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 DELTA_TOL = 5e-3
 OUTPUT_TOL = 2.5e-3
-SAME_TOL = 1e-3
+SAME_TOL = 2e-3
 
 NH, NKV, D = 4, 2, 16
 
