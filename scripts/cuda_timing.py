@@ -3,9 +3,11 @@ GPTQ 4-bit, group 128): forward1 and forward2 at decode batch 1 and 16 and prefi
 2048, with CUDA events, medians, and eight layers cycled so the weights come from
 HBM, not L2 (8 x 22 MB > 50 MB). Prints each time beside its floor: the packed
 bytes over the measured copy bandwidth (decode), or the same GEMMs in fp16 through
-torch/cuBLAS (prefill). Usage: python scripts/cuda_timing.py [--graphs]"""
+torch/cuBLAS (prefill). "gpu" times replays of a torch.cuda.graph holding 16 calls
+(device time alone); "eager" and "graphs" time plain Python loops of calls to
+layers without and with use_graphs (host overhead included: at decode sizes the
+Python + ctypes path, not the GPU, sets these). Usage: python scripts/cuda_timing.py"""
 import statistics
-import sys
 
 import torch
 
@@ -16,9 +18,9 @@ LAYERS = 8
 DEV = torch.device("cuda", 0)
 
 
-def median_ms(fn, reps=30, inner=LAYERS * 2):
-    for _ in range(3):
-        fn(0)
+def median_ms(fn, reps=15, inner=LAYERS * 2):
+    for i in range(3):
+        fn(i)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -46,38 +48,63 @@ def random_gptq(k, n, gen):
     return qattn.QMatrix.gptq(qweight, qzeros, scales, g_idx, bits=4, group_size=GROUP)
 
 
+def graph_ms(fn, reps=15, inner=LAYERS * 2):
+    """Median device time per call of `fn`, from replays of a captured graph of `inner` calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(inner):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(inner):
+            fn(i)
+    return median_ms(lambda i: graph.replay(), reps=reps, inner=1) / inner
+
+
 def main():
-    graphs = "--graphs" in sys.argv
     gen = torch.Generator(device=DEV).manual_seed(0)
     bandwidth = copy_bandwidth()
     print("card: %s, copy bandwidth %.2f TB/s (read + write)" % (torch.cuda.get_device_name(), bandwidth / 1e12))
     norm = qattn.Norm("rms", torch.rand(H, device=DEV).half() + 0.5)
     sin, cos = qattn.rope_tables(qattn.default_inv_freq(D, 500000.0), 8192, device=DEV)
-    layers = []
+    layers = {"eager": [], "graphs": []}
     for _ in range(LAYERS):
         mats = [random_gptq(H, NH * D, gen), random_gptq(H, NKV * D, gen), random_gptq(H, NKV * D, gen),
                 random_gptq(NH * D, H, gen)]
-        layers.append(qattn.Layer(hidden_size=H, num_heads=NH, num_kv_heads=NKV, head_dim=D, q_proj=mats[0],
-                                  k_proj=mats[1], v_proj=mats[2], o_proj=mats[3], input_norm=norm, rope="neox",
-                                  max_rows=2048, max_seq_len=8192, use_graphs=graphs))
+        for kind in layers:
+            layers[kind].append(qattn.Layer(
+                hidden_size=H, num_heads=NH, num_kv_heads=NKV, head_dim=D, q_proj=mats[0], k_proj=mats[1],
+                v_proj=mats[2], o_proj=mats[3], input_norm=norm, rope="neox", max_rows=2048, max_seq_len=8192,
+                use_graphs=kind == "graphs"))
     packed_qkv = H * (NH + 2 * NKV) * D / 2 + (H // GROUP) * (NH + 2 * NKV) * D * 4
     packed_o = NH * D * H / 2 + (NH * D // GROUP) * H * 4
-    print("graphs: %s; floors: decode = packed bytes / copy bandwidth, prefill = torch fp16 matmul" % graphs)
-    print("%-12s %10s %10s %10s %8s" % ("case", "phase", "time_us", "floor_us", "ratio"))
+    print("floors: decode = packed bytes / copy bandwidth, prefill = torch fp16 matmul; times in us")
+    print("%-8s %9s %8s %8s %8s %8s %8s" % ("case", "phase", "gpu", "floor", "ratio", "eager", "graphs"))
     for batch, q_len in ((1, 1), (16, 1), (1, 2048)):
         rows = batch * q_len
         xs = [torch.randn(batch, q_len, H, device=DEV).half() for _ in range(LAYERS)]
         attn = [torch.randn(batch, q_len, NH, D, device=DEV).half() for _ in range(LAYERS)]
         lens = torch.randint(0, 4096, (batch,), dtype=torch.int32, device=DEV)
-        outs = [layers[0].forward1(xs[i], sin=sin, cos=cos, past_lens=lens) for i in range(LAYERS)]
+        outs = [layers["eager"][0].forward1(xs[i], sin=sin, cos=cos, past_lens=lens) for i in range(LAYERS)]
 
-        def f1(i):
-            layers[i % LAYERS].forward1(xs[i % LAYERS], sin=sin, cos=cos, past_lens=lens, out=outs[i % LAYERS])
+        def calls(kind):
+            def f1(i):
+                layers[kind][i % LAYERS].forward1(xs[i % LAYERS], sin=sin, cos=cos, past_lens=lens,
+                                                  out=outs[i % LAYERS])
 
-        def f2(i):
-            layers[i % LAYERS].forward2(xs[i % LAYERS], attn[i % LAYERS])
+            def f2(i):
+                layers[kind][i % LAYERS].forward2(xs[i % LAYERS], attn[i % LAYERS])
 
-        t1, t2 = median_ms(f1) * 1e3, median_ms(f2) * 1e3
+            def both(i):
+                f1(i)
+                f2(i)
+            return f1, f2, both
+
+        gpu = [graph_ms(f) * 1e3 for f in calls("eager")]
+        eager = [median_ms(f) * 1e3 for f in calls("eager")]
+        graphed = [median_ms(f) * 1e3 for f in calls("graphs")]
         if rows <= 32:
             floor1, floor2 = packed_qkv / bandwidth * 1e6, packed_o / bandwidth * 1e6
         else:
@@ -87,8 +114,10 @@ def main():
             floor1 = median_ms(lambda i: a @ wqkv.t(), reps=10, inner=4) * 1e3
             floor2 = median_ms(lambda i: a @ wo.t(), reps=10, inner=4) * 1e3
         name = "D%d" % batch if q_len == 1 else "P%d" % q_len
-        for phase, t, f in (("forward1", t1, floor1), ("forward2", t2, floor2), ("both", t1 + t2, floor1 + floor2)):
-            print("%-12s %10s %10.1f %10.1f %8.2f" % (name, phase, t, f, t / f))
+        floors = (floor1, floor2, floor1 + floor2)
+        for j, phase in enumerate(("forward1", "forward2", "both")):
+            print("%-8s %9s %8.1f %8.1f %8.2f %8.1f %8.1f" % (name, phase, gpu[j], floors[j], gpu[j] / floors[j],
+                                                              eager[j], graphed[j]))
     torch.cuda.synchronize()
 
 

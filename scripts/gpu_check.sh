@@ -57,7 +57,8 @@ export PYTHONUNBUFFERED=1
 GTEST_BIN="$BUILD/cpp_tests/qattn_tests"
 
 if want pytest; then
-    run pytest 900 python3 -m pytest tests -q -rs -p no:cacheprovider
+    # shellcheck disable=SC2086  # QATTN_PYTEST_ARGS may name several files or options
+    run pytest 900 python3 -m pytest ${QATTN_PYTEST_ARGS:-tests} -q -rs -p no:cacheprovider
     SUMMARY+=("pytest: $(grep -E '^(=+ )?[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s' "$OUT/pytest.log" | tail -n 1)")
 fi
 
@@ -91,10 +92,10 @@ if want bench; then
 fi
 
 if want timing; then
-    run timing 500 bash -c 'python3 scripts/cuda_timing.py && python3 scripts/cuda_timing.py --graphs'
+    run timing 500 python3 scripts/cuda_timing.py
     SUMMARY+=("timing: exit $? (table below)")
 fi
 
 note "summary (card: ${CARD:-none}, commit: $COMMIT)"
 for line in "${SUMMARY[@]}"; do echo "   $line" | tee -a "$LOG"; done
-want timing && grep -E '^(card|graphs|case|D[0-9]|P[0-9])' "$OUT/timing.log"
+want timing && grep -E "^(card|floors|case|D[0-9]|P[0-9])" "$OUT/timing.log"

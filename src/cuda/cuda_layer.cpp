@@ -1,7 +1,8 @@
 // The attention block on a CUDA device. forward1:
 //   [input norm -> fp16]  ->  Q|K|V into one fp32 accumulator (packed GPTQ 4-bit
 //   and <= 32 rows: one tensor-core launch for all three; otherwise cuBLAS, with
-//   packed weights dequantized a bounded slice of columns at a time)  ->  LoRA
+//   packed weights dequantized a bounded slice of columns at a time against x
+//   gathered into their packed row order)  ->  LoRA
 //   (two cuBLAS GEMMs per adapter, accumulating into the same buffer)  ->  one
 //   epilogue kernel: bias, head norms, RoPE, fp16 q/k/v, accumulator zeroed.
 // forward2 is the same with attn_out, the O projection and the residual epilogue.
@@ -157,14 +158,19 @@ private:
         QATTN_CUDA_TRY(cudaMemset(acc_o_.get(), 0, acc_o_.bytes()));
         QATTN_CUDA_TRY(cudaMemset(error_flag_.get(), 0, sizeof(int)));
 
-        // The large-row path of packed matrices dequantizes whole columns of K
-        // values; a slice of columns is bounded by kDequantScratchElements.
-        int64_t need = 0;
-        for (const CudaQMatrix* m : proj_)
-            if (m->packed() && info_.max_rows > kSmallRows)
-                need = std::max(need, std::min(m->in_features() * m->out_features(),
-                                               std::max(kDequantScratchElements, 8 * m->in_features())));
+        // The large-row path of packed matrices dequantizes whole columns (all
+        // packed rows); a slice of columns is bounded by kDequantScratchElements.
+        // x is gathered into packed row order beside it.
+        int64_t need = 0, gathered = 0;
+        for (const CudaQMatrix* m : proj_) {
+            if (!m->packed() || info_.max_rows <= kSmallRows) continue;
+            const int64_t rows_packed = m->packed_rows();
+            need = std::max(need, std::min(rows_packed * m->out_features(),
+                                           std::max(kDequantScratchElements, 8 * rows_packed)));
+            gathered = std::max(gathered, rows_packed * info_.max_rows);
+        }
         QATTN_TRY(dequant_.allocate(sizeof(__half) * need));
+        QATTN_TRY(gathered_.allocate(sizeof(__half) * gathered));
         dequant_elements_ = need;
 
         QATTN_CUBLAS_TRY(cublasCreate(&blas_));
@@ -216,11 +222,15 @@ private:
         QATTN_TRY(bind_blas(s));
         const int K = static_cast<int>(m.in_features()), N = static_cast<int>(m.out_features());
         if (!m.packed()) return gemm_xwT(blas_, rows, N, K, x, ldx, m.dense(), c, ldc, 0.0f);
-        const int slice = static_cast<int>(std::min<int64_t>(N, dequant_elements_ / K / 8 * 8));
+        const int packed_rows = static_cast<int>(m.packed_rows());
+        const PackedGptq4& w = m.packed_gptq();
+        QATTN_TRY(launch_gather_columns(x, ldx, rows, w.perm, packed_rows, gathered_.get<__half>(), s));
+        const int slice = static_cast<int>(std::min<int64_t>(N, dequant_elements_ / packed_rows / 8 * 8));
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
-            QATTN_TRY(launch_dequantize_gptq4(m.packed_gptq(), K, N, n0, count, dequant_.get<__half>(), s));
-            QATTN_TRY(gemm_xwT(blas_, rows, count, K, x, ldx, dequant_.get<__half>(), c + n0, ldc, 0.0f));
+            QATTN_TRY(launch_dequantize_gptq4(w, N, n0, count, dequant_.get<__half>(), s));
+            QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, gathered_.get<__half>(), packed_rows,
+                               dequant_.get<__half>(), c + n0, ldc, 0.0f));
         }
         return QATTN_SUCCESS;
     }
@@ -320,7 +330,7 @@ private:
     int qkv_width_ = 0;
     int sm_count_ = 1;
     DeviceNorm input_norm_, q_norm_, k_norm_, post_norm_;
-    DeviceBuffer normed_, acc_qkv_, acc_o_, error_flag_, dequant_, workspace_, lora_scratch_;
+    DeviceBuffer normed_, acc_qkv_, acc_o_, error_flag_, dequant_, gathered_, workspace_, lora_scratch_;
     int64_t dequant_elements_ = 0;
     std::vector<Adapter> adapters_;
     cublasHandle_t blas_ = nullptr;

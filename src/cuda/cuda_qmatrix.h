@@ -38,6 +38,7 @@ public:
     bool packed() const { return packed_.qpack != nullptr; }
     const __half* dense() const { return dense_.get<__half>(); }  // [N, K], when not packed
     const PackedGptq4& packed_gptq() const { return packed_; }
+    int64_t packed_rows() const { return int64_t(packed_.chunks) * kPackRows; }
     const __half* bias() const { return bias_.get<__half>(); }    // [N] or null
 
 private:

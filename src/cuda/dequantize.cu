@@ -1,6 +1,8 @@
-// Packed GPTQ 4-bit -> fp16 [n, k] in input-feature order, for the large-row path
-// (dequantize a slice of columns, then one cuBLAS GEMM). The arithmetic is the
-// small-row kernel's, so both paths multiply by the same fp16 weights.
+// Packed GPTQ 4-bit -> fp16 [n, packed rows], for the large-row path (dequantize
+// a slice of columns, then one cuBLAS GEMM against x gathered into packed row
+// order). Staying in packed order keeps the stores contiguous: each lane writes
+// fp16x2 pairs, and the 4 lanes of a column cover 32 contiguous bytes per step.
+// The arithmetic is the small-row kernel's, so both paths use the same weights.
 #include "cuda/kernels.h"
 
 namespace qattn::cuda {
@@ -8,7 +10,7 @@ namespace {
 
 constexpr int kWarps = 8;
 
-__global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(PackedGptq4 w, int K, int n_tiles,
+__global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(PackedGptq4 w, int n_tiles,
                                                                       int tile_begin, int tile_count,
                                                                       __half* __restrict__ out) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -19,7 +21,8 @@ __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(PackedGpt
     const int g = lane >> 2, t = lane & 3;
     const int N = n_tiles * 8;
     const int column = nt * 8 + g;
-    __half* dst = out + static_cast<size_t>(local_tile * 8 + g) * K;
+    const int rows = w.chunks * kPackRows;
+    __half2* dst = reinterpret_cast<__half2*>(out + static_cast<size_t>(local_tile * 8 + g) * rows);
     const uint4 q = w.qpack[(static_cast<size_t>(chunk) * n_tiles + nt) * 32 + lane];
     const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
@@ -32,21 +35,18 @@ __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(PackedGpt
         for (int half_step = 0; half_step < 2; ++half_step) {
             uint32_t h = ((word >> (4 * half_step)) & 0x000F000Fu) | 0x64006400u;
             const __half2 v = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), zero), scale);
-            const int row = step * 16 + 2 * t + 8 * half_step;  // packed row of v.x; v.y is the next one
-            const int k0 = w.perm[row], k1 = w.perm[row + 1];
-            if (k0 >= 0) dst[k0] = __low2half(v);
-            if (k1 >= 0) dst[k1] = __high2half(v);
+            dst[(step * 16 + 2 * t + 8 * half_step) / 2] = v;  // packed rows 2t (+8), 2t + 1 (+8)
         }
     }
 }
 
 }  // namespace
 
-qattn_status launch_dequantize_gptq4(const PackedGptq4& w, int K, int N, int n_begin, int n_count, __half* out,
+qattn_status launch_dequantize_gptq4(const PackedGptq4& w, int N, int n_begin, int n_count, __half* out,
                                      cudaStream_t stream) {
     const int tiles = n_count / 8;
     const dim3 grid((tiles + kWarps - 1) / kWarps, w.chunks);
-    dequantize_gptq4_kernel<<<grid, kWarps * 32, 0, stream>>>(w, K, N / 8, n_begin / 8, tiles, out);
+    dequantize_gptq4_kernel<<<grid, kWarps * 32, 0, stream>>>(w, N / 8, n_begin / 8, tiles, out);
     QATTN_LAUNCH_CHECK("dequantize_gptq4");
     return QATTN_SUCCESS;
 }

@@ -34,10 +34,15 @@ struct SmallGemmProblem {
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
                                      int rows, float* acc, int acc_stride, int sm_count, cudaStream_t stream);
 
-// dequantize.cu: out[n - n_begin, k] = W[k, n] in fp16 for n in [n_begin, n_begin + n_count),
-// k in input-feature order (the packing permutation undone). n_begin, n_count % 8 == 0.
-qattn_status launch_dequantize_gptq4(const PackedGptq4& w, int K, int N, int n_begin, int n_count, __half* out,
+// dequantize.cu: out[n - n_begin, j] = W[perm[j], n] in fp16 for n in [n_begin, n_begin + n_count)
+// and every packed row j (w.chunks * 128 of them; padding rows hold finite values
+// that meet x = 0). n_begin, n_count % 8 == 0.
+qattn_status launch_dequantize_gptq4(const PackedGptq4& w, int N, int n_begin, int n_count, __half* out,
                                      cudaStream_t stream);
+
+// gather_columns.cu: out[r, j] = x[r, perm[j]] (0 where perm[j] < 0), out [rows, columns].
+qattn_status launch_gather_columns(const __half* x, int ldx, int rows, const int32_t* perm, int columns,
+                                   __half* out, cudaStream_t stream);
 
 // head_norm_rope.cu: reads the fused Q|K|V fp32 accumulator, adds the biases,
 // applies head norms and RoPE, writes fp16 q, k, v, and zeroes the accumulator
