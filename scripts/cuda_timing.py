@@ -6,8 +6,10 @@ bytes over the measured copy bandwidth (decode), or the same GEMMs in fp16 throu
 torch/cuBLAS (prefill). "gpu" times replays of a torch.cuda.graph holding 16 calls
 (device time alone); "eager" and "graphs" time plain Python loops of calls to
 layers without and with use_graphs (host overhead included: at decode sizes the
-Python + ctypes path, not the GPU, sets these). Usage: python scripts/cuda_timing.py"""
+Python + ctypes path, not the GPU, sets these). --profile adds a per-kernel table.
+Usage: python scripts/cuda_timing.py [--profile]"""
 import statistics
+import sys
 
 import torch
 
@@ -40,11 +42,10 @@ def copy_bandwidth():
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
-def random_gptq(k, n, gen):
+def random_gptq(k, n, gen, g_idx):
     qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device=DEV, generator=gen)
     qzeros = torch.randint(-2**31, 2**31 - 1, (k // GROUP, n // 8), dtype=torch.int32, device=DEV, generator=gen)
     scales = ((torch.rand(k // GROUP, n, device=DEV, generator=gen) + 0.5) / (8 * k**0.5)).half()
-    g_idx = (torch.arange(k, device=DEV) // GROUP)[torch.randperm(k, device=DEV, generator=gen)].int()
     return qattn.QMatrix.gptq(qweight, qzeros, scales, g_idx, bits=4, group_size=GROUP)
 
 
@@ -63,6 +64,19 @@ def graph_ms(fn, reps=15, inner=LAYERS * 2):
     return median_ms(lambda i: graph.replay(), reps=reps, inner=1) / inner
 
 
+def profile(name, fn):
+    """Device time per kernel over 8 eager calls, to see where the time goes."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(LAYERS):
+            fn(i)
+        torch.cuda.synchronize()
+    for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+        print("  %-6s %-70.70s %6d calls %9.1f us/call" % (name, e.key, e.count, e.device_time_total / e.count))
+
+
 def main():
     gen = torch.Generator(device=DEV).manual_seed(0)
     bandwidth = copy_bandwidth()
@@ -71,8 +85,11 @@ def main():
     sin, cos = qattn.rope_tables(qattn.default_inv_freq(D, 500000.0), 8192, device=DEV)
     layers = {"eager": [], "graphs": []}
     for _ in range(LAYERS):
-        mats = [random_gptq(H, NH * D, gen), random_gptq(H, NKV * D, gen), random_gptq(H, NKV * D, gen),
-                random_gptq(NH * D, H, gen)]
+        # Act-order; q, k and v share one permutation, as GPTQ gives them (same input Hessian).
+        g_qkv, g_o = [(torch.arange(H, device=DEV) // GROUP)[torch.randperm(H, device=DEV, generator=gen)].int()
+                      for _ in range(2)]
+        mats = [random_gptq(H, NH * D, gen, g_qkv), random_gptq(H, NKV * D, gen, g_qkv),
+                random_gptq(H, NKV * D, gen, g_qkv), random_gptq(NH * D, H, gen, g_o)]
         for kind in layers:
             layers[kind].append(qattn.Layer(
                 hidden_size=H, num_heads=NH, num_kv_heads=NKV, head_dim=D, q_proj=mats[0], k_proj=mats[1],
@@ -114,6 +131,8 @@ def main():
             floor1 = median_ms(lambda i: a @ wqkv.t(), reps=10, inner=4) * 1e3
             floor2 = median_ms(lambda i: a @ wo.t(), reps=10, inner=4) * 1e3
         name = "D%d" % batch if q_len == 1 else "P%d" % q_len
+        if "--profile" in sys.argv:
+            profile(name, calls("eager")[2])
         floors = (floor1, floor2, floor1 + floor2)
         for j, phase in enumerate(("forward1", "forward2", "both")):
             print("%-8s %9s %8.1f %8.1f %8.2f %8.1f %8.1f" % (name, phase, gpu[j], floors[j], gpu[j] / floors[j],

@@ -217,14 +217,16 @@ private:
     }
 
     // c[r, 0:N] = x . W for a matrix not taken by the small-row kernel.
+    // `gathered`: x is already in gathered_ in m's packed row order.
     qattn_status project_large(const CudaQMatrix& m, const __half* x, int ldx, int rows, float* c, int ldc,
-                               cudaStream_t s) {
+                               bool gathered, cudaStream_t s) {
         QATTN_TRY(bind_blas(s));
         const int K = static_cast<int>(m.in_features()), N = static_cast<int>(m.out_features());
         if (!m.packed()) return gemm_xwT(blas_, rows, N, K, x, ldx, m.dense(), c, ldc, 0.0f);
         const int packed_rows = static_cast<int>(m.packed_rows());
         const PackedGptq4& w = m.packed_gptq();
-        QATTN_TRY(launch_gather_columns(x, ldx, rows, w.perm, packed_rows, gathered_.get<__half>(), s));
+        if (!gathered)
+            QATTN_TRY(launch_gather_columns(x, ldx, rows, w.perm, packed_rows, gathered_.get<__half>(), s));
         const int slice = static_cast<int>(std::min<int64_t>(N, dequant_elements_ / packed_rows / 8 * 8));
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
@@ -268,8 +270,10 @@ private:
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, s));
         for (int p = 0; p < 3; ++p) {
             const CudaQMatrix& m = *proj_[p];
-            if (!(m.packed() && rows <= kSmallRows))
-                QATTN_TRY(project_large(m, x, H, rows, acc + column_[p], qkv_width_, s));
+            if (!(m.packed() && rows <= kSmallRows)) {
+                const bool gathered = p > 0 && m.same_row_order(*proj_[p - 1]);
+                QATTN_TRY(project_large(m, x, H, rows, acc + column_[p], qkv_width_, gathered, s));
+            }
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
         }
@@ -308,7 +312,7 @@ private:
             const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0};
             QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, s));
         } else {
-            QATTN_TRY(project_large(m, attn, K, rows, acc, H, s));
+            QATTN_TRY(project_large(m, attn, K, rows, acc, H, false, s));
         }
         QATTN_TRY(add_loras(QATTN_PROJ_O, (*call.loras)[QATTN_PROJ_O], attn, K, rows, acc, H, s));
 

@@ -127,6 +127,7 @@ qattn_status CudaQMatrix::pack_gptq4(const QMatrixHostWeights& w) {
     packed_.perm = perm_buf_.get<int32_t>();
     packed_.step_group = step_group_buf_.get<int32_t>();
     packed_.chunks = static_cast<int>(chunks);
+    perm_host_ = std::move(perm);
     return QATTN_SUCCESS;
 }
 

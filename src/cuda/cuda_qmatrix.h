@@ -14,6 +14,8 @@
 
 #include <cuda_fp16.h>
 
+#include <vector>
+
 namespace qattn::cuda {
 
 // Rows of the packed GPTQ layout per 16-byte load of a lane: 8 MMA k-steps.
@@ -39,6 +41,11 @@ public:
     const __half* dense() const { return dense_.get<__half>(); }  // [N, K], when not packed
     const PackedGptq4& packed_gptq() const { return packed_; }
     int64_t packed_rows() const { return int64_t(packed_.chunks) * kPackRows; }
+    // Same packed row order (e.g. q, k, v quantized with one act-order permutation):
+    // then x gathered for one serves the other.
+    bool same_row_order(const CudaQMatrix& other) const {
+        return packed() && other.packed() && perm_host_ == other.perm_host_;
+    }
     const __half* bias() const { return bias_.get<__half>(); }    // [N] or null
 
 private:
@@ -51,6 +58,7 @@ private:
     DeviceBuffer dense_, bias_;
     DeviceBuffer qpack_buf_, scale_zero_buf_, perm_buf_, step_group_buf_;
     PackedGptq4 packed_;
+    std::vector<int32_t> perm_host_;
 };
 
 }  // namespace qattn::cuda

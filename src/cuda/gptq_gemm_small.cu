@@ -1,7 +1,8 @@
 // GPTQ 4-bit GEMM for decode-sized row counts (1..32 rows), bound by the bytes of
 // the packed weights. Each warp owns 8 output columns (one MMA n-tile) and walks
-// a slice of K: one 16-byte coalesced load per lane brings 128 rows of its
-// column (8 m16n8k16 steps), dequantized straight into the B fragment:
+// a slice of K (at most 4 chunks of 128 rows): one 16-byte coalesced load per
+// lane and chunk brings 128 rows of its column (8 m16n8k16 steps), all issued
+// before the block stages x, and dequantized straight into the B fragment:
 //   nibble pair -> (lop3 with 0x6400) -> fp16 1024 + q -> minus (1024 + z) -> times scale
 // (all exact but the final rounding, i.e. the fp16 value of the weight). The
 // tensor cores accumulate in fp32. K is split across blocks so the grid fills
@@ -67,79 +68,80 @@ __global__ void __launch_bounds__(kWarps * 32) gptq4_gemm_small_kernel(Batch bat
     const int span = (chunk_end - chunk0) * kPackRows;
     const int stride = chunks_per_block * kPackRows + 8;  // +8 halves: A-fragment reads hit 32 distinct banks
 
-    for (int i = threadIdx.x; i < rows * span; i += blockDim.x) {
-        const int r = i / span, kk = i - r * span;
-        const int src = P.w.perm[chunk0 * kPackRows + kk];
-        xs[r * stride + kk] = src >= 0 ? x[static_cast<size_t>(r) * x_stride + src] : __float2half(0.0f);
-    }
-    __syncthreads();
-
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nt = block_in_problem * kWarps + warp;
-    if (nt >= P.n_tiles) return;
+    const bool active = nt < P.n_tiles;
     const int g = lane >> 2, t = lane & 3;
     const int N = P.n_tiles * 8;
-    const int column = nt * 8 + g;  // this lane's column of B
+    const int column = (active ? nt : 0) * 8 + g;  // this lane's column of B
+    const size_t chunk_stride = static_cast<size_t>(P.n_tiles) * 32;
+    const uint4* qp = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + (active ? nt : 0)) * 32 + lane;
+
+    // Every weight load of this warp (at most kMaxChunksPerBlock chunks) is issued
+    // before x is staged, so HBM latency overlaps the gather below.
+    uint4 q[kMaxChunksPerBlock];
+    int group[kMaxChunksPerBlock];
+    __half2 sz[kMaxChunksPerBlock];
+#pragma unroll
+    for (int u = 0; u < kMaxChunksPerBlock; ++u) {
+        if (active && chunk0 + u < chunk_end) {
+            q[u] = load_streaming(qp + static_cast<size_t>(u) * chunk_stride);
+            group[u] = P.w.step_group[(chunk0 + u) * 8];
+            sz[u] = P.w.scale_zero[static_cast<size_t>(group[u]) * N + column];
+        }
+    }
+
+    // Stage x in packed row order: one perm lookup per column, then every row.
+    for (int kk = threadIdx.x; kk < span; kk += blockDim.x) {
+        const int src = P.w.perm[chunk0 * kPackRows + kk];
+        for (int r = 0; r < rows; ++r)
+            xs[r * stride + kk] = src >= 0 ? x[static_cast<size_t>(r) * x_stride + src] : __float2half(0.0f);
+    }
+    __syncthreads();
+    if (!active) return;
 
     float c[MT][4];
 #pragma unroll
     for (int m = 0; m < MT; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.0f;
 
-    const size_t chunk_stride = static_cast<size_t>(P.n_tiles) * 32;
-    const uint4* qp = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + nt) * 32 + lane;
-
-    for (int chunk = chunk0; chunk < chunk_end; chunk += 4) {
-        // Issue every load of up to four chunks before the first use.
-        uint4 q[4];
-        int group[4];
-        __half2 sz[4];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            if (chunk + u < chunk_end) {
-                q[u] = load_streaming(qp + static_cast<size_t>(chunk + u - chunk0) * chunk_stride);
-                group[u] = P.w.step_group[(chunk + u) * 8];
-                sz[u] = P.w.scale_zero[static_cast<size_t>(group[u]) * N + column];
+    for (int u = 0; u < kMaxChunksPerBlock; ++u) {
+        if (chunk0 + u >= chunk_end) break;
+        int current = group[u];
+        __half2 scale = __half2half2(__low2half(sz[u]));
+        __half2 zero = __half2half2(__high2half(sz[u]));
+        const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+        const int kbase = u * kPackRows;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            if (j > 0) {
+                // Groups are contiguous in packed order: this branch is rarely taken
+                // (only where a group ends inside a 128-row chunk) and warp-uniform.
+                const int gj = P.w.step_group[(chunk0 + u) * 8 + j];
+                if (gj != current) {
+                    current = gj;
+                    const __half2 s = P.w.scale_zero[static_cast<size_t>(gj) * N + column];
+                    scale = __half2half2(__low2half(s));
+                    zero = __half2half2(__high2half(s));
+                }
             }
-        }
+            const uint32_t w = words[j >> 1] >> ((j & 1) * 8);
+            const uint32_t b0 = dequant_pair(w, scale, zero);
+            const uint32_t b1 = dequant_pair(w >> 4, scale, zero);
+            const int k = kbase + j * 16 + 2 * t;
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
-            if (chunk + u >= chunk_end) break;
-            int current = group[u];
-            __half2 scale = __half2half2(__low2half(sz[u]));
-            __half2 zero = __half2half2(__high2half(sz[u]));
-            const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
-            const int kbase = (chunk + u - chunk0) * kPackRows;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                if (j > 0) {
-                    // Groups are contiguous in packed order: this branch is rarely taken
-                    // (only where a group ends inside a 128-row chunk) and warp-uniform.
-                    const int gj = P.w.step_group[(chunk + u) * 8 + j];
-                    if (gj != current) {
-                        current = gj;
-                        const __half2 s = P.w.scale_zero[static_cast<size_t>(gj) * N + column];
-                        scale = __half2half2(__low2half(s));
-                        zero = __half2half2(__high2half(s));
-                    }
+            for (int m = 0; m < MT; ++m) {
+                const int r0 = m * 16 + g, r1 = r0 + 8;
+                uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+                if (r0 < rows) {
+                    a0 = *reinterpret_cast<const uint32_t*>(xs + r0 * stride + k);
+                    a2 = *reinterpret_cast<const uint32_t*>(xs + r0 * stride + k + 8);
                 }
-                const uint32_t w = words[j >> 1] >> ((j & 1) * 8);
-                const uint32_t b0 = dequant_pair(w, scale, zero);
-                const uint32_t b1 = dequant_pair(w >> 4, scale, zero);
-                const int k = kbase + j * 16 + 2 * t;
-#pragma unroll
-                for (int m = 0; m < MT; ++m) {
-                    const int r0 = m * 16 + g, r1 = r0 + 8;
-                    uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-                    if (r0 < rows) {
-                        a0 = *reinterpret_cast<const uint32_t*>(xs + r0 * stride + k);
-                        a2 = *reinterpret_cast<const uint32_t*>(xs + r0 * stride + k + 8);
-                    }
-                    if (r1 < rows) {
-                        a1 = *reinterpret_cast<const uint32_t*>(xs + r1 * stride + k);
-                        a3 = *reinterpret_cast<const uint32_t*>(xs + r1 * stride + k + 8);
-                    }
-                    mma_16816(c[m], a0, a1, a2, a3, b0, b1);
+                if (r1 < rows) {
+                    a1 = *reinterpret_cast<const uint32_t*>(xs + r1 * stride + k);
+                    a3 = *reinterpret_cast<const uint32_t*>(xs + r1 * stride + k + 8);
                 }
+                mma_16816(c[m], a0, a1, a2, a3, b0, b1);
             }
         }
     }

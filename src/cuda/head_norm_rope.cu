@@ -28,9 +28,12 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogue
     float* acc = p.acc + static_cast<size_t>(row) * p.acc_stride + column;
     float* buf = head_buffers + warp * D;
     const __half* bias = p.bias[proj];
+    // Only the small-row kernel accumulates with atomics, and only into rows
+    // below kSmallRows; larger calls overwrite their rows, so zeroing stops there.
+    const bool zero = row < kSmallRows;
     for (int i = lane; i < D; i += 32) {
         buf[i] = acc[i] + (bias ? __half2float(bias[head * D + i]) : 0.0f);
-        acc[i] = 0.0f;
+        if (zero) acc[i] = 0.0f;
     }
 
     if (proj < 2 && p.norm[proj].type != QATTN_NORM_NONE) {

@@ -46,7 +46,7 @@ qattn_status launch_gather_columns(const __half* x, int ldx, int rows, const int
 
 // head_norm_rope.cu: reads the fused Q|K|V fp32 accumulator, adds the biases,
 // applies head norms and RoPE, writes fp16 q, k, v, and zeroes the accumulator
-// rows it read (the next call's split-K atomics start from zero).
+// rows it read below kSmallRows (the next call's split-K atomics start from zero).
 struct HeadEpilogueParams {
     float* acc = nullptr;
     int acc_stride = 0;
@@ -67,7 +67,7 @@ struct HeadEpilogueParams {
 qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stream);
 
 // residual_epilogue.cu: y = acc[r, :] + bias, optional post-norm, then x = x + y
-// (or x = y), x fp16 or fp32; zeroes the accumulator rows it read.
+// (or x = y), x fp16 or fp32; zeroes the accumulator rows it read below kSmallRows.
 struct ResidualEpilogueParams {
     float* acc = nullptr;
     int rows = 0, width = 0;

@@ -38,9 +38,10 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
         }
         inv = rsqrtf(block_sum(squares, scratch) / width + norm.eps);
     }
+    const bool zero = blockIdx.x < kSmallRows;  // see head_norm_rope.cu
     for (int i = threadIdx.x; i < width; i += kThreads) {
         float v = value(i);
-        y[i] = 0.0f;
+        if (zero) y[i] = 0.0f;
         if (norm.type != QATTN_NORM_NONE) {
             v = (v - mean) * inv * __half2float(norm.weight[i]);
             if (norm.bias) v += __half2float(norm.bias[i]);
