@@ -9,11 +9,11 @@ namespace qtest {
 namespace {
 
 // Tolerances on ||out - ref|| / ||ref||. The outputs are fp16, whose rounding alone
-// gives about 3e-4 relative error; the CPU backend computes in fp32, so 2e-3
-// leaves room only for that. CUDA kernels may also round intermediates (the
-// normalised input, the projections before RoPE) to fp16, hence 1e-2. A wrong
-// formula (a missing bias, adapter, norm or rotation) gives errors of 0.1 or more.
-double tolerance(int device) { return device == QATTN_DEVICE_CPU ? 2e-3 : 1e-2; }
+// gives about 3e-4 relative error. The CPU backend computes in fp32; CUDA kernels
+// may also round intermediates (the normalised input, projections before RoPE) to
+// fp16. Measured maxima over these cases: 2.4e-4 on the CPU, 4.6e-4 on an H100.
+// A wrong formula (a missing bias, adapter, norm or rotation) gives 0.1 or more.
+double tolerance(int device) { return device == QATTN_DEVICE_CPU ? 2e-3 : 3e-3; }
 
 std::vector<Scenario> scenarios() {
     std::vector<Scenario> all;
