@@ -121,14 +121,20 @@ TEST_P(Forward, MatchesReference) {
         cos = DeviceBuffer(device, data.tables.cos);
     }
     const Stream stream(device);
-    DeviceBuffer q(device, sizeof(uint16_t) * rows * data.q_width());
-    DeviceBuffer k(device, sizeof(uint16_t) * rows * data.kv_width());
-    DeviceBuffer v(device, sizeof(uint16_t) * rows * data.kv_width());
+    // Outputs start each round as fp16 NaNs: any element left unwritten fails.
+    const uint16_t nan = 0x7e00;
+    const std::vector<uint16_t> q_poison(static_cast<size_t>(rows) * data.q_width(), nan);
+    const std::vector<uint16_t> kv_poison(static_cast<size_t>(rows) * data.kv_width(), nan);
+    const size_t q_bytes = sizeof(uint16_t) * q_poison.size(), kv_bytes = sizeof(uint16_t) * kv_poison.size();
+    DeviceBuffer q(device, q_bytes), k(device, kv_bytes), v(device, kv_bytes);
 
     // Two rounds with fresh inputs and positions: a backend that caches a captured
     // graph must still read the new values.
     for (int round = 0; round < 2; ++round) {
         SCOPED_TRACE("round " + std::to_string(round));
+        q.upload(q_poison.data());
+        k.upload(kv_poison.data());
+        v.upload(kv_poison.data());
         std::vector<double> x_ref(static_cast<size_t>(rows) * H);
         DeviceBuffer x;
         if (scenario.residual_fp32) {

@@ -95,14 +95,6 @@ inline std::string device_name(int device) {
     return device == QATTN_DEVICE_CPU ? "cpu" : "cuda" + std::to_string(device);
 }
 
-#if defined(QATTN_TESTS_WITH_CUDA)
-#define QTEST_CUDA_CHECK(expr)                                                              \
-    do {                                                                                    \
-        cudaError_t qtest_err_ = (expr);                                                    \
-        ASSERT_EQ(qtest_err_, cudaSuccess) << #expr << ": " << cudaGetErrorString(qtest_err_); \
-    } while (0)
-#endif
-
 // Skips the current test when `device` is a CUDA device this machine or build lacks.
 #define QTEST_SKIP_IF_ABSENT(device)                                                          \
     do {                                                                                      \
@@ -130,8 +122,12 @@ public:
             ptr_ = host_.get();
         } else {
 #if defined(QATTN_TESTS_WITH_CUDA)
-            cudaSetDevice(device);
-            if (cudaMalloc(&ptr_, bytes) != cudaSuccess) ptr_ = nullptr;
+            const cudaError_t err = cudaSetDevice(device) == cudaSuccess ? cudaMalloc(&ptr_, bytes) : cudaErrorInvalidDevice;
+            if (err != cudaSuccess) {
+                ptr_ = nullptr;
+                ADD_FAILURE() << "cudaMalloc of " << bytes << " bytes on device " << device << ": "
+                              << cudaGetErrorString(err);
+            }
 #endif
         }
     }
@@ -158,7 +154,11 @@ public:
             std::memcpy(ptr_, src, bytes_);
         } else {
 #if defined(QATTN_TESTS_WITH_CUDA)
-            cudaMemcpy(ptr_, src, bytes_, cudaMemcpyHostToDevice);
+            // Pageable copies may return before the DMA lands, and the library works on
+            // non-blocking streams that do not wait for the legacy stream: wait here.
+            cudaError_t err = cudaMemcpy(ptr_, src, bytes_, cudaMemcpyHostToDevice);
+            if (err == cudaSuccess) err = cudaDeviceSynchronize();
+            if (err != cudaSuccess) ADD_FAILURE() << "cudaMemcpy to the device: " << cudaGetErrorString(err);
 #endif
         }
     }
@@ -169,8 +169,9 @@ public:
             std::memcpy(out.data(), ptr_, bytes_);
         } else {
 #if defined(QATTN_TESTS_WITH_CUDA)
-            cudaDeviceSynchronize();
-            cudaMemcpy(out.data(), ptr_, bytes_, cudaMemcpyDeviceToHost);
+            cudaError_t err = cudaDeviceSynchronize();
+            if (err == cudaSuccess) err = cudaMemcpy(out.data(), ptr_, bytes_, cudaMemcpyDeviceToHost);
+            if (err != cudaSuccess) ADD_FAILURE() << "cudaMemcpy from the device: " << cudaGetErrorString(err);
 #endif
         }
         return out;
