@@ -40,10 +40,12 @@ COMMIT=${QATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 note "card: ${CARD:-none}; commit: $COMMIT; date: $(date -u +%FT%TZ)"
 
 if want build; then
+    # --clean-first: build folders can outlive a call on the device machine, and
+    # copied sources may carry older timestamps than objects built there before.
     GTEST_ARGS=()
     [[ -d .deps/googletest ]] && GTEST_ARGS=(-DQATTN_GTEST_SOURCE_DIR="$PWD/.deps/googletest")
     if run build 600 bash -c 'cmake -S . -B "$0" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQATTN_CUDA=ON \
-        -DCMAKE_CUDA_ARCHITECTURES=90 -DQATTN_BUILD_TESTS=ON "${@:2}" && cmake --build "$0" -j "$1"' \
+        -DCMAKE_CUDA_ARCHITECTURES=90 -DQATTN_BUILD_TESTS=ON "${@:2}" && cmake --build "$0" -j "$1" --clean-first' \
         "$BUILD" "$JOBS" "${GTEST_ARGS[@]}"; then
         SUMMARY+=("build: ok")
     else
@@ -92,7 +94,7 @@ if want bench; then
 fi
 
 if want timing; then
-    run timing 500 python3 scripts/cuda_timing.py
+    run timing 500 python3 scripts/cuda_timing.py --profile
     SUMMARY+=("timing: exit $? (table below)")
 fi
 
