@@ -30,7 +30,13 @@
     } while (0)
 
 // A kernel launch reports bad configurations only through the last-error state.
-#define QATTN_LAUNCH_CHECK(name) QATTN_CUDA_TRY(cudaGetLastError())
+#define QATTN_LAUNCH_CHECK(name)                                                                          \
+    do {                                                                                                  \
+        cudaError_t qattn_launch_err_ = cudaGetLastError();                                               \
+        if (qattn_launch_err_ != cudaSuccess)                                                             \
+            return ::qattn::fail(QATTN_ERROR_CUDA, "launching the %s kernel failed: %s (%s)", name,       \
+                                 cudaGetErrorString(qattn_launch_err_), cudaGetErrorName(qattn_launch_err_)); \
+    } while (0)
 
 namespace qattn::cuda {
 

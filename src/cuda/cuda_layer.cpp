@@ -4,7 +4,8 @@
 //   packed weights dequantized a bounded slice of columns at a time against x
 //   gathered into their packed row order)  ->  LoRA
 //   (two cuBLAS GEMMs per adapter, accumulating into the same buffer)  ->  one
-//   epilogue kernel: bias, head norms, RoPE, fp16 q/k/v, accumulator zeroed.
+//   epilogue kernel: bias, head norms, RoPE, fp16 q/k/v, and the accumulator
+//   rows that split-K atomics use zeroed again.
 // forward2 is the same with attn_out, the O projection and the residual epilogue.
 // All scratch is allocated at creation (LoRA scratch by set_loras); forward only
 // launches work on the caller's stream and never waits for the device.
@@ -76,9 +77,10 @@ public:
         bool capturing = false;
         QATTN_TRY(stream_is_capturing(s, &capturing));
         if (!graphs_ || capturing) return run(s, [&](cudaStream_t cs) { return forward1_body(call, cs); });
-        return graphs_->run(graph_key(1, call.batch, call.q_len, *call.loras),
-                            [&](cudaStream_t cs) { return run(cs, [&](cudaStream_t c) { return forward1_body(call, c); }); },
-                            s);
+        const auto record = [&](cudaStream_t cs) {
+            return run(cs, [&](cudaStream_t c) { return forward1_body(call, c); });
+        };
+        return graphs_->run(graph_key(1, call.batch, call.q_len, *call.loras), record, s);
     }
 
     qattn_status forward2(const Forward2Call& call, void* stream) override {
@@ -88,9 +90,10 @@ public:
         bool capturing = false;
         QATTN_TRY(stream_is_capturing(s, &capturing));
         if (!graphs_ || capturing) return run(s, [&](cudaStream_t cs) { return forward2_body(call, cs); });
-        return graphs_->run(graph_key(2, call.batch, call.q_len, *call.loras),
-                            [&](cudaStream_t cs) { return run(cs, [&](cudaStream_t c) { return forward2_body(call, c); }); },
-                            s);
+        const auto record = [&](cudaStream_t cs) {
+            return run(cs, [&](cudaStream_t c) { return forward2_body(call, c); });
+        };
+        return graphs_->run(graph_key(2, call.batch, call.q_len, *call.loras), record, s);
     }
 
     qattn_status set_loras(const std::vector<LoraSpec>& specs) override {
