@@ -5,9 +5,11 @@ what is measured and why; this docstring only maps the code.
 - `Floors`: measured device-to-device copy bandwidth and fp16 matmul rate.
 - `Model`: the weights of N distinct layers of one shape (GPTQ for qattn, the same
   values dequantized to fp16 for PyTorch), cycled so no timing is L2-cache-hot.
-- `CaseData`: one input / KV-cache set per layer of a case.
+- `CaseData`: one input / KV-cache set per layer of a case (a contiguous cache,
+  or a `qattn.PagedKVCache` with a fixed planned step for the paged cases).
 - `measure_case`: forward1, forward2 and the whole block of qattn, and the PyTorch
-  layer, eager and replayed from a CUDA graph, per layer.
+  layer, eager and replayed from a CUDA graph, per layer; for the paged cases also
+  the public `Layer.forward` (host bookkeeping included), eager.
 - `accuracy`: block outputs against a float64 reference of the same math.
 """
 import argparse
@@ -51,6 +53,7 @@ class Case:
     batch: int
     q_len: int
     past: int
+    paged: bool = False
 
     @property
     def rows(self):
@@ -67,7 +70,7 @@ class Case:
         return self.q_len > 1
 
     def key(self):
-        return (self.shape, self.batch, self.q_len, self.past)
+        return (self.shape, self.batch, self.q_len, self.past, self.paged)
 
 
 FULL_SHAPES = {
@@ -81,7 +84,8 @@ TINY_SHAPES = {
     "70B": Shape("70B", 512, 8, 4, 64),
 }
 
-CASE_NAMES = ("D1", "D16", "P2k", "70B", "sweep")
+CASE_NAMES = ("D1", "D16", "D1-paged", "D16-paged", "P2k", "70B", "sweep")
+ACCURACY_CASES = ("D1", "D16", "D1-paged", "D16-paged")
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
 
 
@@ -91,6 +95,8 @@ def make_cases(tiny):
     cases = {
         "D1": Case("D1", "8B", 1, 1, past),
         "D16": Case("D16", "8B", 16, 1, past),
+        "D1-paged": Case("D1-paged", "8B", 1, 1, past, paged=True),
+        "D16-paged": Case("D16-paged", "8B", 16, 1, past, paged=True),
         "P2k": Case("P2k", "8B", 1, prefill, 0),
         "70B": Case("70B-D1", "70B", 1, 1, past),
     }
@@ -104,7 +110,10 @@ def make_cases(tiny):
 
 class Clock:
     """Times a callable per call: CUDA events on the GPU (device time between the
-    start and end of each call, queue kept full), wall clock on the CPU."""
+    start and end of each call, queue kept full), wall clock on the CPU.
+    `between`, if given, runs after every call (warm-up included) outside the
+    timed interval: on the GPU its work is queued after the end event and before
+    the next start event."""
 
     def __init__(self, device):
         self.device = device
@@ -114,9 +123,11 @@ class Clock:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def measure(self, fn, iters, warmup):
+    def measure(self, fn, iters, warmup, between=None):
+        after = between or (lambda: None)
         for _ in range(warmup):
             fn()
+            after()
         self.sync()
         if not self.cuda:
             times = []
@@ -124,6 +135,7 @@ class Clock:
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
+                after()
             return times
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
@@ -131,6 +143,7 @@ class Clock:
             s.record()
             fn()
             e.record()
+            after()
         self.sync()
         return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
 
@@ -336,19 +349,67 @@ class Model:
         self.layers, self.torch_weights, self.reference = [], [], None
 
 
+def paged_block_size(device):
+    """Page size of the paged cases. flash-attn's paged kernel takes only multiples
+    of 256 tokens, so where it is importable on CUDA the pages are 256 tokens and
+    the auto backend picks it. The torch backend copies whole pages out before
+    SDPA, so the smallest page the cache allows over-reads least: 2049 tokens are
+    129 pages of 16 (2064 tokens) against 9 pages of 256 (2304 tokens)."""
+    if device.type == "cuda" and "flash_attn" in qattn.attention.available_backends():
+        return 256
+    return 16
+
+
+def paged_cache(model, case, kc, vc, block_size, gen):
+    """A PagedKVCache whose sequences hold kc, vc[:, :past], and the planned decode
+    step that writes position `past` of every sequence and attends over past + 1
+    keys. Pages are a random permutation of the cache's, as a server's free list
+    leaves them after a while. The step is never advanced, so every call writes and
+    reads the same places."""
+    s, b = model.shape, case.batch
+    per_seq = -(-case.kv_len // block_size)
+    cache = qattn.PagedKVCache(b * per_seq, block_size, s.kv_heads, s.head_dim, max_seqs=b,
+                               max_blocks_per_seq=per_seq, device=model.device)
+    order = torch.randperm(b * per_seq, generator=gen, device=model.device).tolist()
+    for seq in range(b):
+        cache.assign_pages(seq, order[seq * per_seq:(seq + 1) * per_seq])
+    # attend() is the public way to append tokens; its output (with the keys as
+    # queries) is not needed.
+    past_k, past_v = kc[:, :case.past], vc[:, :case.past]
+    qattn.attention.attend(past_k, past_k, past_v, cache, backend="torch")
+    cache.check_consistency()
+    step = cache.plan(None, b, case.q_len)
+    # Takes no page: each sequence already holds the page of position `past`.
+    cache.reserve(step)
+    return cache, step
+
+
+def rewind(cache, length):
+    """Sets every sequence of `cache` back to `length` tokens after Layer.forward
+    advanced it. No public call shortens a sequence (reset() empties it and gives
+    its pages back), so this sets the host mirror and the device lengths together;
+    measure_case checks them with check_consistency() afterwards."""
+    cache._host_lens[:] = [length] * cache.num_rows
+    cache.seq_lens.fill_(length)
+
+
 class CaseData:
     """Per-layer buffers of one case: residual x (and its initial value, restored
     before each measurement), KV cache [batch, past + q_len, NKV, D] with random
     past entries, forward1 outputs, and a random attention output for forward2
-    timed alone. Also the PyTorch layer's RoPE rows for the case's positions."""
+    timed alone. Also the PyTorch layer's RoPE rows for the case's positions.
+    Paged cases add a PagedKVCache holding the same past entries ("cache") and its
+    fixed decode step ("step"); `backend` is the attention backend the cache gets
+    when none is named."""
 
     def __init__(self, model, case, count, gen):
         s, dev = model.shape, model.device
         b, l = case.batch, case.q_len
         self.sets = []
+        self.block_size = paged_block_size(dev) if case.paged else None
         for _ in range(count):
             x0 = _randn((b, l, s.hidden), dev, gen)
-            self.sets.append({
+            d = {
                 "x0": x0,
                 "x": x0.clone(),
                 "kc": _randn((b, case.kv_len, s.kv_heads, s.head_dim), dev, gen),
@@ -357,7 +418,11 @@ class CaseData:
                 "k": torch.empty(b, l, s.kv_heads, s.head_dim, dtype=torch.float16, device=dev),
                 "v": torch.empty(b, l, s.kv_heads, s.head_dim, dtype=torch.float16, device=dev),
                 "attn": _randn((b, l, s.heads * s.head_dim), dev, gen, std=0.25),
-            })
+            }
+            if case.paged:
+                d["cache"], d["step"] = paged_cache(model, case, d["kc"], d["vc"], self.block_size, gen)
+            self.sets.append(d)
+        self.backend = qattn.attention.resolve_backend(None, self.sets[0]["cache"]) if case.paged else None
         self.rope16 = torch_rope_rows(model, case)
 
     def reset(self):
@@ -398,8 +463,9 @@ class Attention:
     def __init__(self, case, shape, gqa):
         self.case, self.group, self.gqa = case, shape.heads // shape.kv_heads, gqa
 
-    def __call__(self, q, k, v, kc, vc):
+    def __call__(self, q, k, v, d):
         c = self.case
+        kc, vc = d["kc"], d["vc"]
         kc[:, c.past:c.kv_len].copy_(k)
         vc[:, c.past:c.kv_len].copy_(v)
         keys, values = kc.transpose(1, 2), vc.transpose(1, 2)
@@ -414,13 +480,30 @@ class Attention:
         return out.transpose(1, 2).contiguous()
 
 
+class PagedAttention:
+    """The paged cache's attention step as Layer.forward runs it, on the case's fixed
+    planned step: `qattn.attention.run_step` writes the new k, v into the pages and
+    attends over the past + 1 keys of each sequence. What Layer.forward adds around
+    it (plan, reserve, advance: host bookkeeping and one device increment of the
+    lengths) is left out, so that every call does the same work and a CUDA graph
+    can replay it."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __call__(self, q, k, v, d):
+        return qattn.attention.run_step(q, k, v, d["step"], self.backend)
+
+
 def qattn_forward1(layer, d, model, case):
-    return layer.forward1(d["x"], sin=model.sin, cos=model.cos, past_len=case.past, out=(d["q"], d["k"], d["v"]))
+    # The paged path takes positions from the cache's device lengths, as Layer.forward does.
+    where = {"past_lens": d["step"].past_lens} if case.paged else {"past_len": case.past}
+    return layer.forward1(d["x"], sin=model.sin, cos=model.cos, out=(d["q"], d["k"], d["v"]), **where)
 
 
 def qattn_block(layer, d, model, case, attention):
     q, k, v = qattn_forward1(layer, d, model, case)
-    layer.forward2(d["x"], attention(q, k, v, d["kc"], d["vc"]))
+    layer.forward2(d["x"], attention(q, k, v, d))
 
 
 def _rotate_half(t):
@@ -443,7 +526,7 @@ def torch_block(w, d, shape, case, rope16, attention):
     k = k.view(b, l, s.kv_heads, s.head_dim)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    o = attention(q, k, v.view(b, l, s.kv_heads, s.head_dim), d["kc"], d["vc"])
+    o = attention(q, k, v.view(b, l, s.kv_heads, s.head_dim), d)
     x.add_(F.linear(o.view(b, l, q_w), w.o))
 
 
@@ -529,13 +612,18 @@ def l2_notes(shape, case, layers, l2_bytes, full):
     return notes
 
 
+def make_attention(case, shape, settings, data):
+    return PagedAttention(data.backend) if case.paged else Attention(case, shape, settings.gqa)
+
+
 def measure_case(model, case, settings, clock, full):
-    """Per-layer times of one case. `full` adds forward1 and forward2 alone."""
+    """Per-layer times of one case, notes, and (paged cases) the page size and
+    attention backend. `full` adds forward1 and forward2 alone."""
     gen = torch.Generator(device=settings.device)
     gen.manual_seed(zlib.crc32(repr(case.key()).encode()))
     n = len(model.layers)
     data = CaseData(model, case, n, gen)
-    attention = Attention(case, model.shape, settings.gqa)
+    attention = make_attention(case, model.shape, settings, data)
     pairs = list(zip(model.layers, model.torch_weights, data.sets))
     graphs = settings.device.type == "cuda"
     notes, times = [], {}
@@ -567,6 +655,9 @@ def measure_case(model, case, settings, clock, full):
         finite = all(bool(torch.isfinite(d["x"]).all()) for d in data.sets)
         if not finite:
             notes.append("%s: the residual stream became non-finite during timing" % label)
+    info = {}
+    if case.paged:
+        info = measure_public_forward(model, case, settings, clock, data, pairs, times, notes)
     notes += l2_notes(model.shape, case, n, settings.l2_bytes, full)
     for i, layer in enumerate(model.layers):
         try:
@@ -574,7 +665,42 @@ def measure_case(model, case, settings, clock, full):
         except qattn.QattnError as e:
             notes.append("layer %d: %s" % (i, e))
     del data
-    return times, notes
+    return times, notes, info
+
+
+def measure_public_forward(model, case, settings, clock, data, pairs, times, notes):
+    """Times Layer.forward on the paged cache, eager only: plan, reserve, forward1,
+    attention, forward2 and advance, as a caller runs them. The lengths it advances
+    are rewound between iterations, outside the timed interval. A CUDA graph would
+    replay the device increment of the lengths without the host bookkeeping, so
+    this path has no graph column. Returns the case's paged-cache facts."""
+    def forward_all():
+        for layer, _, d in pairs:
+            layer.forward(d["x"], d["cache"], sin=model.sin, cos=model.cos)
+
+    def rewind_all():
+        for d in data.sets:
+            rewind(d["cache"], case.past)
+
+    data.reset()
+    times["qattn_forward_eager"] = summary(
+        clock.measure(forward_all, settings.iters, settings.warmup, between=rewind_all), len(pairs))
+    if not all(bool(torch.isfinite(d["x"]).all()) for d in data.sets):
+        notes.append("qattn_forward: the residual stream became non-finite during timing")
+    ran = sorted({d["cache"].last_backend for d in data.sets})
+    if ran != [data.backend]:
+        notes.append("attention backends %s ran, %r was expected" % (ran, data.backend))
+    expected = [case.past] * case.batch
+    for i, d in enumerate(data.sets):
+        d["cache"].check_consistency()
+        if d["cache"].lengths() != expected:
+            notes.append("layer %d: cache lengths %s after timing, expected %s" % (i, d["cache"].lengths(), expected))
+    notes.append("paged cache: %d-token pages (%d per sequence, random page order), attention backend %r; "
+                 "block timed as forward1 -> attention.run_step on a fixed planned step -> forward2; "
+                 "Layer.forward (plan, reserve, advance included) timed eager, lengths rewound between iterations"
+                 % (data.block_size, -(-case.kv_len // data.block_size), data.backend))
+    return {"block_size": data.block_size, "pages_per_seq": -(-case.kv_len // data.block_size),
+            "backend": data.backend, "page_order": "random permutation"}
 
 
 def accuracy(model, case, settings):
@@ -584,16 +710,22 @@ def accuracy(model, case, settings):
     gen.manual_seed(1000 + case.batch)
     data = CaseData(model, case, 1, gen)
     d0 = data.sets[0]
-    attention = Attention(case, model.shape, settings.gqa)
+    attention = make_attention(case, model.shape, settings, data)
     ref = reference_block(model, case, d0["x0"], d0["kc"], d0["vc"])
     update = (ref - d0["x0"].double()).norm()
     out = {}
-    for label in ("qattn", "torch"):
-        d = {key: t.clone() for key, t in d0.items()}
+    # Paged: every run writes the same position of the same cache and reads the
+    # same past, so the runs need no cache copies.
+    labels = ("qattn", "torch", "qattn_forward") if case.paged else ("qattn", "torch")
+    for label in labels:
+        d = {key: t.clone() if isinstance(t, torch.Tensor) else t for key, t in d0.items()}
         if label == "qattn":
             qattn_block(model.layers[0], d, model, case, attention)
-        else:
+        elif label == "torch":
             torch_block(model.torch_weights[0], d, model.shape, case, data.rope16, attention)
+        else:
+            model.layers[0].forward(d["x"], d["cache"], sin=model.sin, cos=model.cos)
+            rewind(d["cache"], case.past)
         diff = (d["x"].double() - ref).norm()
         out[label + "_output_rel_err"] = float(diff / ref.norm())
         out[label + "_update_rel_err"] = float(diff / update)
@@ -652,6 +784,29 @@ def print_table(results, out):
                + tuple(ratios)),
             file=out,
         )
+
+
+def print_paged(results, out):
+    """One line per paged case: page size, backend, the block against its floor and
+    against the contiguous case of the same batch, and the public Layer.forward."""
+    by_name = {r["name"]: r for r in results}
+    for r in results:
+        p = r.get("paged_cache")
+        if r["time"] is None or not p:
+            continue
+        t, floor = r["time"], r["floor"]["block_us"]
+        blk, mode = _best(t, "qattn_block")
+        contiguous = by_name.get(r["name"][: -len("-paged")])
+        versus = ""
+        if contiguous is not None and contiguous["time"] is not None:
+            other = _us(contiguous["time"].get("qattn_block_" + mode))
+            if other:
+                versus = ", %.2fx the contiguous %s block" % (blk / other, contiguous["name"])
+        fwd = _us(t.get("qattn_forward_eager"))
+        print("%-9s paged, %d-token pages, attention backend %s: block (%s) %.1f us, %.2fx floor%s; "
+              "Layer.forward (eager) %s us, %sx floor"
+              % (r["name"], p["block_size"], p["backend"], mode, blk, blk / floor, versus,
+                 _fmt(fwd, 0), _fmt(_ratio(fwd, floor), 0, 2)), file=out)
 
 
 def _best(t, key):
@@ -714,7 +869,7 @@ def evaluate_targets(by_name, sweep, acc):
     else:
         lines.append((not slower, "qattn never slower than the PyTorch fp16 layer (%d comparisons)%s"
                       % (compared, "" if not slower else ": slower in " + "; ".join(slower))))
-    for name in ("D1", "D16"):
+    for name in ACCURACY_CASES:
         a = acc.get(name)
         if a is None or "error" in a:
             lines.append((None, "%s accuracy: not measured%s" % (name, "" if a is None else " (" + a["error"] + ")")))
@@ -881,21 +1036,21 @@ def main(argv=None):
             error = "building the %s layers failed: %s: %s" % (shape_name, type(e).__name__, e)
             print(error, file=out)
             for c in group:
-                entry = {"name": c.name, "shape": c.shape, "batch": c.batch, "q_len": c.q_len, "past": c.past,
+                entry = {"name": c.name, "shape": c.shape, "batch": c.batch, "q_len": c.q_len, "past": c.past, "paged": c.paged,
                          "time": None, "notes": [], "error": error}
                 entry["floor"], entry["traffic"] = case_floors(shape, c, floors)
                 (sweep_results if c.name.startswith("sweep") else results).append(entry)
             continue
         print("built %d %s layers in %.1f s" % (settings.layers, shape_name, time.perf_counter() - t0), file=out)
         for c in group:
-            if c.name in ("D1", "D16"):
+            if c.name in ACCURACY_CASES:
                 try:
                     acc[c.name] = accuracy(model, c, settings)
                 except Exception as e:
                     acc[c.name] = {"error": "%s: %s" % (type(e).__name__, e)}
         for c in group:
             is_sweep = c.name.startswith("sweep")
-            entry = {"name": c.name, "shape": c.shape, "batch": c.batch, "q_len": c.q_len, "past": c.past,
+            entry = {"name": c.name, "shape": c.shape, "batch": c.batch, "q_len": c.q_len, "past": c.past, "paged": c.paged,
                      "time": None, "notes": [], "error": None}
             entry["floor"], entry["traffic"] = case_floors(shape, c, floors)
             if is_sweep and c.key() in measured:
@@ -903,7 +1058,10 @@ def main(argv=None):
             else:
                 t0 = time.perf_counter()
                 try:
-                    entry["time"], entry["notes"] = measure_case(model, c, settings, clock, full=not is_sweep)
+                    entry["time"], entry["notes"], info = measure_case(model, c, settings, clock,
+                                                                       full=not is_sweep and not c.paged)
+                    if c.paged:
+                        entry["paged_cache"] = info
                     measured[c.key()] = entry["time"]
                 except Exception as e:
                     entry["error"] = "%s: %s" % (type(e).__name__, e)
@@ -928,16 +1086,20 @@ def main(argv=None):
                 print("%-8s projections (f1 + f2, %s): %.1f us, floor %.1f us (%.2fx)"
                       % (r["name"], _best(r["time"], "qattn_f1")[1], f1 + f2, r["floor"]["proj_us"],
                          (f1 + f2) / r["floor"]["proj_us"]), file=out)
+    print_paged(results, out)
     if acc:
         print("\nAccuracy of the block output x against float64 (relative error ||out - ref|| / ||ref||;"
               " 'update' divides by ||ref - x_in|| instead):", file=out)
         for name, a in acc.items():
             if "error" in a:
-                print("  %-4s failed: %s" % (name, a["error"]), file=out)
+                print("  %-9s failed: %s" % (name, a["error"]), file=out)
                 continue
-            print("  %-4s output: qattn %.3e, torch fp16 %.3e, ratio %.2f | update: qattn %.3e, torch %.3e, ratio %.2f"
+            print("  %-9s output: qattn %.3e, torch fp16 %.3e, ratio %.2f | update: qattn %.3e, torch %.3e, ratio %.2f"
                   % (name, a["qattn_output_rel_err"], a["torch_output_rel_err"], a["output_ratio"],
                      a["qattn_update_rel_err"], a["torch_update_rel_err"], a["update_ratio"]), file=out)
+            if "qattn_forward_output_rel_err" in a:
+                print("  %-9s Layer.forward output: qattn %.3e | update: %.3e"
+                      % ("", a["qattn_forward_output_rel_err"], a["qattn_forward_update_rel_err"]), file=out)
     if notes:
         print("\nNotes:", file=out)
         for n in notes:
