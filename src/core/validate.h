@@ -4,6 +4,7 @@
 #include "core/device.h"
 #include "core/error.h"
 
+#include <cstdint>
 #include <cstring>
 
 namespace qattn {
@@ -38,12 +39,49 @@ inline qattn_status check_device(int device) {
 #endif
 }
 
+// Pointers this thread has seen to be in the memory of a CUDA device. A decode
+// step hands every layer the same few buffers (hidden state, RoPE tables, the
+// caching allocator's recycled q/k/v blocks), and cudaPointerGetAttributes costs
+// 0.3-1 us, several times per call; so each distinct pointer is asked about once.
+// Only device memory is remembered: an address stays device memory while its
+// allocation lives. Missed: an allocation given back to the driver whose address
+// comes back as another device's (or pinned host) memory, passed to this layer; a
+// use after free, which a pointer query does not catch reliably either. Host
+// pointers, the CPU layers' case, are asked about every time.
+class DevicePointerCache {
+public:
+    bool contains(const void* ptr, int device) const {
+        for (const Entry& e : entries_)
+            if (e.ptr == ptr && e.device == device) return true;
+        return false;
+    }
+    void add(const void* ptr, int device) {
+        entries_[next_] = Entry{ptr, device};
+        next_ = (next_ + 1) % kSize;
+    }
+
+private:
+    static constexpr int kSize = 32;
+    struct Entry {
+        const void* ptr = nullptr;
+        int device = QATTN_DEVICE_CPU;
+    };
+    Entry entries_[kSize];
+    int next_ = 0;
+};
+
+inline DevicePointerCache& device_pointer_cache() {
+    static thread_local DevicePointerCache cache;
+    return cache;
+}
+
 // An activation pointer given to a forward call: non-null, element-aligned, and in
 // the memory of the layer's device.
 inline qattn_status check_tensor(const void* ptr, const char* name, int device, size_t alignment) {
     QATTN_REQUIRE_ARG(ptr != nullptr, "%s is NULL", name);
     QATTN_REQUIRE_ARG(reinterpret_cast<uintptr_t>(ptr) % alignment == 0, "%s (%p) is not %zu-byte aligned", name,
                       ptr, alignment);
+    if (device != QATTN_DEVICE_CPU && device_pointer_cache().contains(ptr, device)) return QATTN_SUCCESS;
     const PointerInfo where = locate(ptr);
     if (device == QATTN_DEVICE_CPU) {
         QATTN_REQUIRE_ARG(!where.on_cuda_device, "%s is in CUDA device %d memory, but the layer is on the CPU",
@@ -52,6 +90,7 @@ inline qattn_status check_tensor(const void* ptr, const char* name, int device, 
         QATTN_REQUIRE_ARG(where.on_cuda_device && where.device == device,
                           "%s must be in the memory of CUDA device %d (it is in %s memory)", name, device,
                           where.on_cuda_device ? "another device's" : "host");
+        device_pointer_cache().add(ptr, device);
     }
     return QATTN_SUCCESS;
 }
