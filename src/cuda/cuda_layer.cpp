@@ -219,17 +219,28 @@ private:
         return QATTN_SUCCESS;
     }
 
-    // c[r, 0:N] = x . W for a matrix not taken by the small-row kernel.
-    // `gathered`: x is already in gathered_ in m's packed row order.
+    // c[r, 0:N] = x . W for a matrix not taken by the small-row kernel. Packed
+    // weights multiply x gathered into their packed row order (gathered_), which
+    // the input staging may already have written for this order.
     qattn_status project_large(const CudaQMatrix& m, const __half* x, int ldx, int rows, float* c, int ldc,
-                               bool gathered, cudaStream_t s) {
+                               cudaStream_t s) {
         QATTN_TRY(bind_blas(s));
         const int K = static_cast<int>(m.in_features()), N = static_cast<int>(m.out_features());
         if (!m.packed()) return gemm_xwT(blas_, rows, N, K, x, ldx, m.dense(), c, ldc, 0.0f);
         const int packed_rows = static_cast<int>(m.packed_rows());
         const PackedGptq4& w = m.packed_gptq();
-        if (!gathered)
-            QATTN_TRY(launch_gather_columns(x, ldx, rows, w.perm, packed_rows, gathered_.get<__half>(), s));
+        if (!(gathered_for_ == &m || (gathered_for_ && m.same_row_order(*gathered_for_)))) {
+            StageRowsParams st;
+            st.x = x;
+            st.rows = rows;
+            st.width = K;
+            st.ldx = ldx;
+            st.perm = w.perm;
+            st.columns = packed_rows;
+            st.gathered = gathered_.get<__half>();
+            QATTN_TRY(launch_stage_rows(st, s));
+            gathered_for_ = &m;
+        }
         const int slice = static_cast<int>(std::min<int64_t>(N, dequant_elements_ / packed_rows / 8 * 8));
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
@@ -255,11 +266,42 @@ private:
 
     qattn_status forward1_body(const Forward1Call& call, cudaStream_t s) {
         const int rows = call.rows, H = info_.hidden_size;
+        const bool small_rows = rows <= kSmallRows;
+        // The staging of x (norm, fp32 -> fp16) also gathers it into the packed row
+        // order of the first large-row packed matrix; x in input order is written
+        // only where something reads it: the small-row kernel, dense matrices,
+        // LoRA, or a packed matrix with another row order.
+        const CudaQMatrix* gather_for = nullptr;
+        bool need_plain = false;
+        for (int p = 0; p < 3; ++p) {
+            const CudaQMatrix& m = *proj_[p];
+            if (!m.packed() || small_rows || (gather_for && !m.same_row_order(*gather_for)))
+                need_plain = true;
+            else if (!gather_for)
+                gather_for = &m;
+            if (!(*call.loras)[p].empty()) need_plain = true;
+        }
+        gathered_for_ = nullptr;
         const __half* x = static_cast<const __half*>(call.x);
-        if (normed_.get()) {
-            QATTN_TRY(launch_input_norm(call.x, info_.residual_fp32, rows, H, input_norm_.params(),
-                                        normed_.get<__half>(), s));
-            x = normed_.get<__half>();
+        if (normed_.get() || gather_for) {
+            StageRowsParams st;
+            st.x = call.x;
+            st.x_fp32 = info_.residual_fp32;
+            st.rows = rows;
+            st.width = H;
+            st.ldx = H;
+            st.norm = input_norm_.params();
+            if (normed_.get() && need_plain) {
+                st.out = normed_.get<__half>();
+                x = st.out;
+            }
+            if (gather_for) {
+                st.perm = gather_for->packed_gptq().perm;
+                st.columns = static_cast<int>(gather_for->packed_rows());
+                st.gathered = gathered_.get<__half>();
+                gathered_for_ = gather_for;
+            }
+            QATTN_TRY(launch_stage_rows(st, s));
         }
         float* acc = acc_qkv_.get<float>();
         SmallGemmProblem small[3];
@@ -273,10 +315,8 @@ private:
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, s));
         for (int p = 0; p < 3; ++p) {
             const CudaQMatrix& m = *proj_[p];
-            if (!(m.packed() && rows <= kSmallRows)) {
-                const bool gathered = p > 0 && m.same_row_order(*proj_[p - 1]);
-                QATTN_TRY(project_large(m, x, H, rows, acc + column_[p], qkv_width_, gathered, s));
-            }
+            if (!(m.packed() && small_rows))
+                QATTN_TRY(project_large(m, x, H, rows, acc + column_[p], qkv_width_, s));
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
         }
@@ -311,11 +351,12 @@ private:
         const auto* attn = static_cast<const __half*>(call.attn_out);
         const CudaQMatrix& m = *proj_[3];
         float* acc = acc_o_.get<float>();
+        gathered_for_ = nullptr;
         if (m.packed() && rows <= kSmallRows) {
             const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0};
             QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, s));
         } else {
-            QATTN_TRY(project_large(m, attn, K, rows, acc, H, false, s));
+            QATTN_TRY(project_large(m, attn, K, rows, acc, H, s));
         }
         QATTN_TRY(add_loras(QATTN_PROJ_O, (*call.loras)[QATTN_PROJ_O], attn, K, rows, acc, H, s));
 
@@ -339,6 +380,7 @@ private:
     DeviceNorm input_norm_, q_norm_, k_norm_, post_norm_;
     DeviceBuffer normed_, acc_qkv_, acc_o_, error_flag_, dequant_, gathered_, workspace_, lora_scratch_;
     int64_t dequant_elements_ = 0;
+    const CudaQMatrix* gathered_for_ = nullptr;  // whose packed row order gathered_ holds in this call
     std::vector<Adapter> adapters_;
     cublasHandle_t blas_ = nullptr;
     bool blas_stream_bound_ = false;

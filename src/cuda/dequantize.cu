@@ -1,7 +1,8 @@
 // Packed GPTQ 4-bit -> fp16 [n, packed rows], for the large-row path (dequantize
 // a slice of columns, then one cuBLAS GEMM against x gathered into packed row
-// order). Staying in packed order keeps the stores contiguous: each lane writes
-// fp16x2 pairs, and the 4 lanes of a column cover 32 contiguous bytes per step.
+// order). Staying in packed order keeps the stores contiguous: a warp dequantizes
+// its 8 columns x 128 rows into shared memory (in the MMA fragment order it
+// loads), then writes each column's 256 bytes with 16-byte stores.
 // The arithmetic is the small-row kernel's, so both paths use the same weights.
 #include "cuda/kernels.h"
 
@@ -10,9 +11,14 @@ namespace {
 
 constexpr int kWarps = 8;
 
+// Shared-memory column stride in halves: +8 puts the 8 columns of one fragment
+// store in distinct banks, and keeps each column 16-byte aligned.
+constexpr int kColumnStride = kPackRows + 8;
+
 __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(PackedGptq4 w, int n_tiles,
                                                                       int tile_begin, int tile_count,
                                                                       __half* __restrict__ out) {
+    __shared__ __align__(16) __half tiles[kWarps][8 * kColumnStride];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int local_tile = blockIdx.x * kWarps + warp;
     if (local_tile >= tile_count) return;
@@ -21,22 +27,30 @@ __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(PackedGpt
     const int g = lane >> 2, t = lane & 3;
     const int N = n_tiles * 8;
     const int column = nt * 8 + g;
-    const int rows = w.chunks * kPackRows;
-    __half2* dst = reinterpret_cast<__half2*>(out + static_cast<size_t>(local_tile * 8 + g) * rows);
+    __half2* col = reinterpret_cast<__half2*>(tiles[warp] + g * kColumnStride);
     const uint4 q = w.qpack[(static_cast<size_t>(chunk) * n_tiles + nt) * 32 + lane];
     const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-        const int step = chunk * 8 + j;
-        const __half2 sz = w.scale_zero[static_cast<size_t>(w.step_group[step]) * N + column];
+        const __half2 sz = w.scale_zero[static_cast<size_t>(w.step_group[chunk * 8 + j]) * N + column];
         const __half2 scale = __half2half2(__low2half(sz)), zero = __half2half2(__high2half(sz));
         const uint32_t word = words[j >> 1] >> ((j & 1) * 8);
 #pragma unroll
         for (int half_step = 0; half_step < 2; ++half_step) {
             uint32_t h = ((word >> (4 * half_step)) & 0x000F000Fu) | 0x64006400u;
-            const __half2 v = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), zero), scale);
-            dst[(step * 16 + 2 * t + 8 * half_step) / 2] = v;  // packed rows 2t (+8), 2t + 1 (+8)
+            // packed rows 2t (+8), 2t + 1 (+8) of step j
+            col[(j * 16 + 2 * t + 8 * half_step) / 2] = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), zero), scale);
         }
+    }
+    __syncwarp();
+    const int rows = w.chunks * kPackRows;
+    // Lane l writes rows 8 (l % 16) .. + 7 of columns l / 16 + 2 i.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int c = lane / 16 + 2 * i, piece = lane % 16;
+        const uint4 v = *reinterpret_cast<const uint4*>(tiles[warp] + c * kColumnStride + piece * 8);
+        *reinterpret_cast<uint4*>(out + static_cast<size_t>(local_tile * 8 + c) * rows + chunk * kPackRows +
+                                  piece * 8) = v;
     }
 }
 

@@ -81,21 +81,42 @@ __global__ void __launch_bounds__(kWarps * 32) gptq4_gemm_small_kernel(Batch bat
     // before x is staged, so HBM latency overlaps the gather below.
     uint4 q[kMaxChunksPerBlock];
     int group[kMaxChunksPerBlock];
+    bool one_group[kMaxChunksPerBlock];  // groups are sorted: first == last means one group
     __half2 sz[kMaxChunksPerBlock];
 #pragma unroll
     for (int u = 0; u < kMaxChunksPerBlock; ++u) {
         if (active && chunk0 + u < chunk_end) {
             q[u] = load_streaming(qp + static_cast<size_t>(u) * chunk_stride);
             group[u] = P.w.step_group[(chunk0 + u) * 8];
+            one_group[u] = group[u] == P.w.step_group[(chunk0 + u) * 8 + 7];
             sz[u] = P.w.scale_zero[static_cast<size_t>(group[u]) * N + column];
         }
     }
 
-    // Stage x in packed row order: one perm lookup per column, then every row.
-    for (int kk = threadIdx.x; kk < span; kk += blockDim.x) {
-        const int src = P.w.perm[chunk0 * kPackRows + kk];
-        for (int r = 0; r < rows; ++r)
-            xs[r * stride + kk] = src >= 0 ? x[static_cast<size_t>(r) * x_stride + src] : __float2half(0.0f);
+    // Stage x in packed row order, 8 independent (perm, x) load pairs per thread
+    // in flight at a time: at 16 rows a load-then-store loop would wait out one
+    // L2 round trip per element.
+    const int total = rows * span;
+    for (int base = threadIdx.x; base < total; base += 8 * blockDim.x) {
+        __half v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = base + u * blockDim.x;
+            v[u] = __float2half(0.0f);
+            if (i < total) {
+                const int r = i / span, kk = i - r * span;
+                const int src = P.w.perm[chunk0 * kPackRows + kk];
+                if (src >= 0) v[u] = x[static_cast<size_t>(r) * x_stride + src];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = base + u * blockDim.x;
+            if (i < total) {
+                const int r = i / span;
+                xs[r * stride + i - r * span] = v[u];
+            }
+        }
     }
     __syncthreads();
     if (!active) return;
@@ -114,7 +135,7 @@ __global__ void __launch_bounds__(kWarps * 32) gptq4_gemm_small_kernel(Batch bat
         const int kbase = u * kPackRows;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            if (j > 0) {
+            if (j > 0 && !one_group[u]) {
                 // Groups are contiguous in packed order: this branch is rarely taken
                 // (only where a group ends inside a 128-row chunk) and warp-uniform.
                 const int gj = P.w.step_group[(chunk0 + u) * 8 + j];

@@ -18,10 +18,22 @@ struct NormParams {
     int per_head = 0;
 };
 
-// rms_layer_norm.cu: out[r, :] = norm(x[r, :]) in fp16 (or a plain fp16 copy when
-// norm.type is NONE), x fp16 or fp32 [rows, width].
-qattn_status launch_input_norm(const void* x, bool x_fp32, int rows, int width, const NormParams& norm,
-                               __half* out, cudaStream_t stream);
+// rms_layer_norm.cu: the fp16 activations of rows of x (fp16 or fp32, row stride
+// ldx): y = norm(x[r, :]) (a plain conversion when norm.type is NONE), written to
+// out [rows, width] in input order when out is set, and to gathered [rows, columns]
+// as gathered[r, j] = y[perm[j]] (0 where perm[j] < 0) when gathered is set
+// (columns % 8 == 0, gathered 16-byte aligned: a packed GPTQ row order).
+struct StageRowsParams {
+    const void* x = nullptr;
+    bool x_fp32 = false;
+    int rows = 0, width = 0, ldx = 0;
+    NormParams norm;
+    __half* out = nullptr;
+    const int32_t* perm = nullptr;
+    int columns = 0;
+    __half* gathered = nullptr;
+};
+qattn_status launch_stage_rows(const StageRowsParams& p, cudaStream_t stream);
 
 // gptq_gemm_small.cu: acc[r, col_offset + n] += sum_k x[r, k] W[k, n] for up to
 // three packed GPTQ 4-bit matrices sharing one input, rows <= kSmallRows.
@@ -39,10 +51,6 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
 // that meet x = 0). n_begin, n_count % 8 == 0.
 qattn_status launch_dequantize_gptq4(const PackedGptq4& w, int N, int n_begin, int n_count, __half* out,
                                      cudaStream_t stream);
-
-// gather_columns.cu: out[r, j] = x[r, perm[j]] (0 where perm[j] < 0), out [rows, columns].
-qattn_status launch_gather_columns(const __half* x, int ldx, int rows, const int32_t* perm, int columns,
-                                   __half* out, cudaStream_t stream);
 
 // head_norm_rope.cu: reads the fused Q|K|V fp32 accumulator, adds the biases,
 // applies head norms and RoPE, writes fp16 q, k, v, and zeroes the accumulator

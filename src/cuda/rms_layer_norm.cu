@@ -1,56 +1,94 @@
-// Input norm over the hidden size, one block per row, fp32 statistics: the fp16
-// output feeds the projections (fp16 activations are what every path multiplies).
+// Stages rows of the layer input as the fp16 activations the projections read:
+// input norm (RMS or Layer, fp32 statistics) or a plain conversion, written in
+// input-feature order and/or gathered into a packed GPTQ row order. One block per
+// row; the row is read with 16-byte loads, and for the gather it is kept in
+// shared memory, so the large-row path needs no separate gather pass.
 #include "cuda/kernels.h"
 #include "cuda/reduce.cuh"
+#include "cuda/vec.cuh"
 
 namespace qattn::cuda {
 namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-__device__ __forceinline__ float load_value(const T* p) { return static_cast<float>(p[0]); }
-template <>
-__device__ __forceinline__ float load_value<__half>(const __half* p) { return __half2float(p[0]); }
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p) {
+    extern __shared__ __half staged[];  // [width], only when gathering
+    __shared__ float scratch[32];
+    const T* row = static_cast<const T*>(p.x) + static_cast<size_t>(blockIdx.x) * p.ldx;
+    const int width = p.width;
+    const NormParams& norm = p.norm;
+
+    float mean = 0.0f, inv = 1.0f;
+    if (norm.type != QATTN_NORM_NONE) {
+        if (norm.type == QATTN_NORM_LAYER) {
+            float sum = 0.0f;
+            for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
+                float v[V];
+                load_vec<V>(row + i, v);
+#pragma unroll
+                for (int u = 0; u < V; ++u) sum += v[u];
+            }
+            mean = block_sum(sum, scratch) / width;
+        }
+        float squares = 0.0f;
+        for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
+            float v[V];
+            load_vec<V>(row + i, v);
+#pragma unroll
+            for (int u = 0; u < V; ++u) squares += (v[u] - mean) * (v[u] - mean);
+        }
+        inv = rsqrtf(block_sum(squares, scratch) / width + norm.eps);
+    }
+
+    __half* out = p.out ? p.out + static_cast<size_t>(blockIdx.x) * width : nullptr;
+    for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
+        float v[V];
+        load_vec<V>(row + i, v);
+        if (norm.type != QATTN_NORM_NONE) {
+            float w[V], b[V];
+            load_vec<V>(norm.weight + i, w);
+            if (norm.bias) load_vec<V>(norm.bias + i, b);
+#pragma unroll
+            for (int u = 0; u < V; ++u) v[u] = (v[u] - mean) * inv * w[u] + (norm.bias ? b[u] : 0.0f);
+        }
+        if (out) store_vec<V>(out + i, v);
+        if (p.gathered) store_vec<V>(staged + i, v);
+    }
+    if (!p.gathered) return;
+    __syncthreads();
+    // columns % 8 == 0 (packed rows come in chunks of 128) and gathered is 16-byte aligned.
+    __half* dst = p.gathered + static_cast<size_t>(blockIdx.x) * p.columns;
+    for (int j = threadIdx.x * 8; j < p.columns; j += kThreads * 8) {
+        const int4 a = *reinterpret_cast<const int4*>(p.perm + j), b = *reinterpret_cast<const int4*>(p.perm + j + 4);
+        const int src[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        uint4 packed;
+        __half* h = reinterpret_cast<__half*>(&packed);
+#pragma unroll
+        for (int u = 0; u < 8; ++u) h[u] = src[u] >= 0 ? staged[src[u]] : __float2half(0.0f);
+        *reinterpret_cast<uint4*>(dst + j) = packed;
+    }
+}
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) input_norm_kernel(const T* __restrict__ x, int width, NormParams norm,
-                                                              __half* __restrict__ out) {
-    __shared__ float scratch[32];
-    const T* row = x + static_cast<size_t>(blockIdx.x) * width;
-    __half* dst = out + static_cast<size_t>(blockIdx.x) * width;
-    if (norm.type == QATTN_NORM_NONE) {
-        for (int i = threadIdx.x; i < width; i += kThreads) dst[i] = __float2half(load_value(row + i));
-        return;
-    }
-    float mean = 0.0f;
-    if (norm.type == QATTN_NORM_LAYER) {
-        float sum = 0.0f;
-        for (int i = threadIdx.x; i < width; i += kThreads) sum += load_value(row + i);
-        mean = block_sum(sum, scratch) / width;
-    }
-    float squares = 0.0f;
-    for (int i = threadIdx.x; i < width; i += kThreads) {
-        const float d = load_value(row + i) - mean;
-        squares += d * d;
-    }
-    const float inv = rsqrtf(block_sum(squares, scratch) / width + norm.eps);
-    for (int i = threadIdx.x; i < width; i += kThreads) {
-        float v = (load_value(row + i) - mean) * inv * __half2float(norm.weight[i]);
-        if (norm.bias) v += __half2float(norm.bias[i]);
-        dst[i] = __float2half(v);
-    }
+qattn_status launch_typed(const StageRowsParams& p, size_t shared, cudaStream_t stream) {
+    const bool vec = rows_vectorizable(p.x, p.ldx, sizeof(T)) && p.width % 8 == 0 &&
+                     (!p.out || rows_vectorizable(p.out, p.width, 2));
+    auto kernel = vec ? stage_rows_kernel<T, 8> : stage_rows_kernel<T, 1>;
+    if (shared > 48 * 1024)
+        QATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(shared)));
+    kernel<<<p.rows, kThreads, shared, stream>>>(p);
+    return QATTN_SUCCESS;
 }
 
 }  // namespace
 
-qattn_status launch_input_norm(const void* x, bool x_fp32, int rows, int width, const NormParams& norm,
-                               __half* out, cudaStream_t stream) {
-    if (x_fp32)
-        input_norm_kernel<float><<<rows, kThreads, 0, stream>>>(static_cast<const float*>(x), width, norm, out);
-    else
-        input_norm_kernel<__half><<<rows, kThreads, 0, stream>>>(static_cast<const __half*>(x), width, norm, out);
-    QATTN_LAUNCH_CHECK("input_norm");
+qattn_status launch_stage_rows(const StageRowsParams& p, cudaStream_t stream) {
+    const size_t shared = p.gathered ? sizeof(__half) * p.width : 0;
+    QATTN_TRY(p.x_fp32 ? launch_typed<float>(p, shared, stream) : launch_typed<__half>(p, shared, stream));
+    QATTN_LAUNCH_CHECK("stage_rows");
     return QATTN_SUCCESS;
 }
 
