@@ -310,6 +310,7 @@ qattn_status qattn_create(const qattn_layer_config* config, qattn_layer** out) {
 
 qattn_status qattn_destroy(qattn_layer* layer) {
     return qattn::guarded("qattn_destroy", [&] {
+        qattn::device_pointer_cache().clear();
         delete layer;
         return QATTN_SUCCESS;
     });

@@ -44,10 +44,12 @@ inline qattn_status check_device(int device) {
 // caching allocator's recycled q/k/v blocks), and cudaPointerGetAttributes costs
 // 0.3-1 us, several times per call; so each distinct pointer is asked about once.
 // Only device memory is remembered: an address stays device memory while its
-// allocation lives. Missed: an allocation given back to the driver whose address
-// comes back as another device's (or pinned host) memory, passed to this layer; a
-// use after free, which a pointer query does not catch reliably either. Host
-// pointers, the CPU layers' case, are asked about every time.
+// allocation lives. Host pointers, the CPU layers' case, are asked about every time.
+// Not caught: an allocation given back to the driver whose address comes back as
+// another device's (or pinned host) memory and is passed in: a use after free,
+// which the pointer query does not catch reliably either. Buffers tend to be freed
+// with the layers that used them (model unload, tests), so destroying a layer
+// empties the cache, which keeps such stale entries short-lived.
 class DevicePointerCache {
 public:
     bool contains(const void* ptr, int device) const {
@@ -59,6 +61,7 @@ public:
         entries_[next_] = Entry{ptr, device};
         next_ = (next_ + 1) % kSize;
     }
+    void clear() { *this = DevicePointerCache(); }
 
 private:
     static constexpr int kSize = 32;
