@@ -138,6 +138,9 @@ private:
         proj_[1] = static_cast<const CudaQMatrix*>(p.k);
         proj_[2] = static_cast<const CudaQMatrix*>(p.v);
         proj_[3] = static_cast<const CudaQMatrix*>(p.o);
+        for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < i; ++j)
+                if (order_[i] == i && proj_[i]->same_row_order(*proj_[j])) order_[i] = order_[j];
         column_[0] = 0;
         column_[1] = info.q_width();
         column_[2] = info.q_width() + info.kv_width();
@@ -166,11 +169,12 @@ private:
         // x is gathered into packed row order beside it.
         int64_t need = 0, gathered = 0;
         for (const CudaQMatrix* m : proj_) {
-            if (!m->packed() || info_.max_rows <= kSmallRows) continue;
+            if (!m->packed()) continue;
             const int64_t rows_packed = m->packed_rows();
+            gathered = std::max(gathered, rows_packed * info_.max_rows);
+            if (info_.max_rows <= kSmallRows) continue;
             need = std::max(need, std::min(rows_packed * m->out_features(),
                                            std::max(kDequantScratchElements, 8 * rows_packed)));
-            gathered = std::max(gathered, rows_packed * info_.max_rows);
         }
         QATTN_TRY(dequant_.allocate(sizeof(__half) * need));
         QATTN_TRY(gathered_.allocate(sizeof(__half) * gathered));
@@ -222,24 +226,16 @@ private:
     // c[r, 0:N] = x . W for a matrix not taken by the small-row kernel. Packed
     // weights multiply x gathered into their packed row order (gathered_), which
     // the input staging may already have written for this order.
-    qattn_status project_large(const CudaQMatrix& m, const __half* x, int ldx, int rows, float* c, int ldc,
-                               cudaStream_t s) {
+    qattn_status project_large(int p, const __half* x, int ldx, int rows, float* c, int ldc, cudaStream_t s) {
+        const CudaQMatrix& m = *proj_[p];
         QATTN_TRY(bind_blas(s));
         const int K = static_cast<int>(m.in_features()), N = static_cast<int>(m.out_features());
         if (!m.packed()) return gemm_xwT(blas_, rows, N, K, x, ldx, m.dense(), c, ldc, 0.0f);
         const int packed_rows = static_cast<int>(m.packed_rows());
         const PackedGptq4& w = m.packed_gptq();
-        if (!(gathered_for_ == &m || (gathered_for_ && m.same_row_order(*gathered_for_)))) {
-            StageRowsParams st;
-            st.x = x;
-            st.rows = rows;
-            st.width = K;
-            st.ldx = ldx;
-            st.perm = w.perm;
-            st.columns = packed_rows;
-            st.gathered = gathered_.get<__half>();
-            QATTN_TRY(launch_stage_rows(st, s));
-            gathered_for_ = &m;
+        if (gathered_order_ != order_[p]) {
+            QATTN_TRY(stage_gathered(x, ldx, rows, K, p, s));
+            gathered_order_ = order_[p];
         }
         const int slice = static_cast<int>(std::min<int64_t>(N, dequant_elements_ / packed_rows / 8 * 8));
         for (int n0 = 0; n0 < N; n0 += slice) {
@@ -264,26 +260,45 @@ private:
         return QATTN_SUCCESS;
     }
 
+    // gathered_ = x [rows, K] in the packed row order of matrix p.
+    qattn_status stage_gathered(const __half* x, int ldx, int rows, int K, int p, cudaStream_t s) {
+        StageRowsParams st;
+        st.x = x;
+        st.rows = rows;
+        st.width = K;
+        st.ldx = ldx;
+        st.perm = proj_[p]->packed_gptq().perm;
+        st.columns = static_cast<int>(proj_[p]->packed_rows());
+        st.gathered = gathered_.get<__half>();
+        return launch_stage_rows(st, s);
+    }
+
+    // Up to this many rows the small-row kernel gathers x through perm itself
+    // (scattered loads, repeated by every block of a K slice) rather than pay a
+    // staging launch; beyond, or when the input norm runs anyway, x is staged.
+    static constexpr int kGatherInKernelRows = 4;
+
     qattn_status forward1_body(const Forward1Call& call, cudaStream_t s) {
         const int rows = call.rows, H = info_.hidden_size;
         const bool small_rows = rows <= kSmallRows;
         // The staging of x (norm, fp32 -> fp16) also gathers it into the packed row
-        // order of the first large-row packed matrix; x in input order is written
-        // only where something reads it: the small-row kernel, dense matrices,
-        // LoRA, or a packed matrix with another row order.
-        const CudaQMatrix* gather_for = nullptr;
+        // order of the first packed matrix; x in input order is written only where
+        // something reads it: dense matrices, LoRA, a packed matrix with another
+        // row order, or the small-row kernel gathering for itself.
+        int gather_for = -1;
         bool need_plain = false;
         for (int p = 0; p < 3; ++p) {
-            const CudaQMatrix& m = *proj_[p];
-            if (!m.packed() || small_rows || (gather_for && !m.same_row_order(*gather_for)))
+            if (!proj_[p]->packed() || (gather_for >= 0 && order_[p] != gather_for))
                 need_plain = true;
-            else if (!gather_for)
-                gather_for = &m;
+            else if (gather_for < 0)
+                gather_for = p;
             if (!(*call.loras)[p].empty()) need_plain = true;
         }
-        gathered_for_ = nullptr;
+        const bool stage_gather =
+            gather_for >= 0 && (!small_rows || normed_.get() || rows > kGatherInKernelRows);
+        gathered_order_ = -1;
         const __half* x = static_cast<const __half*>(call.x);
-        if (normed_.get() || gather_for) {
+        if (normed_.get()) {
             StageRowsParams st;
             st.x = call.x;
             st.x_fp32 = info_.residual_fp32;
@@ -291,32 +306,35 @@ private:
             st.width = H;
             st.ldx = H;
             st.norm = input_norm_.params();
-            if (normed_.get() && need_plain) {
+            if (need_plain) {
                 st.out = normed_.get<__half>();
                 x = st.out;
             }
-            if (gather_for) {
-                st.perm = gather_for->packed_gptq().perm;
-                st.columns = static_cast<int>(gather_for->packed_rows());
+            if (stage_gather) {
+                st.perm = proj_[gather_for]->packed_gptq().perm;
+                st.columns = static_cast<int>(proj_[gather_for]->packed_rows());
                 st.gathered = gathered_.get<__half>();
-                gathered_for_ = gather_for;
             }
             QATTN_TRY(launch_stage_rows(st, s));
+        } else if (stage_gather) {
+            QATTN_TRY(stage_gathered(x, H, rows, H, gather_for, s));
         }
+        if (stage_gather) gathered_order_ = gather_for;
+
         float* acc = acc_qkv_.get<float>();
         SmallGemmProblem small[3];
         int small_count = 0;
         for (int p = 0; p < 3; ++p) {
             const CudaQMatrix& m = *proj_[p];
-            if (m.packed() && rows <= kSmallRows)
-                small[small_count++] = SmallGemmProblem{m.packed_gptq(), static_cast<int>(m.out_features() / 8),
-                                                        column_[p]};
+            if (m.packed() && small_rows)
+                small[small_count++] = SmallGemmProblem{
+                    m.packed_gptq(), static_cast<int>(m.out_features() / 8), column_[p],
+                    gathered_order_ == order_[p] ? gathered_.get<__half>() : nullptr};
         }
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, s));
         for (int p = 0; p < 3; ++p) {
-            const CudaQMatrix& m = *proj_[p];
-            if (!(m.packed() && small_rows))
-                QATTN_TRY(project_large(m, x, H, rows, acc + column_[p], qkv_width_, s));
+            if (!(proj_[p]->packed() && small_rows))
+                QATTN_TRY(project_large(p, x, H, rows, acc + column_[p], qkv_width_, s));
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
         }
@@ -351,12 +369,17 @@ private:
         const auto* attn = static_cast<const __half*>(call.attn_out);
         const CudaQMatrix& m = *proj_[3];
         float* acc = acc_o_.get<float>();
-        gathered_for_ = nullptr;
+        gathered_order_ = -1;
         if (m.packed() && rows <= kSmallRows) {
-            const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0};
+            const __half* xg = nullptr;
+            if (rows > kGatherInKernelRows) {
+                QATTN_TRY(stage_gathered(attn, K, rows, K, 3, s));
+                xg = gathered_.get<__half>();
+            }
+            const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0, xg};
             QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, s));
         } else {
-            QATTN_TRY(project_large(m, attn, K, rows, acc, H, s));
+            QATTN_TRY(project_large(3, attn, K, rows, acc, H, s));
         }
         QATTN_TRY(add_loras(QATTN_PROJ_O, (*call.loras)[QATTN_PROJ_O], attn, K, rows, acc, H, s));
 
@@ -380,7 +403,11 @@ private:
     DeviceNorm input_norm_, q_norm_, k_norm_, post_norm_;
     DeviceBuffer normed_, acc_qkv_, acc_o_, error_flag_, dequant_, gathered_, workspace_, lora_scratch_;
     int64_t dequant_elements_ = 0;
-    const CudaQMatrix* gathered_for_ = nullptr;  // whose packed row order gathered_ holds in this call
+    // order_[p]: the first projection with the same packed row order as p (p
+    // itself if none; dense: p). gathered_order_: the order gathered_ holds in
+    // this call, -1 for none.
+    int order_[4] = {0, 1, 2, 3};
+    int gathered_order_ = -1;
     std::vector<Adapter> adapters_;
     cublasHandle_t blas_ = nullptr;
     bool blas_stream_bound_ = false;

@@ -16,7 +16,7 @@ namespace qattn::cuda {
 namespace {
 
 constexpr int kWarps = 8;             // n-tiles per block
-constexpr int kMaxChunksPerBlock = 4; // 4 x 128 rows of K per block
+constexpr int kMaxChunksPerBlock = 8; // 8 x 128 rows of K per block
 constexpr int kMaxProblems = 3;
 
 struct Batch {
@@ -50,7 +50,7 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a
 }
 
 template <int MT>  // m16 tiles: rows <= 16 * MT
-__global__ void __launch_bounds__(kWarps * 32) gptq4_gemm_small_kernel(Batch batch, const __half* __restrict__ x,
+__global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 3 : 2) gptq4_gemm_small_kernel(Batch batch, const __half* __restrict__ x,
                                                                      int x_stride, int rows, float* acc,
                                                                      int acc_stride, int chunks_per_block) {
     extern __shared__ __half xs[];  // [rows][stride]: this block's slice of x, in packed row order
@@ -80,41 +80,50 @@ __global__ void __launch_bounds__(kWarps * 32) gptq4_gemm_small_kernel(Batch bat
     // Every weight load of this warp (at most kMaxChunksPerBlock chunks) is issued
     // before x is staged, so HBM latency overlaps the gather below.
     uint4 q[kMaxChunksPerBlock];
-    int group[kMaxChunksPerBlock];
-    bool one_group[kMaxChunksPerBlock];  // groups are sorted: first == last means one group
     __half2 sz[kMaxChunksPerBlock];
+    uint32_t mixed = 0;  // bit u: chunk u spans several groups (groups are sorted: first != last)
 #pragma unroll
     for (int u = 0; u < kMaxChunksPerBlock; ++u) {
         if (active && chunk0 + u < chunk_end) {
             q[u] = load_streaming(qp + static_cast<size_t>(u) * chunk_stride);
-            group[u] = P.w.step_group[(chunk0 + u) * 8];
-            one_group[u] = group[u] == P.w.step_group[(chunk0 + u) * 8 + 7];
-            sz[u] = P.w.scale_zero[static_cast<size_t>(group[u]) * N + column];
+            const int first = P.w.step_group[(chunk0 + u) * 8];
+            if (first != P.w.step_group[(chunk0 + u) * 8 + 7]) mixed |= 1u << u;
+            sz[u] = P.w.scale_zero[static_cast<size_t>(first) * N + column];
         }
     }
 
-    // Stage x in packed row order, 8 independent (perm, x) load pairs per thread
-    // in flight at a time: at 16 rows a load-then-store loop would wait out one
-    // L2 round trip per element.
-    const int total = rows * span;
-    for (int base = threadIdx.x; base < total; base += 8 * blockDim.x) {
-        __half v[8];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-            const int i = base + u * blockDim.x;
-            v[u] = __float2half(0.0f);
-            if (i < total) {
-                const int r = i / span, kk = i - r * span;
-                const int src = P.w.perm[chunk0 * kPackRows + kk];
-                if (src >= 0) v[u] = x[static_cast<size_t>(r) * x_stride + src];
-            }
+    if (P.xg) {
+        // x already gathered into packed row order (by the input staging): a
+        // contiguous copy with 16-byte accesses.
+        const int pieces = span / 8, total = rows * pieces;
+        for (int i = threadIdx.x; i < total; i += blockDim.x) {
+            const int r = i / pieces, c = i - r * pieces;
+            *reinterpret_cast<uint4*>(xs + r * stride + c * 8) = *reinterpret_cast<const uint4*>(
+                P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows + c * 8);
         }
+    } else {
+        // Gather through perm: every (row, column) is a scattered 2-byte load, so
+        // this path is for few rows; 8 (perm, x) load pairs per thread in flight.
+        const int total = rows * span;
+        for (int base = threadIdx.x; base < total; base += 8 * blockDim.x) {
+            __half v[8];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-            const int i = base + u * blockDim.x;
-            if (i < total) {
-                const int r = i / span;
-                xs[r * stride + i - r * span] = v[u];
+            for (int u = 0; u < 8; ++u) {
+                const int i = base + u * blockDim.x;
+                v[u] = __float2half(0.0f);
+                if (i < total) {
+                    const int r = i / span, kk = i - r * span;
+                    const int src = P.w.perm[chunk0 * kPackRows + kk];
+                    if (src >= 0) v[u] = x[static_cast<size_t>(r) * x_stride + src];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int i = base + u * blockDim.x;
+                if (i < total) {
+                    const int r = i / span;
+                    xs[r * stride + i - r * span] = v[u];
+                }
             }
         }
     }
@@ -128,14 +137,15 @@ __global__ void __launch_bounds__(kWarps * 32) gptq4_gemm_small_kernel(Batch bat
 #pragma unroll
     for (int u = 0; u < kMaxChunksPerBlock; ++u) {
         if (chunk0 + u >= chunk_end) break;
-        int current = group[u];
+        const bool one_group = !(mixed & (1u << u));
+        int current = one_group ? 0 : P.w.step_group[(chunk0 + u) * 8];
         __half2 scale = __half2half2(__low2half(sz[u]));
         __half2 zero = __half2half2(__high2half(sz[u]));
         const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
         const int kbase = u * kPackRows;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            if (j > 0 && !one_group[u]) {
+            if (j > 0 && !one_group) {
                 // Groups are contiguous in packed order: this branch is rarely taken
                 // (only where a group ends inside a 128-row chunk) and warp-uniform.
                 const int gj = P.w.step_group[(chunk0 + u) * 8 + j];
@@ -199,19 +209,26 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         max_chunks = std::max(max_chunks, problems[i].w.chunks);
     }
     for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks_x;
-    // Enough blocks for about four per SM, without slicing K finer than one chunk.
-    const int target_blocks = 4 * std::max(sm_count, 1);
-    const int splits_wanted = std::max(1, (target_blocks + blocks_x - 1) / blocks_x);
-    const int chunks_per_block =
-        std::min(kMaxChunksPerBlock, std::max(1, (max_chunks + splits_wanted - 1) / splits_wanted));
+    // One wave: the fewest chunks per block (the most blocks) such that the
+    // whole grid is resident at once, so every weight load of the call is in
+    // flight together; shared memory (x slice) stays under the 48 KB default.
+    const int max_by_shared = std::max(1, ((48 << 10) / (2 * rows) - 8) / kPackRows);
+    const int max_chunks_per_block = std::min(kMaxChunksPerBlock, max_by_shared);
+    const auto kernel = rows <= 16 ? gptq4_gemm_small_kernel<1> : gptq4_gemm_small_kernel<2>;
+    const size_t max_shared = sizeof(__half) * rows * (max_chunks_per_block * kPackRows + 8);
+    int per_sm = 0;
+    QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, max_shared));
+    const int resident = std::max(1, per_sm) * std::max(sm_count, 1);
+    int chunks_per_block = max_chunks_per_block;
+    for (int c = 1; c < max_chunks_per_block; ++c) {
+        if (blocks_x * ((max_chunks + c - 1) / c) <= resident) {
+            chunks_per_block = c;
+            break;
+        }
+    }
     const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
     const size_t shared = sizeof(__half) * rows * (chunks_per_block * kPackRows + 8);
-    if (rows <= 16)
-        gptq4_gemm_small_kernel<1><<<grid, kWarps * 32, shared, stream>>>(batch, x, x_stride, rows, acc, acc_stride,
-                                                                          chunks_per_block);
-    else
-        gptq4_gemm_small_kernel<2><<<grid, kWarps * 32, shared, stream>>>(batch, x, x_stride, rows, acc, acc_stride,
-                                                                          chunks_per_block);
+    kernel<<<grid, kWarps * 32, shared, stream>>>(batch, x, x_stride, rows, acc, acc_stride, chunks_per_block);
     QATTN_LAUNCH_CHECK("gptq4_gemm_small");
     return QATTN_SUCCESS;
 }

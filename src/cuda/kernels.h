@@ -42,6 +42,9 @@ struct SmallGemmProblem {
     PackedGptq4 w;
     int n_tiles = 0;     // N / 8
     int col_offset = 0;  // first column of this matrix in acc
+    // x already in this matrix's packed row order, [rows, chunks * 128], or null:
+    // the kernel gathers x through perm itself.
+    const __half* xg = nullptr;
 };
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
                                      int rows, float* acc, int acc_stride, int sm_count, cudaStream_t stream);
