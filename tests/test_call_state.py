@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qattn
-from layer_case import Spec, assert_close, build, inputs, reference, run, tables
+from layer_case import Spec, assert_close, assert_distinct, build, inputs, reference, run, tables
 from test_lora import make_adapters
 
 
@@ -63,3 +63,23 @@ def test_out_buffers_are_written(device, gen):
             assert all(g is o for g, o in zip(got, given))
             # Same inputs, same kernels: only the order of atomic adds may differ.
             assert_close(dict(zip("qkv", out)), dict(zip("qkv", fresh)), tol=1e-3)
+
+
+def test_lora_ids_from_any_iterable(device, gen):
+    """Ids may come as any iterable of ints; an empty one means no adapters, even
+    right after a call that had some."""
+    spec = Spec()
+    layer, ref = build(spec, device, gen)
+    loras, _ = make_adapters(spec, gen, device, [(1, "q", 4), (2, "k", 8)])
+    with layer:
+        layer.set_loras(loras)
+        x, _ = inputs(spec, 2, 3, gen, device)
+        sin, cos = tables(spec, device)
+        with_ids = dict(zip("qkv", layer.forward1(x, sin=sin, cos=cos, loras=[1, 2])))
+        without = dict(zip("qkv", layer.forward1(x, sin=sin, cos=cos)))
+        assert_distinct(with_ids, without, ["q", "k"], tol=1e-3, what="dropping the adapters")
+        for ids in (iter([1, 2]), torch.tensor([1, 2]), (i for i in (2, 1))):
+            got = dict(zip("qkv", layer.forward1(x, sin=sin, cos=cos, loras=ids)))
+            assert_close(got, with_ids, tol=1e-3)
+            got = dict(zip("qkv", layer.forward1(x, sin=sin, cos=cos, loras=iter(()))))
+            assert_close(got, without, tol=1e-3)

@@ -156,11 +156,11 @@ class Layer:
         self.close()
 
     # The forward calls run once per layer per decode step, so their host time is
-    # kept small: each tensor passes one cheap combined test (is_ready) and only a
-    # failure goes through check_tensor for the message; the argument structs,
-    # their byref and the stream lookup are prepared once; the no-LoRA case builds
-    # nothing. Handles are single-threaded (include/qattn.h), so one struct per
-    # layer is enough.
+    # kept small (docs/HOST_OVERHEAD.md): each tensor passes one cheap combined
+    # test (is_ready) and only a failure goes through check_tensor for the message;
+    # the argument structs and their byref are built once and every field is set
+    # on every call; the no-LoRA case builds nothing. Handles are single-threaded
+    # (include/qattn.h), so one struct per layer is enough.
 
     def _check_rows(self, x, name):
         """x [batch, q_len, H] (fp16, or fp32 with residual_fp32) -> (batch, q_len)."""
@@ -187,10 +187,13 @@ class Layer:
             a.lora_ids, a.num_lora_ids = None, 0
             return
         ids = tuple(int(i) for i in loras)
-        if ids != self._lora_key:
-            # The array is kept with its key: a decode loop passes the same ids every step.
-            self._lora_key, self._lora_array = ids, (ctypes.c_int32 * len(ids))(*ids)
-        a.lora_ids, a.num_lora_ids = (self._lora_array if ids else None), len(ids)
+        if not ids:
+            a.lora_ids, a.num_lora_ids = None, 0
+        else:
+            if ids != self._lora_key:
+                # The array is kept with its key: a decode loop passes the same ids every step.
+                self._lora_key, self._lora_array = ids, (ctypes.c_int32 * len(ids))(*ids)
+            a.lora_ids, a.num_lora_ids = self._lora_array, len(ids)
 
     def forward1(self, x, *, sin=None, cos=None, past_len=0, past_lens=None, loras=(), out=None):
         """x [batch, q_len, H] -> (q [batch, q_len, NH, D], k, v [batch, q_len, NKV, D])."""
