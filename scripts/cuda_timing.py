@@ -7,7 +7,8 @@ torch/cuBLAS (prefill). "gpu" times replays of a torch.cuda.graph holding 16 cal
 (device time alone); "eager" and "graphs" time plain Python loops of calls to
 layers without and with use_graphs (host overhead included: at decode sizes the
 Python + ctypes path, not the GPU, sets these). --profile adds a per-kernel table.
-Usage: python scripts/cuda_timing.py [--profile]"""
+--cases D1,D16,P2048 picks cases (all by default), e.g. for one case under ncu.
+Usage: python scripts/cuda_timing.py [--profile] [--cases D1,...]"""
 import statistics
 import sys
 
@@ -99,8 +100,12 @@ def main():
     packed_o = NH * D * H / 2 + (NH * D // GROUP) * H * 4
     print("floors: decode = packed bytes / copy bandwidth, prefill = torch fp16 matmul; times in us")
     print("%-8s %9s %8s %8s %8s %8s %8s" % ("case", "phase", "gpu", "floor", "ratio", "eager", "graphs"))
+    wanted = sys.argv[sys.argv.index("--cases") + 1].split(",") if "--cases" in sys.argv else None
     for batch, q_len in ((1, 1), (16, 1), (1, 2048)):
         rows = batch * q_len
+        name = "D%d" % batch if q_len == 1 else "P%d" % q_len
+        if wanted and name not in wanted:
+            continue
         xs = [torch.randn(batch, q_len, H, device=DEV).half() for _ in range(LAYERS)]
         attn = [torch.randn(batch, q_len, NH, D, device=DEV).half() for _ in range(LAYERS)]
         lens = torch.randint(0, 4096, (batch,), dtype=torch.int32, device=DEV)
@@ -130,7 +135,6 @@ def main():
             wo = torch.randn(H, NH * D, device=DEV).half()
             floor1 = median_ms(lambda i: a @ wqkv.t(), reps=10, inner=4) * 1e3
             floor2 = median_ms(lambda i: a @ wo.t(), reps=10, inner=4) * 1e3
-        name = "D%d" % batch if q_len == 1 else "P%d" % q_len
         if "--profile" in sys.argv:
             profile(name, calls("eager")[2])
         floors = (floor1, floor2, floor1 + floor2)

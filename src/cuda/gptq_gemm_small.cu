@@ -9,6 +9,7 @@
 // every SM; partial sums meet in the fp32 accumulator through atomics, and the
 // epilogue kernel that reads the accumulator zeroes it again.
 #include "cuda/kernels.h"
+#include "cuda/pdl.cuh"
 
 #include <algorithm>
 
@@ -92,6 +93,10 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 3 : 2) gptq4_gemm_small
         }
     }
 
+    // Everything above reads only the weights; x and acc come from the kernels
+    // before this one, which may still be running (programmatic launch).
+    wait_for_producers();
+    allow_dependents();
     if (P.xg) {
         // x already gathered into packed row order (by the input staging): a
         // contiguous copy with 16-byte accesses.
@@ -228,9 +233,8 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     }
     const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
     const size_t shared = sizeof(__half) * rows * (chunks_per_block * kPackRows + 8);
-    kernel<<<grid, kWarps * 32, shared, stream>>>(batch, x, x_stride, rows, acc, acc_stride, chunks_per_block);
-    QATTN_LAUNCH_CHECK("gptq4_gemm_small");
-    return QATTN_SUCCESS;
+    return launch_pdl("gptq4_gemm_small", kernel, grid, kWarps * 32, shared, stream, batch, x, x_stride, rows, acc,
+                      acc_stride, chunks_per_block);
 }
 
 }  // namespace qattn::cuda

@@ -1,9 +1,11 @@
 // The end of forward1: one warp per (row, head) of the fused Q|K|V accumulator
 // adds the bias, applies the head norm, rotates (RoPE) and writes fp16, so each
 // head vector makes one trip through registers and shared memory. Accumulator,
-// bias and output move 4 elements per lane access where head_dim allows, and the
-// position (past_lens) is read before the accumulator, so its latency overlaps.
+// bias and output move 4 elements per lane access where head_dim allows. All
+// global loads (accumulator, bias, position, then sin/cos) are issued before
+// the first use, so a warp waits out about one memory latency, not three.
 #include "cuda/kernels.h"
+#include "cuda/pdl.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/vec.cuh"
 
@@ -11,10 +13,13 @@ namespace qattn::cuda {
 namespace {
 
 constexpr int kWarps = 8;
+constexpr int kMaxHeadDim = 512;  // validated by the core
 
 template <int V>
 __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogueParams p) {
     extern __shared__ float head_buffers[];
+    constexpr int kChunks = kMaxHeadDim / (32 * V);  // lane accesses per head vector, at most
+    constexpr int kPairChunks = kMaxHeadDim / 2 / 32;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int heads = p.num_heads + 2 * p.num_kv_heads;
     const int task = blockIdx.x * kWarps + warp;
@@ -30,32 +35,56 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogue
         proj = 2, head = h - p.num_heads - p.num_kv_heads;
     }
     const bool rotate = proj < 2 && p.rope != QATTN_ROPE_NONE;
+    wait_for_producers();
+
     int position = 0;
     if (rotate) {
         const int sequence = row / p.q_len;
         position = (p.past_lens ? p.past_lens[sequence] : p.past_len) + (row - sequence * p.q_len);
     }
-
     float* acc = p.acc + static_cast<size_t>(row) * p.acc_stride + h * D;
-    float* buf = head_buffers + warp * D;
     const __half* bias = p.bias[proj] ? p.bias[proj] + head * D : nullptr;
-    // Only the small-row kernel accumulates with atomics, and only into rows
-    // below kSmallRows; larger calls overwrite their rows, so zeroing stops there.
-    const bool zero = row < kSmallRows;
-    for (int i = lane * V; i < D; i += 32 * V) {
-        float v[V];
-        load_vec<V>(acc + i, v);
+    float v[kChunks][V];
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+        const int i = (lane + 32 * c) * V;
+        if (i >= D) break;
+        load_vec<V>(acc + i, v[c]);
         if (bias) {
             float b[V];
             load_vec<V>(bias + i, b);
 #pragma unroll
-            for (int u = 0; u < V; ++u) v[u] += b[u];
+            for (int u = 0; u < V; ++u) v[c][u] += b[u];
         }
+    }
+    const bool in_range = position >= 0 && position < p.max_positions;
+    const int pairs = p.rotary_dim / 2;
+    float cs[kPairChunks], sn[kPairChunks];
+    if (rotate && in_range) {
+        const float* sin_row = p.sin + static_cast<size_t>(position) * pairs;
+        const float* cos_row = p.cos + static_cast<size_t>(position) * pairs;
+#pragma unroll
+        for (int c = 0; c < kPairChunks; ++c) {
+            const int i = lane + 32 * c;
+            if (i >= pairs) break;
+            cs[c] = cos_row[i];
+            sn[c] = sin_row[i];
+        }
+    }
+
+    float* buf = head_buffers + warp * D;
+    // Only the small-row kernel accumulates with atomics, and only into rows
+    // below kSmallRows; larger calls overwrite their rows, so zeroing stops there.
+    const bool zero = row < kSmallRows;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+        const int i = (lane + 32 * c) * V;
+        if (i >= D) break;
         if (zero) {
             const float zeros[V] = {};
             store_vec<V>(acc + i, zeros);
         }
-        store_vec<V>(buf + i, v);
+        store_vec<V>(buf + i, v[c]);
     }
     __syncwarp();
 
@@ -71,39 +100,42 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogue
         for (int i = lane; i < D; i += 32) squares += (buf[i] - mean) * (buf[i] - mean);
         const float inv = rsqrtf(warp_sum(squares) / D + n.eps);
         const int offset = n.per_head ? head * D : 0;
-        // Each lane rewrites only the elements it read above: no barrier needed.
+        // Each lane rewrites only the elements it summed: no barrier needed here.
         for (int i = lane; i < D; i += 32) {
-            float v = (buf[i] - mean) * inv * __half2float(n.weight[offset + i]);
-            if (n.bias) v += __half2float(n.bias[offset + i]);
-            buf[i] = v;
+            float x = (buf[i] - mean) * inv * __half2float(n.weight[offset + i]);
+            if (n.bias) x += __half2float(n.bias[offset + i]);
+            buf[i] = x;
         }
     }
 
     if (rotate) {
-        if (position < 0 || position >= p.max_positions) {
+        if (!in_range) {
             // Not rotated; the host learns of it through check_device_errors.
             if (lane == 0) atomicExch(p.error_flag, 1);
         } else {
             __syncwarp();
-            const int pairs = p.rotary_dim / 2;
-            const float* sin_row = p.sin + static_cast<size_t>(position) * pairs;
-            const float* cos_row = p.cos + static_cast<size_t>(position) * pairs;
-            for (int i = lane; i < pairs; i += 32) {
+#pragma unroll
+            for (int c = 0; c < kPairChunks; ++c) {
+                const int i = lane + 32 * c;
+                if (i >= pairs) break;
                 const int first = p.rope == QATTN_ROPE_NEOX ? i : 2 * i;
                 const int second = p.rope == QATTN_ROPE_NEOX ? i + pairs : 2 * i + 1;
-                const float a = buf[first], b = buf[second], c = cos_row[i], s = sin_row[i];
-                buf[first] = a * c - b * s;
-                buf[second] = b * c + a * s;
+                const float a = buf[first], b = buf[second];
+                buf[first] = a * cs[c] - b * sn[c];
+                buf[second] = b * cs[c] + a * sn[c];
             }
         }
     }
     __syncwarp();
     const int width = (proj == 0 ? p.num_heads : p.num_kv_heads) * D;
     __half* out = p.out[proj] + static_cast<size_t>(row) * width + head * D;
-    for (int i = lane * V; i < D; i += 32 * V) {
-        float v[V];
-        load_vec<V>(buf + i, v);
-        store_vec<V>(out + i, v);
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+        const int i = (lane + 32 * c) * V;
+        if (i >= D) break;
+        float o[V];
+        load_vec<V>(buf + i, o);
+        store_vec<V>(out + i, o);
     }
 }
 
@@ -116,12 +148,8 @@ qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stre
     const int blocks = (tasks + kWarps - 1) / kWarps;
     const size_t shared = sizeof(float) * kWarps * p.head_dim;
     const bool vec = p.head_dim % 4 == 0 && aligned8(p.out[0]) && aligned8(p.out[1]) && aligned8(p.out[2]);
-    if (vec)
-        head_epilogue_kernel<4><<<blocks, kWarps * 32, shared, stream>>>(p);
-    else
-        head_epilogue_kernel<1><<<blocks, kWarps * 32, shared, stream>>>(p);
-    QATTN_LAUNCH_CHECK("head_epilogue");
-    return QATTN_SUCCESS;
+    return launch_pdl("head_epilogue", vec ? head_epilogue_kernel<4> : head_epilogue_kernel<1>, blocks, kWarps * 32,
+                      shared, stream, p);
 }
 
 }  // namespace qattn::cuda

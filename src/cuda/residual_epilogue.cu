@@ -4,6 +4,7 @@
 // Each thread moves 8 consecutive elements per access (16-byte loads) where the
 // row allows it, so the prefill case runs at the bandwidth of its bytes.
 #include "cuda/kernels.h"
+#include "cuda/pdl.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/vec.cuh"
 
@@ -18,6 +19,7 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
                                                                      NormParams norm, T* __restrict__ x,
                                                                      bool has_residual) {
     __shared__ float scratch[32];
+    wait_for_producers();
     float* y = acc + static_cast<size_t>(blockIdx.x) * width;
     T* row = x + static_cast<size_t>(blockIdx.x) * width;
     auto value = [&](int i, float (&v)[V]) {
@@ -76,25 +78,17 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
 }
 
 template <typename T>
-void launch_typed(const ResidualEpilogueParams& p, cudaStream_t stream) {
-    T* x = static_cast<T*>(p.x);
-    if (rows_vectorizable(p.x, p.width, sizeof(T)))
-        residual_epilogue_kernel<T, 8><<<p.rows, kThreads, 0, stream>>>(p.acc, p.width, p.bias, p.post_norm, x,
-                                                                       p.has_residual);
-    else
-        residual_epilogue_kernel<T, 1><<<p.rows, kThreads, 0, stream>>>(p.acc, p.width, p.bias, p.post_norm, x,
-                                                                       p.has_residual);
+qattn_status launch_typed(const ResidualEpilogueParams& p, cudaStream_t stream) {
+    const auto kernel = rows_vectorizable(p.x, p.width, sizeof(T)) ? residual_epilogue_kernel<T, 8>
+                                                                   : residual_epilogue_kernel<T, 1>;
+    return launch_pdl("residual_epilogue", kernel, p.rows, kThreads, 0, stream, p.acc, p.width, p.bias, p.post_norm,
+                      static_cast<T*>(p.x), p.has_residual);
 }
 
 }  // namespace
 
 qattn_status launch_residual_epilogue(const ResidualEpilogueParams& p, cudaStream_t stream) {
-    if (p.x_fp32)
-        launch_typed<float>(p, stream);
-    else
-        launch_typed<__half>(p, stream);
-    QATTN_LAUNCH_CHECK("residual_epilogue");
-    return QATTN_SUCCESS;
+    return p.x_fp32 ? launch_typed<float>(p, stream) : launch_typed<__half>(p, stream);
 }
 
 }  // namespace qattn::cuda

@@ -4,6 +4,7 @@
 // row; the row is read with 16-byte loads, and for the gather it is kept in
 // shared memory, so the large-row path needs no separate gather pass.
 #include "cuda/kernels.h"
+#include "cuda/pdl.cuh"
 #include "cuda/reduce.cuh"
 #include "cuda/vec.cuh"
 
@@ -16,6 +17,8 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p) {
     extern __shared__ __half staged[];  // [width], only when gathering
     __shared__ float scratch[32];
+    allow_dependents();  // the small-row GEMM may start its weight loads now
+    wait_for_producers();
     const T* row = static_cast<const T*>(p.x) + static_cast<size_t>(blockIdx.x) * p.ldx;
     const int width = p.width;
     const NormParams& norm = p.norm;
@@ -79,17 +82,14 @@ qattn_status launch_typed(const StageRowsParams& p, size_t shared, cudaStream_t 
     if (shared > 48 * 1024)
         QATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(shared)));
-    kernel<<<p.rows, kThreads, shared, stream>>>(p);
-    return QATTN_SUCCESS;
+    return launch_pdl("stage_rows", kernel, p.rows, kThreads, shared, stream, p);
 }
 
 }  // namespace
 
 qattn_status launch_stage_rows(const StageRowsParams& p, cudaStream_t stream) {
     const size_t shared = p.gathered ? sizeof(__half) * p.width : 0;
-    QATTN_TRY(p.x_fp32 ? launch_typed<float>(p, shared, stream) : launch_typed<__half>(p, shared, stream));
-    QATTN_LAUNCH_CHECK("stage_rows");
-    return QATTN_SUCCESS;
+    return p.x_fp32 ? launch_typed<float>(p, shared, stream) : launch_typed<__half>(p, shared, stream);
 }
 
 }  // namespace qattn::cuda

@@ -1,0 +1,57 @@
+// Programmatic dependent launch (sm_90 and newer): a kernel launched with
+// launch_pdl may start while the kernel before it on the stream is still
+// running, and must call wait_for_producers() before it reads anything an
+// earlier kernel wrote or writes anything an earlier kernel reads. Work before
+// that point (the small-row GEMM's weight loads) overlaps the previous kernel
+// and the launch gap. allow_dependents() lets the next such kernel start early.
+// On older devices the launch attribute is left off and both calls do nothing.
+#pragma once
+
+#include "cuda/check.h"
+
+#include <cuda_runtime.h>
+
+#include <utility>
+
+namespace qattn::cuda {
+
+__device__ __forceinline__ void wait_for_producers() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+inline bool pdl_supported() {
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    return major >= 9;
+}
+
+template <typename... Params, typename... Args>
+qattn_status launch_pdl(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
+                        cudaStream_t stream, Args&&... args) {
+    cudaLaunchAttribute attribute;
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = shared;
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = pdl_supported() ? 1 : 0;
+    const cudaError_t error = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+    if (error != cudaSuccess)
+        return fail(QATTN_ERROR_CUDA, "launching the %s kernel failed: %s (%s)", name, cudaGetErrorString(error),
+                    cudaGetErrorName(error));
+    return QATTN_SUCCESS;
+}
+
+}  // namespace qattn::cuda
