@@ -41,6 +41,16 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t bits, __half2 scale, _
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// The four 8x8 fp16 tiles of an m16k16 A fragment from shared memory: lane l
+// names row l % 8 of tile l / 8 (tiles: rows 0-7 / 8-15 x columns 0-7 / 8-15).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t& a0, uint32_t& a1, uint32_t& a2, uint32_t& a3,
+                                            const __half* row) {
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
+                 : "r"(address));
+}
+
 __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                           uint32_t b0, uint32_t b1) {
     asm volatile(
@@ -50,8 +60,42 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// One 128-row chunk of a warp's 8 columns: 8 MMA k-steps on the weights of
+// one 16-byte load. ONE_GROUP: the whole chunk has one scale/zero (the usual
+// case; groups are sorted in packed order), else each step checks its group.
+template <int MT, bool ONE_GROUP>
+__device__ __forceinline__ void chunk_mma(float (&c)[MT][4], const uint4& q, __half2 sz,
+                                          const __half* const (&a_row)[MT], int kbase, const PackedGptq4& w,
+                                          int chunk, int N, int column) {
+    int current = ONE_GROUP ? 0 : w.step_group[chunk * 8];
+    __half2 scale = __half2half2(__low2half(sz));
+    __half2 zero = __half2half2(__high2half(sz));
+    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        if (!ONE_GROUP && j > 0) {
+            const int gj = w.step_group[chunk * 8 + j];  // warp-uniform
+            if (gj != current) {
+                current = gj;
+                const __half2 s = w.scale_zero[static_cast<size_t>(gj) * N + column];
+                scale = __half2half2(__low2half(s));
+                zero = __half2half2(__high2half(s));
+            }
+        }
+        const uint32_t bits = words[j >> 1] >> ((j & 1) * 8);
+        const uint32_t b0 = dequant_pair(bits, scale, zero);
+        const uint32_t b1 = dequant_pair(bits >> 4, scale, zero);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            uint32_t a0, a1, a2, a3;
+            ldmatrix_x4(a0, a1, a2, a3, a_row[m] + kbase + j * 16);
+            mma_16816(c[m], a0, a1, a2, a3, b0, b1);
+        }
+    }
+}
+
 template <int MT>  // m16 tiles: rows <= 16 * MT
-__global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 3 : 2) gptq4_gemm_small_kernel(Batch batch, const __half* __restrict__ x,
+__global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch batch, const __half* __restrict__ x,
                                                                      int x_stride, int rows, float* acc,
                                                                      int acc_stride, int chunks_per_block) {
     extern __shared__ __half xs[];  // [rows][stride]: this block's slice of x, in packed row order
@@ -67,7 +111,8 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 3 : 2) gptq4_gemm_small
     if (chunk0 >= P.w.chunks) return;
     const int chunk_end = min(chunk0 + chunks_per_block, P.w.chunks);
     const int span = (chunk_end - chunk0) * kPackRows;
-    const int stride = chunks_per_block * kPackRows + 8;  // +8 halves: A-fragment reads hit 32 distinct banks
+    // +8 halves: the 8 rows of an ldmatrix tile hit distinct banks.
+    const int stride = chunks_per_block * kPackRows + 8;
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int nt = block_in_problem * kWarps + warp;
@@ -138,48 +183,22 @@ __global__ void __launch_bounds__(kWarps * 32, MT == 1 ? 3 : 2) gptq4_gemm_small
     float c[MT][4];
 #pragma unroll
     for (int m = 0; m < MT; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.0f;
+    // This lane's ldmatrix row of each m16 tile; rows past `rows` read row 0
+    // instead: finite values whose products land only in output rows never stored.
+    const __half* a_row[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        const int r = m * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        a_row[m] = xs + (r < rows ? r : 0) * stride + (lane >> 4) * 8;
+    }
 
 #pragma unroll
     for (int u = 0; u < kMaxChunksPerBlock; ++u) {
         if (chunk0 + u >= chunk_end) break;
-        const bool one_group = !(mixed & (1u << u));
-        int current = one_group ? 0 : P.w.step_group[(chunk0 + u) * 8];
-        __half2 scale = __half2half2(__low2half(sz[u]));
-        __half2 zero = __half2half2(__high2half(sz[u]));
-        const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
-        const int kbase = u * kPackRows;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            if (j > 0 && !one_group) {
-                // Groups are contiguous in packed order: this branch is rarely taken
-                // (only where a group ends inside a 128-row chunk) and warp-uniform.
-                const int gj = P.w.step_group[(chunk0 + u) * 8 + j];
-                if (gj != current) {
-                    current = gj;
-                    const __half2 s = P.w.scale_zero[static_cast<size_t>(gj) * N + column];
-                    scale = __half2half2(__low2half(s));
-                    zero = __half2half2(__high2half(s));
-                }
-            }
-            const uint32_t w = words[j >> 1] >> ((j & 1) * 8);
-            const uint32_t b0 = dequant_pair(w, scale, zero);
-            const uint32_t b1 = dequant_pair(w >> 4, scale, zero);
-            const int k = kbase + j * 16 + 2 * t;
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                const int r0 = m * 16 + g, r1 = r0 + 8;
-                uint32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-                if (r0 < rows) {
-                    a0 = *reinterpret_cast<const uint32_t*>(xs + r0 * stride + k);
-                    a2 = *reinterpret_cast<const uint32_t*>(xs + r0 * stride + k + 8);
-                }
-                if (r1 < rows) {
-                    a1 = *reinterpret_cast<const uint32_t*>(xs + r1 * stride + k);
-                    a3 = *reinterpret_cast<const uint32_t*>(xs + r1 * stride + k + 8);
-                }
-                mma_16816(c[m], a0, a1, a2, a3, b0, b1);
-            }
-        }
+        if (mixed & (1u << u))
+            chunk_mma<MT, false>(c, q[u], sz[u], a_row, u * kPackRows, P.w, chunk0 + u, N, column);
+        else
+            chunk_mma<MT, true>(c, q[u], sz[u], a_row, u * kPackRows, P.w, chunk0 + u, N, column);
     }
 
     const int out_column = P.col_offset + nt * 8 + 2 * t;
