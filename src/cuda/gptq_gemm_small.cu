@@ -63,8 +63,9 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a
 // One 128-row chunk of a warp's 8 columns: 8 MMA k-steps on the weights of
 // one 16-byte load. ONE_GROUP: the whole chunk has one scale/zero (the usual
 // case; groups are sorted in packed order), else each step checks its group.
+// Even and odd steps accumulate into c[0] and c[1]: two independent MMA chains.
 template <int MT, bool ONE_GROUP>
-__device__ __forceinline__ void chunk_mma(float (&c)[MT][4], const uint4& q, __half2 sz,
+__device__ __forceinline__ void chunk_mma(float (&c)[2][MT][4], const uint4& q, __half2 sz,
                                           const __half* const (&a_row)[MT], int kbase, const PackedGptq4& w,
                                           int chunk, int N, int column) {
     int current = ONE_GROUP ? 0 : w.step_group[chunk * 8];
@@ -89,7 +90,7 @@ __device__ __forceinline__ void chunk_mma(float (&c)[MT][4], const uint4& q, __h
         for (int m = 0; m < MT; ++m) {
             uint32_t a0, a1, a2, a3;
             ldmatrix_x4(a0, a1, a2, a3, a_row[m] + kbase + j * 16);
-            mma_16816(c[m], a0, a1, a2, a3, b0, b1);
+            mma_16816(c[j & 1][m], a0, a1, a2, a3, b0, b1);
         }
     }
 }
@@ -180,9 +181,11 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
     __syncthreads();
     if (!active) return;
 
-    float c[MT][4];
+    float c[2][MT][4];
 #pragma unroll
-    for (int m = 0; m < MT; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.0f;
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[0][m][e] = c[1][m][e] = 0.0f;
     // This lane's ldmatrix row of each m16 tile; rows past `rows` read row 0
     // instead: finite values whose products land only in output rows never stored.
     const __half* a_row[MT];
@@ -206,12 +209,12 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
     for (int m = 0; m < MT; ++m) {
         const int r0 = m * 16 + g, r1 = r0 + 8;
         if (r0 < rows) {
-            atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_column, c[m][0]);
-            atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_column + 1, c[m][1]);
+            atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_column, c[0][m][0] + c[1][m][0]);
+            atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_column + 1, c[0][m][1] + c[1][m][1]);
         }
         if (r1 < rows) {
-            atomicAdd(acc + static_cast<size_t>(r1) * acc_stride + out_column, c[m][2]);
-            atomicAdd(acc + static_cast<size_t>(r1) * acc_stride + out_column + 1, c[m][3]);
+            atomicAdd(acc + static_cast<size_t>(r1) * acc_stride + out_column, c[0][m][2] + c[1][m][2]);
+            atomicAdd(acc + static_cast<size_t>(r1) * acc_stride + out_column + 1, c[0][m][3] + c[1][m][3]);
         }
     }
 }

@@ -13,13 +13,14 @@ namespace qattn::cuda {
 namespace {
 
 constexpr int kWarps = 8;
-constexpr int kMaxHeadDim = 512;  // validated by the core
 
-template <int V>
+// MAX_D: head_dim bound that sizes the register arrays (128 for the usual
+// heads: fewer registers, more warps per SM; 512, the core's limit, otherwise).
+template <int V, int MAX_D>
 __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogueParams p) {
     extern __shared__ float head_buffers[];
-    constexpr int kChunks = kMaxHeadDim / (32 * V);  // lane accesses per head vector, at most
-    constexpr int kPairChunks = kMaxHeadDim / 2 / 32;
+    constexpr int kChunks = MAX_D / (32 * V);  // lane accesses per head vector, at most
+    constexpr int kPairChunks = (MAX_D / 2 + 31) / 32;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int heads = p.num_heads + 2 * p.num_kv_heads;
     const int task = blockIdx.x * kWarps + warp;
@@ -148,8 +149,10 @@ qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stre
     const int blocks = (tasks + kWarps - 1) / kWarps;
     const size_t shared = sizeof(float) * kWarps * p.head_dim;
     const bool vec = p.head_dim % 4 == 0 && aligned8(p.out[0]) && aligned8(p.out[1]) && aligned8(p.out[2]);
-    return launch_pdl("head_epilogue", vec ? head_epilogue_kernel<4> : head_epilogue_kernel<1>, blocks, kWarps * 32,
-                      shared, stream, p);
+    const bool small = p.head_dim <= 128;
+    const auto kernel = vec ? (small ? head_epilogue_kernel<4, 128> : head_epilogue_kernel<4, 512>)
+                            : (small ? head_epilogue_kernel<1, 128> : head_epilogue_kernel<1, 512>);
+    return launch_pdl("head_epilogue", kernel, blocks, kWarps * 32, shared, stream, p);
 }
 
 }  // namespace qattn::cuda
