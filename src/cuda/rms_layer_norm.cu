@@ -1,8 +1,9 @@
 // Stages rows of the layer input as the fp16 activations the projections read:
 // input norm (RMS or Layer, fp32 statistics) or a plain conversion, written in
 // input-feature order and/or gathered into a packed GPTQ row order. One block per
-// row; the row is read with 16-byte loads, and for the gather it is kept in
-// shared memory, so the large-row path needs no separate gather pass.
+// row; the row is read once with 16-byte loads into registers (up to 8192
+// elements), and for the gather kept in shared memory, so the large-row path
+// needs no separate gather pass.
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
 #include "cuda/reduce.cuh"
@@ -13,7 +14,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T, int V>
+// C > 0: the row's C accesses per thread stay in registers, so the row is read
+// from memory once (width <= kThreads * V * C); C = 0 re-reads it per pass.
+template <typename T, int V, int C>
 __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p) {
     extern __shared__ __half staged[];  // [width], only when gathering
     __shared__ float scratch[32];
@@ -23,32 +26,54 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p)
     const int width = p.width;
     const NormParams& norm = p.norm;
 
+    float cache[C > 0 ? C : 1][V];
+    if constexpr (C > 0) {
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            const int i = (threadIdx.x + c * kThreads) * V;
+            if (i < width) load_vec<V>(row + i, cache[c]);
+        }
+    }
+    // f(i, values) for each of this thread's accesses.
+    const auto visit = [&](auto&& f) {
+        if constexpr (C > 0) {
+#pragma unroll
+            for (int c = 0; c < C; ++c) {
+                const int i = (threadIdx.x + c * kThreads) * V;
+                if (i < width) f(i, cache[c]);
+            }
+        } else {
+            for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
+                float v[V];
+                load_vec<V>(row + i, v);
+                f(i, v);
+            }
+        }
+    };
+
     float mean = 0.0f, inv = 1.0f;
     if (norm.type != QATTN_NORM_NONE) {
         if (norm.type == QATTN_NORM_LAYER) {
             float sum = 0.0f;
-            for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
-                float v[V];
-                load_vec<V>(row + i, v);
+            visit([&](int, const float(&v)[V]) {
 #pragma unroll
                 for (int u = 0; u < V; ++u) sum += v[u];
-            }
+            });
             mean = block_sum(sum, scratch) / width;
         }
         float squares = 0.0f;
-        for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
-            float v[V];
-            load_vec<V>(row + i, v);
+        visit([&](int, const float(&v)[V]) {
 #pragma unroll
             for (int u = 0; u < V; ++u) squares += (v[u] - mean) * (v[u] - mean);
-        }
+        });
         inv = rsqrtf(block_sum(squares, scratch) / width + norm.eps);
     }
 
     __half* out = p.out ? p.out + static_cast<size_t>(blockIdx.x) * width : nullptr;
-    for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
+    visit([&](int i, const float(&x)[V]) {
         float v[V];
-        load_vec<V>(row + i, v);
+#pragma unroll
+        for (int u = 0; u < V; ++u) v[u] = x[u];
         if (norm.type != QATTN_NORM_NONE) {
             float w[V], b[V];
             load_vec<V>(norm.weight + i, w);
@@ -58,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p)
         }
         if (out) store_vec<V>(out + i, v);
         if (p.gathered) store_vec<V>(staged + i, v);
-    }
+    });
     if (!p.gathered) return;
     __syncthreads();
     // columns % 8 == 0 (packed rows come in chunks of 128) and gathered is 16-byte aligned.
@@ -78,7 +103,10 @@ template <typename T>
 qattn_status launch_typed(const StageRowsParams& p, size_t shared, cudaStream_t stream) {
     const bool vec = rows_vectorizable(p.x, p.ldx, sizeof(T)) && p.width % 8 == 0 &&
                      (!p.out || rows_vectorizable(p.out, p.width, 2));
-    auto kernel = vec ? stage_rows_kernel<T, 8> : stage_rows_kernel<T, 1>;
+    auto kernel = !vec                          ? stage_rows_kernel<T, 1, 0>
+                  : p.width <= kThreads * 8 * 2 ? stage_rows_kernel<T, 8, 2>
+                  : p.width <= kThreads * 8 * 4 ? stage_rows_kernel<T, 8, 4>
+                                                : stage_rows_kernel<T, 8, 0>;
     if (shared > 48 * 1024)
         QATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(shared)));
