@@ -1,8 +1,9 @@
 // The attention block on a CUDA device. forward1:
-//   [input norm -> fp16]  ->  Q|K|V into one fp32 accumulator (packed GPTQ 4-bit
-//   and <= 32 rows: one tensor-core launch for all three; otherwise cuBLAS, with
-//   packed weights dequantized a bounded slice of columns at a time against x
-//   gathered into their packed row order)  ->  LoRA
+//   [input norm -> fp16, written in input order and/or gathered into the packed
+//   row order of the GPTQ matrices, one kernel]  ->  Q|K|V into one fp32
+//   accumulator (packed GPTQ 4-bit and <= 32 rows: one tensor-core launch for all
+//   three; otherwise cuBLAS, with packed weights dequantized a bounded slice of
+//   columns at a time against the gathered x)  ->  LoRA
 //   (two cuBLAS GEMMs per adapter, accumulating into the same buffer)  ->  one
 //   epilogue kernel: bias, head norms, RoPE, fp16 q/k/v, and the accumulator
 //   rows that split-K atomics use zeroed again.
