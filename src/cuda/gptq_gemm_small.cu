@@ -36,6 +36,106 @@ __device__ __forceinline__ uint4 load_streaming(const uint4* p) {
     return v;
 }
 
+// The problem of this block (blockIdx.x) and the block's index within it.
+__device__ __forceinline__ SmallGemmProblem block_problem(const Batch& batch, int* block_in_problem) {
+    int pi = 0;
+#pragma unroll
+    for (int i = 1; i < kMaxProblems; ++i)
+        if (i < batch.count && static_cast<int>(blockIdx.x) >= batch.block_begin[i]) pi = i;
+    *block_in_problem = blockIdx.x - (pi == 0 ? batch.block_begin[0] : pi == 1 ? batch.block_begin[1]
+                                                                               : batch.block_begin[2]);
+    return pi == 0 ? batch.p[0] : pi == 1 ? batch.p[1] : batch.p[2];
+}
+
+// The input feature of each packed row this thread gathers (perm, constant:
+// loaded before the wait for the kernel that writes x), when x is not pre-gathered.
+template <int PU>  // packed rows per thread: span <= PU * blockDim.x
+__device__ __forceinline__ void load_perm(int (&src)[PU], const SmallGemmProblem& P, int chunk0, int span) {
+#pragma unroll
+    for (int u = 0; u < PU; ++u) {
+        const int kk = threadIdx.x + u * blockDim.x;
+        src[u] = !P.xg && kk < span ? P.w.perm[chunk0 * kPackRows + kk] : -1;
+    }
+}
+
+// xs[r * stride + kk] = x of row r at packed row chunk0 * 128 + kk, kk < span,
+// from x pre-gathered into packed row order (by the input staging): a
+// contiguous copy with 16-byte accesses. HI_SIXTEENTH: rows 8..15 of every
+// 16-row MMA step are divided by 16 (exact in fp16 but for results below
+// 2^-14), which the swapped kernel's dequantization of the high nibbles (16 q
+// without a shift) expects.
+template <bool HI_SIXTEENTH>
+__device__ __forceinline__ void copy_x(__half* xs, int stride, const SmallGemmProblem& P, int rows, int chunk0,
+                                       int span) {
+    const __half2 sixteenth = __float2half2_rn(0.0625f);
+    const int pieces = span / 8, total = rows * pieces;
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+        const int r = i / pieces, c = i - r * pieces;
+        uint4 v = *reinterpret_cast<const uint4*>(P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows +
+                                                  chunk0 * kPackRows + c * 8);
+        if (HI_SIXTEENTH && (c & 1)) {
+            __half2* h = reinterpret_cast<__half2*>(&v);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) h[e] = __hmul2(h[e], sixteenth);
+        }
+        *reinterpret_cast<uint4*>(xs + r * stride + c * 8) = v;
+    }
+}
+
+// The same for the small kernel, gathering through perm where x is not
+// pre-gathered: every (row, column) a scattered 2-byte load, so this path is for
+// few rows; 8 (perm, x) load pairs per thread in flight.
+__device__ __forceinline__ void stage_x(__half* xs, int stride, const SmallGemmProblem& P, const __half* x,
+                                        int x_stride, int rows, int chunk0, int span) {
+    if (P.xg) return copy_x<false>(xs, stride, P, rows, chunk0, span);
+    const int total = rows * span;
+    for (int base = threadIdx.x; base < total; base += 8 * blockDim.x) {
+        __half v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = base + u * blockDim.x;
+            v[u] = __float2half(0.0f);
+            if (i < total) {
+                const int r = i / span, kk = i - r * span;
+                const int src = P.w.perm[chunk0 * kPackRows + kk];
+                if (src >= 0) v[u] = x[static_cast<size_t>(r) * x_stride + src];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int i = base + u * blockDim.x;
+            if (i < total) {
+                const int r = i / span;
+                xs[r * stride + i - r * span] = v[u];
+            }
+        }
+    }
+}
+
+// The swapped kernel's staging (rows 8..15 of a step / 16); the gather reads
+// perm from registers (src, loaded before the wait for x).
+template <int PU>
+__device__ __forceinline__ void stage_x_swapped(__half* xs, int stride, const SmallGemmProblem& P,
+                                                const int (&src)[PU], const __half* x, int x_stride, int rows,
+                                                int chunk0, int span) {
+    if (P.xg) return copy_x<true>(xs, stride, P, rows, chunk0, span);
+    const __half sixteenth = __float2half(0.0625f);
+#pragma unroll 2
+    for (int r = 0; r < rows; ++r) {
+        __half v[PU];
+#pragma unroll
+        for (int u = 0; u < PU; ++u) {
+            v[u] = src[u] >= 0 ? x[static_cast<size_t>(r) * x_stride + src[u]] : __float2half(0.0f);
+            if ((threadIdx.x + u * blockDim.x) & 8) v[u] = __hmul(v[u], sixteenth);
+        }
+#pragma unroll
+        for (int u = 0; u < PU; ++u) {
+            const int kk = threadIdx.x + u * blockDim.x;
+            if (kk < span) xs[r * stride + kk] = v[u];
+        }
+    }
+}
+
 // Two nibbles at bits [0,4) and [16,20) of `bits` -> fp16x2 weights.
 __device__ __forceinline__ uint32_t dequant_pair(uint32_t bits, __half2 scale, __half2 zero) {
     uint32_t h = (bits & 0x000F000Fu) | 0x64006400u;
@@ -102,14 +202,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
                                                                      int x_stride, int rows, float* acc,
                                                                      int acc_stride, int chunks_per_block) {
     extern __shared__ __half xs[];  // [rows][stride]: this block's slice of x, in packed row order
-    int pi = 0;
-#pragma unroll
-    for (int i = 1; i < kMaxProblems; ++i)
-        if (i < batch.count && static_cast<int>(blockIdx.x) >= batch.block_begin[i]) pi = i;
-    const SmallGemmProblem P = pi == 0 ? batch.p[0] : pi == 1 ? batch.p[1] : batch.p[2];
-    const int block_in_problem = blockIdx.x - (pi == 0 ? batch.block_begin[0] : pi == 1 ? batch.block_begin[1]
-                                                                                         : batch.block_begin[2]);
-
+    int block_in_problem = 0;
+    const SmallGemmProblem P = block_problem(batch, &block_in_problem);
     const int chunk0 = blockIdx.y * chunks_per_block;
     if (chunk0 >= P.w.chunks) return;
     const int chunk_end = min(chunk0 + chunks_per_block, P.w.chunks);
@@ -145,41 +239,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
     // before this one, which may still be running (programmatic launch).
     wait_for_producers();
     allow_dependents();
-    if (P.xg) {
-        // x already gathered into packed row order (by the input staging): a
-        // contiguous copy with 16-byte accesses.
-        const int pieces = span / 8, total = rows * pieces;
-        for (int i = threadIdx.x; i < total; i += blockDim.x) {
-            const int r = i / pieces, c = i - r * pieces;
-            *reinterpret_cast<uint4*>(xs + r * stride + c * 8) = *reinterpret_cast<const uint4*>(
-                P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows + c * 8);
-        }
-    } else {
-        // Gather through perm: every (row, column) is a scattered 2-byte load, so
-        // this path is for few rows; 8 (perm, x) load pairs per thread in flight.
-        const int total = rows * span;
-        for (int base = threadIdx.x; base < total; base += 8 * blockDim.x) {
-            __half v[8];
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                const int i = base + u * blockDim.x;
-                v[u] = __float2half(0.0f);
-                if (i < total) {
-                    const int r = i / span, kk = i - r * span;
-                    const int src = P.w.perm[chunk0 * kPackRows + kk];
-                    if (src >= 0) v[u] = x[static_cast<size_t>(r) * x_stride + src];
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                const int i = base + u * blockDim.x;
-                if (i < total) {
-                    const int r = i / span;
-                    xs[r * stride + i - r * span] = v[u];
-                }
-            }
-        }
-    }
+    stage_x(xs, stride, P, x, x_stride, rows, chunk0, span);
     __syncthreads();
     if (!active) return;
 
@@ -221,6 +281,149 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
     }
 }
 
+// rows <= 8: the operands swapped. The weights are the m16 operand (16 output
+// columns: the packed n-tiles 2i and 2i+1, whose B fragments of lane (g, t) are
+// exactly its A fragment registers a0/a2 and a1/a3) and x the n8 operand, so no
+// MMA rows are wasted and each MMA consumes twice the weights. The low nibbles
+// of a word (rows 0..7 of a step) give 1024 + q and the high ones (rows 8..15)
+// 1024 + 16 q by one lop3 each without a shift, x of rows 8..15 having been
+// divided by 16 when staged. ONE_GROUP chunks subtract the zero only (exact
+// small integers) and apply the scale once per chunk in fp32; chunks spanning
+// several groups scale in fp16 per step.
+constexpr int kSwapMaxChunksPerBlock = 4;  // x 2 tiles: 8 weight loads per lane in flight
+
+template <bool ONE_GROUP>
+__device__ __forceinline__ void chunk_mma_swapped(float (&acc)[4], const uint4& qa, const uint4& qb, __half2 sza,
+                                                  __half2 szb, const __half* x_row, int kbase, const PackedGptq4& w,
+                                                  int chunk, int N, int column_a, int column_b) {
+    const __half2 sixteen = __float2half2_rn(16.0f), bias16 = __float2half2_rn(15360.0f);
+    // (1024 + z, 1024 + 16 z) per column; scales as fp16 (mixed) or fp32 (one group).
+    __half2 za = __half2half2(__high2half(sza)), zb = __half2half2(__high2half(szb));
+    __half2 za16 = __hsub2(__hmul2(za, sixteen), bias16), zb16 = __hsub2(__hmul2(zb, sixteen), bias16);
+    __half2 sa = __half2half2(__low2half(sza)), sb = __half2half2(__low2half(szb));
+    int current = ONE_GROUP ? 0 : w.step_group[chunk * 8];
+    const uint32_t words_a[4] = {qa.x, qa.y, qa.z, qa.w}, words_b[4] = {qb.x, qb.y, qb.z, qb.w};
+    float d[2][4] = {};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        if (!ONE_GROUP && j > 0) {
+            const int gj = w.step_group[chunk * 8 + j];  // warp-uniform
+            if (gj != current) {
+                current = gj;
+                const __half2 a = w.scale_zero[static_cast<size_t>(gj) * N + column_a];
+                const __half2 b = w.scale_zero[static_cast<size_t>(gj) * N + column_b];
+                za = __half2half2(__high2half(a));
+                zb = __half2half2(__high2half(b));
+                za16 = __hsub2(__hmul2(za, sixteen), bias16);
+                zb16 = __hsub2(__hmul2(zb, sixteen), bias16);
+                sa = __half2half2(__low2half(a));
+                sb = __half2half2(__low2half(b));
+            }
+        }
+        uint32_t b[4];
+        if ((j & 1) == 0) ldmatrix_x4(b[0], b[1], b[2], b[3], x_row + kbase + j * 16);
+        const uint32_t wa = words_a[j >> 1] >> ((j & 1) * 8), wb = words_b[j >> 1] >> ((j & 1) * 8);
+        uint32_t lo_a = (wa & 0x000F000Fu) | 0x64006400u, hi_a = (wa & 0x00F000F0u) | 0x64006400u;
+        uint32_t lo_b = (wb & 0x000F000Fu) | 0x64006400u, hi_b = (wb & 0x00F000F0u) | 0x64006400u;
+        __half2 a0 = __hsub2(*reinterpret_cast<__half2*>(&lo_a), za);
+        __half2 a2 = __hsub2(*reinterpret_cast<__half2*>(&hi_a), za16);
+        __half2 a1 = __hsub2(*reinterpret_cast<__half2*>(&lo_b), zb);
+        __half2 a3 = __hsub2(*reinterpret_cast<__half2*>(&hi_b), zb16);
+        if (!ONE_GROUP) {
+            a0 = __hmul2(a0, sa), a2 = __hmul2(a2, sa);
+            a1 = __hmul2(a1, sb), a3 = __hmul2(a3, sb);
+        }
+        static_assert(sizeof(__half2) == sizeof(uint32_t));
+        mma_16816(d[j & 1], *reinterpret_cast<uint32_t*>(&a0), *reinterpret_cast<uint32_t*>(&a1),
+                  *reinterpret_cast<uint32_t*>(&a2), *reinterpret_cast<uint32_t*>(&a3), b[(j & 1) * 2],
+                  b[(j & 1) * 2 + 1]);
+    }
+    // d[.][0..1]: column a, x rows 2t, 2t+1; d[.][2..3]: column b.
+    const float fa = ONE_GROUP ? __low2float(sza) : 1.0f, fb = ONE_GROUP ? __low2float(szb) : 1.0f;
+    acc[0] = fmaf(fa, d[0][0] + d[1][0], acc[0]);
+    acc[1] = fmaf(fa, d[0][1] + d[1][1], acc[1]);
+    acc[2] = fmaf(fb, d[0][2] + d[1][2], acc[2]);
+    acc[3] = fmaf(fb, d[0][3] + d[1][3], acc[3]);
+}
+
+__global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x,
+                                                                       int x_stride, int rows, float* acc,
+                                                                       int acc_stride, int chunks_per_block) {
+    extern __shared__ __half xs[];  // [rows][stride], rows 8..15 of each step / 16
+    int block_in_problem = 0;
+    const SmallGemmProblem P = block_problem(batch, &block_in_problem);
+
+    const int chunk0 = blockIdx.y * chunks_per_block;
+    if (chunk0 >= P.w.chunks) return;
+    const int chunk_end = min(chunk0 + chunks_per_block, P.w.chunks);
+    const int span = (chunk_end - chunk0) * kPackRows;
+    const int stride = chunks_per_block * kPackRows + 8;  // +8 halves: ldmatrix rows on distinct banks
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int pair = block_in_problem * kWarps + warp;  // n-tiles 2 pair, 2 pair + 1
+    const bool active = 2 * pair < P.n_tiles;
+    const int tile_a = active ? 2 * pair : 0;
+    const bool has_b = tile_a + 1 < P.n_tiles;  // an odd tile count leaves the last pair half empty
+    const int tile_b = has_b ? tile_a + 1 : tile_a;
+    const int g = lane >> 2, t = lane & 3;
+    const int N = P.n_tiles * 8;
+    const int column_a = tile_a * 8 + g, column_b = tile_b * 8 + g;
+    const size_t chunk_stride = static_cast<size_t>(P.n_tiles) * 32;
+    const uint4* qa_ptr = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + tile_a) * 32 + lane;
+    const uint4* qb_ptr = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + tile_b) * 32 + lane;
+
+    uint4 qa[kSwapMaxChunksPerBlock], qb[kSwapMaxChunksPerBlock];
+    __half2 sza[kSwapMaxChunksPerBlock], szb[kSwapMaxChunksPerBlock];
+    uint32_t mixed = 0;
+#pragma unroll
+    for (int u = 0; u < kSwapMaxChunksPerBlock; ++u) {
+        if (active && chunk0 + u < chunk_end) {
+            qa[u] = load_streaming(qa_ptr + static_cast<size_t>(u) * chunk_stride);
+            qb[u] = load_streaming(qb_ptr + static_cast<size_t>(u) * chunk_stride);
+            const int first = P.w.step_group[(chunk0 + u) * 8];
+            if (first != P.w.step_group[(chunk0 + u) * 8 + 7]) mixed |= 1u << u;
+            sza[u] = P.w.scale_zero[static_cast<size_t>(first) * N + column_a];
+            szb[u] = P.w.scale_zero[static_cast<size_t>(first) * N + column_b];
+        }
+    }
+
+    int src[kSwapMaxChunksPerBlock * kPackRows / (kWarps * 32)];
+    load_perm(src, P, chunk0, span);
+
+    wait_for_producers();
+    allow_dependents();
+    stage_x_swapped(xs, stride, P, src, x, x_stride, rows, chunk0, span);
+    __syncthreads();
+    if (!active) return;
+
+    // ldmatrix.x4 of two k-steps: lanes 0-7 / 8-15 / 16-23 / 24-31 address the x
+    // rows 0..7 at k offsets 0 / 8 / 16 / 24 (rows past `rows` read row 0: their
+    // outputs are never stored).
+    const int r = lane & 7;
+    const __half* x_row = xs + (r < rows ? r : 0) * stride + (lane >> 3) * 8;
+    float c[4] = {};
+#pragma unroll
+    for (int u = 0; u < kSwapMaxChunksPerBlock; ++u) {
+        if (chunk0 + u >= chunk_end) break;
+        if (mixed & (1u << u))
+            chunk_mma_swapped<false>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                     column_a, column_b);
+        else
+            chunk_mma_swapped<true>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                    column_a, column_b);
+    }
+
+    const int r0 = 2 * t, out_a = P.col_offset + column_a, out_b = P.col_offset + column_b;
+    if (r0 < rows) {
+        atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_a, c[0]);
+        if (has_b) atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_b, c[2]);
+    }
+    if (r0 + 1 < rows) {
+        atomicAdd(acc + static_cast<size_t>(r0 + 1) * acc_stride + out_a, c[1]);
+        if (has_b) atomicAdd(acc + static_cast<size_t>(r0 + 1) * acc_stride + out_b, c[3]);
+    }
+}
+
 }  // namespace
 
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
@@ -228,13 +431,16 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     if (count <= 0) return QATTN_SUCCESS;
     if (count > kMaxProblems || rows < 1 || rows > kSmallRows)
         return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: %d problems, %d rows", count, rows);
+    // rows <= 8: the swapped kernel, 16 columns a warp; else 8 columns a warp.
+    const bool swapped = rows <= 8;
+    const int columns_per_block = kWarps * 8 * (swapped ? 2 : 1);
     Batch batch{};
     batch.count = count;
     int blocks_x = 0, max_chunks = 0;
     for (int i = 0; i < count; ++i) {
         batch.p[i] = problems[i];
         batch.block_begin[i] = blocks_x;
-        blocks_x += (problems[i].n_tiles + kWarps - 1) / kWarps;
+        blocks_x += (problems[i].n_tiles * 8 + columns_per_block - 1) / columns_per_block;
         max_chunks = std::max(max_chunks, problems[i].w.chunks);
     }
     for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks_x;
@@ -242,8 +448,11 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     // whole grid is resident at once, so every weight load of the call is in
     // flight together; shared memory (x slice) stays under the 48 KB default.
     const int max_by_shared = std::max(1, ((48 << 10) / (2 * rows) - 8) / kPackRows);
-    const int max_chunks_per_block = std::min(kMaxChunksPerBlock, max_by_shared);
-    const auto kernel = rows <= 16 ? gptq4_gemm_small_kernel<1> : gptq4_gemm_small_kernel<2>;
+    const int max_chunks_per_block =
+        std::min(swapped ? kSwapMaxChunksPerBlock : kMaxChunksPerBlock, max_by_shared);
+    const auto kernel = swapped ? gptq4_gemm_swapped_kernel
+                        : rows <= 16 ? gptq4_gemm_small_kernel<1>
+                                     : gptq4_gemm_small_kernel<2>;
     const size_t max_shared = sizeof(__half) * rows * (max_chunks_per_block * kPackRows + 8);
     int per_sm = 0;
     QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, max_shared));
@@ -257,8 +466,8 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     }
     const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
     const size_t shared = sizeof(__half) * rows * (chunks_per_block * kPackRows + 8);
-    return launch_pdl("gptq4_gemm_small", kernel, grid, kWarps * 32, shared, stream, batch, x, x_stride, rows, acc,
-                      acc_stride, chunks_per_block);
+    return launch_pdl(swapped ? "gptq4_gemm_swapped" : "gptq4_gemm_small", kernel, grid, kWarps * 32, shared,
+                      stream, batch, x, x_stride, rows, acc, acc_stride, chunks_per_block);
 }
 
 }  // namespace qattn::cuda

@@ -21,10 +21,31 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p)
     extern __shared__ __half staged[];  // [width], only when gathering
     __shared__ float scratch[32];
     allow_dependents();  // the small-row GEMM may start its weight loads now
-    wait_for_producers();
-    const T* row = static_cast<const T*>(p.x) + static_cast<size_t>(blockIdx.x) * p.ldx;
     const int width = p.width;
     const NormParams& norm = p.norm;
+    // Constants (norm weights, the first C gather steps' perm) do not depend on
+    // the previous kernel: loaded before the wait, so at one row their latency
+    // is not added to that of x.
+    constexpr int CW = C > 0 && V == 8 ? C : 0;
+    uint4 wraw[CW > 0 ? CW : 1], braw[CW > 0 ? CW : 1];
+    int4 pre[CW > 0 ? CW : 1][2];
+    if constexpr (CW > 0) {
+#pragma unroll
+        for (int c = 0; c < CW; ++c) {
+            const int i = (threadIdx.x + c * kThreads) * V;
+            if (norm.type != QATTN_NORM_NONE && i < width) {
+                wraw[c] = *reinterpret_cast<const uint4*>(norm.weight + i);
+                if (norm.bias) braw[c] = *reinterpret_cast<const uint4*>(norm.bias + i);
+            }
+            const int j = (threadIdx.x + c * kThreads) * 8;
+            if (p.gathered && j < p.columns) {
+                pre[c][0] = *reinterpret_cast<const int4*>(p.perm + j);
+                pre[c][1] = *reinterpret_cast<const int4*>(p.perm + j + 4);
+            }
+        }
+    }
+    wait_for_producers();
+    const T* row = static_cast<const T*>(p.x) + static_cast<size_t>(blockIdx.x) * p.ldx;
 
     float cache[C > 0 ? C : 1][V];
     if constexpr (C > 0) {
@@ -34,19 +55,19 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p)
             if (i < width) load_vec<V>(row + i, cache[c]);
         }
     }
-    // f(i, values) for each of this thread's accesses.
+    // f(i, values, c) for each of this thread's accesses (c: its index when cached).
     const auto visit = [&](auto&& f) {
         if constexpr (C > 0) {
 #pragma unroll
             for (int c = 0; c < C; ++c) {
                 const int i = (threadIdx.x + c * kThreads) * V;
-                if (i < width) f(i, cache[c]);
+                if (i < width) f(i, cache[c], c);
             }
         } else {
             for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
                 float v[V];
                 load_vec<V>(row + i, v);
-                f(i, v);
+                f(i, v, 0);
             }
         }
     };
@@ -55,14 +76,14 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p)
     if (norm.type != QATTN_NORM_NONE) {
         if (norm.type == QATTN_NORM_LAYER) {
             float sum = 0.0f;
-            visit([&](int, const float(&v)[V]) {
+            visit([&](int, const float(&v)[V], int) {
 #pragma unroll
                 for (int u = 0; u < V; ++u) sum += v[u];
             });
             mean = block_sum(sum, scratch) / width;
         }
         float squares = 0.0f;
-        visit([&](int, const float(&v)[V]) {
+        visit([&](int, const float(&v)[V], int) {
 #pragma unroll
             for (int u = 0; u < V; ++u) squares += (v[u] - mean) * (v[u] - mean);
         });
@@ -70,14 +91,19 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p)
     }
 
     __half* out = p.out ? p.out + static_cast<size_t>(blockIdx.x) * width : nullptr;
-    visit([&](int i, const float(&x)[V]) {
+    visit([&](int i, const float(&x)[V], int c) {
         float v[V];
 #pragma unroll
         for (int u = 0; u < V; ++u) v[u] = x[u];
         if (norm.type != QATTN_NORM_NONE) {
             float w[V], b[V];
-            load_vec<V>(norm.weight + i, w);
-            if (norm.bias) load_vec<V>(norm.bias + i, b);
+            if constexpr (CW > 0) {
+                load_vec<V>(reinterpret_cast<const __half*>(&wraw[c]), w);
+                if (norm.bias) load_vec<V>(reinterpret_cast<const __half*>(&braw[c]), b);
+            } else {
+                load_vec<V>(norm.weight + i, w);
+                if (norm.bias) load_vec<V>(norm.bias + i, b);
+            }
 #pragma unroll
             for (int u = 0; u < V; ++u) v[u] = (v[u] - mean) * inv * w[u] + (norm.bias ? b[u] : 0.0f);
         }
@@ -88,15 +114,22 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p)
     __syncthreads();
     // columns % 8 == 0 (packed rows come in chunks of 128) and gathered is 16-byte aligned.
     __half* dst = p.gathered + static_cast<size_t>(blockIdx.x) * p.columns;
-    for (int j = threadIdx.x * 8; j < p.columns; j += kThreads * 8) {
-        const int4 a = *reinterpret_cast<const int4*>(p.perm + j), b = *reinterpret_cast<const int4*>(p.perm + j + 4);
+    const auto gather8 = [&](int j, const int4& a, const int4& b) {
         const int src[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
         uint4 packed;
         __half* h = reinterpret_cast<__half*>(&packed);
 #pragma unroll
         for (int u = 0; u < 8; ++u) h[u] = src[u] >= 0 ? staged[src[u]] : __float2half(0.0f);
         *reinterpret_cast<uint4*>(dst + j) = packed;
+    };
+    int j0 = threadIdx.x * 8;
+    if constexpr (CW > 0) {
+#pragma unroll
+        for (int c = 0; c < CW; ++c, j0 += kThreads * 8)
+            if (j0 < p.columns) gather8(j0, pre[c][0], pre[c][1]);
     }
+    for (int j = j0; j < p.columns; j += kThreads * 8)
+        gather8(j, *reinterpret_cast<const int4*>(p.perm + j), *reinterpret_cast<const int4*>(p.perm + j + 4));
 }
 
 template <typename T>
