@@ -143,20 +143,22 @@ def check_inputs(q, k, v, step):
         raise bad("q has %d heads, not a multiple of the cache's %d KV heads" % (q.shape[2], cache.num_kv_heads))
 
 
-def _write_torch(k, v, step):
-    cache = step.cache
-    positions = step.past_lens.to(torch.int64)[:, None] + torch.arange(step.q_len, device=cache.device)
+def _slots(step):
+    """Where the step's new tokens go, int [batch, q_len] indices into the cache's
+    k/v flattened over their first two axes, and their positions [batch, q_len].
+    Worked out on the device from the lengths and block table there: a handful of
+    small ops and no transfer from the host."""
+    cache, rows = step.cache, step.rows
+    positions = step.past_lens.view(-1, 1)
+    if step.q_len > 1:
+        positions = positions + cache.offsets[: step.q_len]
     if isinstance(cache, PagedKVCache):
-        table = step.block_table().to(torch.int64)
-        pages = table.gather(1, torch.div(positions, cache.block_size, rounding_mode="floor"))
-        slots = positions % cache.block_size
-        cache.k[pages, slots] = k
-        cache.v[pages, slots] = v
-    else:
-        rows = step.index[:, None].expand(-1, step.q_len)
-        cache.k[rows, positions] = k
-        cache.v[rows, positions] = v
-    return positions
+        size = cache.block_size
+        nth = torch.div(positions, size, rounding_mode="floor")
+        pages = cache.pages64_flat.take(rows.base + nth)
+        # page * size + position % size, as position + (page - nth) * size
+        return torch.add(positions, pages - nth, alpha=size), positions
+    return rows.base + positions, positions
 
 
 def _gather_torch(step, length):
@@ -164,18 +166,19 @@ def _gather_torch(step, length):
     cache = step.cache
     if isinstance(cache, PagedKVCache):
         n = -(-length // cache.block_size)
-        pages = step.block_table()[:, :n].to(torch.int64)
-        batch = step.batch
-        keys = cache.k[pages].reshape(batch, n * cache.block_size, cache.num_kv_heads, cache.head_dim)
-        values = cache.v[pages].reshape(batch, n * cache.block_size, cache.num_kv_heads, cache.head_dim)
-        return keys[:, :length], values[:, :length]
+        pages = step.pages()[:, :n]
+        shape = (step.batch, n * cache.block_size, cache.num_kv_heads, cache.head_dim)
+        return cache.k[pages].view(shape)[:, :length], cache.v[pages].view(shape)[:, :length]
     if step.identity:
         return cache.k[: step.batch, :length], cache.v[: step.batch, :length]
     return cache.k[:, :length].index_select(0, step.index), cache.v[:, :length].index_select(0, step.index)
 
 
 def _attend_torch(q, k, v, step, scale):
-    positions = _write_torch(k, v, step)
+    cache = step.cache
+    slots, positions = _slots(step)
+    cache.k_slots.index_put_((slots,), k)
+    cache.v_slots.index_put_((slots,), v)
     length = step.max_total
     keys, values = _gather_torch(step, length)
     batch, q_len, num_heads, head_dim = q.shape
@@ -184,7 +187,7 @@ def _attend_torch(q, k, v, step, scale):
     keys = keys.transpose(1, 2)
     values = values.transpose(1, 2)
 
-    if q_len > 1 and not any(step.past) and (group == 1 or _SDPA_GQA):
+    if q_len > 1 and length == q_len and (group == 1 or _SDPA_GQA):
         # Prefill of fresh sequences: every query row is the top-left causal mask,
         # which SDPA's fused kernels handle without a mask tensor.
         gqa = {"enable_gqa": True} if group > 1 else {}
@@ -194,16 +197,21 @@ def _attend_torch(q, k, v, step, scale):
     # Fold the query heads of each KV head into the query length, so every kernel
     # (fused or not) shares K/V across the group without repeating it:
     # [B, T, NKV*G, D] -> [B, NKV, G*T, D], row g*T + t.
-    folded = q.reshape(batch, q_len, num_kv, group, head_dim).permute(0, 2, 3, 1, 4)
-    folded = folded.reshape(batch, num_kv, group * q_len, head_dim)
-    if q_len == 1 and len(set(step.past)) == 1:
+    if q_len == 1:
+        folded = q.reshape(batch, num_kv, group, head_dim)
+    else:
+        folded = q.reshape(batch, q_len, num_kv, group, head_dim).permute(0, 2, 3, 1, 4)
+        folded = folded.reshape(batch, num_kv, group * q_len, head_dim)
+    if q_len == 1 and min(step.past) + 1 == length:
         # One new token per sequence, all of one length: every query sees every key.
         mask = None
     else:
-        last_key = positions.repeat(1, group)
-        mask = torch.arange(length, device=q.device)[None, None, :] <= last_key[:, :, None]
-        mask = mask[:, None]
+        # Query row g*T + t of sequence b sees keys 0..positions[b, t].
+        last_key = positions.view(batch, 1, 1, 1) if q_len == 1 else positions.repeat(1, group)[:, None, :, None]
+        mask = cache.offsets[:length] <= last_key
     out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scale)
+    if q_len == 1:
+        return out.reshape(batch, 1, num_heads, head_dim).contiguous()
     out = out.reshape(batch, num_kv, group, q_len, head_dim).permute(0, 3, 1, 2, 4)
     return out.contiguous().reshape(batch, q_len, num_heads, head_dim)
 
@@ -233,6 +241,13 @@ def run_step(q, k, v, step, backend, softmax_scale=None):
     Writes k/v into the cache (not yet counted in its lengths) and returns
     [B, T, NH, D] in the cache's dtype."""
     check_inputs(q, k, v, step)
+    return run_checked(q, k, v, step, backend, softmax_scale)
+
+
+def run_checked(q, k, v, step, backend, softmax_scale=None):
+    """run_step for q, k, v already known to fit the cache and the step (the
+    block's forward1 outputs, whose shapes, dtype and device follow from a layer
+    checked against the cache)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out = _IMPLEMENTATIONS[backend](q, k, v, step, scale)
     step.cache.last_backend = backend

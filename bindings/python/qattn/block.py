@@ -7,6 +7,8 @@ RoPE tables and the layer's max_seq_len, heads, dtype and device of the cache,
 and the backend's own limits. Only then does forward1 run, the step's pages get
 taken, k/v go into the cache, attention and forward2 run, and the lengths advance.
 """
+import weakref
+
 import torch
 
 from . import attention
@@ -19,6 +21,12 @@ def _invalid(message):
 
 
 def _check_cache(layer, cache):
+    """Heads, dtype and device of the cache against the layer's. None of these can
+    change on either side, so a pass is remembered (weakly: the cache does not keep
+    a closed layer alive) and the next steps of the same pair skip it."""
+    checked = cache.checked_layer
+    if checked is not None and checked() is layer:
+        return
     if cache.num_kv_heads != layer.num_kv_heads or cache.head_dim != layer.head_dim:
         raise _invalid(
             "the KV cache has %d KV heads of dim %d, the layer %d of dim %d"
@@ -28,10 +36,11 @@ def _check_cache(layer, cache):
         raise _invalid("the KV cache holds %s; the layer's keys and values are float16" % cache.dtype)
     if not same_device(cache.device, layer.device):
         raise _invalid("the KV cache is on %s, the layer on %s" % (cache.device, layer.device))
+    cache.checked_layer = weakref.ref(layer)
 
 
 def _check_positions(layer, step, sin):
-    end = max(step.past) + step.q_len
+    end = step.max_total
     limit = layer.max_seq_len
     if end > limit:
         raise QattnError(
@@ -65,7 +74,7 @@ def forward(layer, x, cache, seq_ids=None, *, sin=None, cos=None, backend=None, 
     q, k, v = layer.forward1(x, sin=sin, cos=cos, past_lens=step.past_lens, loras=loras)
     cache.reserve(step)
     try:
-        attn_out = attention.run_step(q, k, v, step, name, softmax_scale)
+        attn_out = attention.run_checked(q, k, v, step, name, softmax_scale)
         layer.forward2(x, attn_out, loras=loras)
     except BaseException:
         cache.release(step)

@@ -17,7 +17,7 @@ import torch
 
 from .errors import QattnError
 
-_INDEX_MEMO_SIZE = 16
+_ROWS_MEMO_SIZE = 16
 
 
 def _out_of_range(message):
@@ -34,6 +34,34 @@ def _positive_int(name, value):
     return value
 
 
+class _Rows:
+    """One choice of cache rows (a step's seq_ids) with its device index tensors.
+    Decode passes the same ids every step, so a cache keeps the last few of these
+    and the hot path builds nothing and makes no host-to-device transfer.
+
+    `index` (int64) and `index32` hold the ids; `identity` says they are 0..batch-1
+    in order, so the rows are a slice of the cache's own tensors (`lens_view`,
+    `table_view`: views of seq_lens and block_table, no gather); `base` [batch, 1]
+    (int64) is each row's offset into the flattened k/v (contiguous: row * max_seq)
+    or block table (paged: row * max_blocks_per_seq); `ones` (int32) advances the
+    lengths of non-identity rows by one token with a single index_add_."""
+
+    __slots__ = ("ids", "index", "index32", "identity", "base", "ones", "lens_view", "table_view", "pages_view")
+
+    def __init__(self, cache, ids):
+        batch = len(ids)
+        self.ids = ids
+        self.identity = ids == tuple(range(batch))
+        self.index = torch.tensor(ids, dtype=torch.int64).to(cache.device, non_blocking=True)
+        self.index32 = self.index.to(torch.int32)
+        self.base = (self.index * cache._row_stride)[:, None]
+        self.ones = torch.ones(batch, dtype=torch.int32, device=cache.device)
+        self.lens_view = cache.seq_lens[:batch] if self.identity else None
+        paged = self.identity and isinstance(cache, PagedKVCache)
+        self.table_view = cache.block_table[:batch] if paged else None
+        self.pages_view = cache.pages64[:batch] if paged else None
+
+
 class CacheStep:
     """What one forward step does to a cache: which rows (sequences), their
     lengths before the step, and, for the paged cache, their block-table rows.
@@ -41,38 +69,53 @@ class CacheStep:
     `seq_ids` and `past` are host lists; `index` (int64) and `index32` are the
     sequence ids on the cache's device; `past_lens` is int32 [batch] on the device
     (the lengths before the step); `identity` says the rows are 0..batch-1 in
-    order, so kernels may take the cache's own tensors without a gather."""
+    order, so kernels may take the cache's own tensors without a gather;
+    `max_total` is the longest sequence after the step (keys the attention covers)."""
 
-    def __init__(self, cache, seq_ids, q_len, index, index32, identity):
+    def __init__(self, cache, rows, q_len):
         self.cache = cache
-        self.seq_ids = seq_ids
+        self.rows = rows
         self.q_len = q_len
-        self.index = index
-        self.index32 = index32
-        self.identity = identity
-        self.past = [cache._host_lens[s] for s in seq_ids]
-        self.past_lens = cache.seq_lens[: len(seq_ids)] if identity else cache.seq_lens.index_select(0, index)
+        self.index = rows.index
+        self.index32 = rows.index32
+        self.identity = rows.identity
+        lens = cache._host_lens
+        if rows.identity:
+            self.past = lens[: len(rows.ids)]
+            self.past_lens = rows.lens_view
+        else:
+            self.past = [lens[s] for s in rows.ids]
+            self.past_lens = cache.seq_lens.index_select(0, rows.index)
+        self.max_total = max(self.past) + q_len
+        self.version = cache._version
+        self.need = {}
         self.new_pages = {}
 
     @property
-    def batch(self):
-        return len(self.seq_ids)
+    def seq_ids(self):
+        return list(self.rows.ids)
 
     @property
-    def max_total(self):
-        """Longest sequence after the step (keys the attention covers)."""
-        return max(self.past) + self.q_len
+    def batch(self):
+        return len(self.rows.ids)
 
     def block_table(self):
         """int32 [batch, max_blocks_per_seq] on the device (paged cache only)."""
-        table = self.cache.block_table
-        return table[: self.batch] if self.identity else table.index_select(0, self.index)
+        if self.identity:
+            return self.rows.table_view
+        return self.cache.block_table.index_select(0, self.index)
+
+    def pages(self):
+        """block_table() as int64, the index type torch's indexing takes without a conversion."""
+        if self.identity:
+            return self.rows.pages_view
+        return self.cache.pages64.index_select(0, self.index)
 
 
 class _KVCacheBase:
     kind = None
 
-    def __init__(self, rows, num_kv_heads, head_dim, dtype, device):
+    def __init__(self, rows, num_kv_heads, head_dim, dtype, device, max_seq, row_stride):
         _positive_int("num_kv_heads", num_kv_heads)
         _positive_int("head_dim", head_dim)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -85,8 +128,23 @@ class _KVCacheBase:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self._host_lens = [0] * rows
-        self._index_memo = {}
+        self._row_stride = row_stride
+        self._rows_memo = {}
+        # Bumped by every change of the bookkeeping, so reserve() can tell whether
+        # what plan() worked out still holds.
+        self._version = 0
+        # Token offsets 0..max_seq-1 on the device: positions of a prefill step's
+        # tokens and the key axis of the torch backend's masks, sliced, never rebuilt.
+        self.offsets = torch.arange(max_seq, device=self.device)
         self.last_backend = None
+        # The layer whose heads, dtype and device were last found to fit (block.py).
+        self.checked_layer = None
+
+    def _flat_views(self):
+        # k and v with their first two axes merged, so one index per token (row or
+        # page, and position) writes it; views made once instead of every step.
+        self.k_slots = self.k.view(-1, self.num_kv_heads, self.head_dim)
+        self.v_slots = self.v.view(-1, self.num_kv_heads, self.head_dim)
 
     @property
     def num_rows(self):
@@ -129,44 +187,58 @@ class _KVCacheBase:
             raise _invalid("seq_ids %s name a sequence more than once" % ids)
         return ids
 
-    def _index(self, ids):
-        key = tuple(ids)
-        found = self._index_memo.get(key)
-        if found is None:
-            # Decode repeats the same ids every step: keep their device copies so the
-            # hot path makes no host-to-device transfer.
-            if len(self._index_memo) >= _INDEX_MEMO_SIZE:
-                self._index_memo.pop(next(iter(self._index_memo)))
-            index = torch.tensor(ids, dtype=torch.int64, device=self.device)
-            found = (index, index.to(torch.int32))
-            self._index_memo[key] = found
-        return found
+    def _rows(self, seq_ids, batch):
+        """The checked _Rows of seq_ids. Ids seen before skip the checks: a key of
+        plain ints (bool, float and other types that hash like ints are not) that
+        is in the memo passed them, and the number of rows never changes."""
+        if seq_ids is None:
+            key = tuple(range(batch))
+        elif seq_ids.__class__ in (list, tuple):
+            key = tuple(seq_ids)
+        else:
+            key = None
+        try:
+            rows = self._rows_memo.get(key)
+        except TypeError:  # unhashable entries: the checks below word the error
+            rows = None
+        if rows is not None and len(key) == batch and all(s.__class__ is int for s in key):
+            return rows
+        key = tuple(self._seq_ids(seq_ids, batch))
+        rows = self._rows_memo.get(key)
+        if rows is None:
+            if len(self._rows_memo) >= _ROWS_MEMO_SIZE:
+                self._rows_memo.pop(next(iter(self._rows_memo)))
+            rows = _Rows(self, key)
+            self._rows_memo[key] = rows
+        return rows
 
     def plan(self, seq_ids, batch, q_len):
         """Checks that `batch` sequences can each take `q_len` more tokens; changes nothing."""
         _positive_int("batch", batch)
         _positive_int("q_len", q_len)
-        ids = self._seq_ids(seq_ids, batch)
-        index, index32 = self._index(ids)
-        identity = ids == list(range(len(ids)))
-        step = CacheStep(self, ids, q_len, index, index32, identity)
+        step = CacheStep(self, self._rows(seq_ids, batch), q_len)
         self._check_capacity(step)
         return step
 
     def reserve(self, step):
         """Takes what the step needs beyond plan() (pages); undone by release()."""
+        self._version += 1
 
     def release(self, step):
         """Undoes reserve() for a step that failed before advance()."""
+        self._version += 1
 
     def advance(self, step):
         """Makes the step's new tokens part of their sequences."""
-        if step.identity:
-            self.seq_lens[: step.batch] += step.q_len
+        rows, q_len = step.rows, step.q_len
+        if rows.identity:
+            rows.lens_view.add_(q_len)
         else:
-            self.seq_lens[step.index] += step.q_len
-        for s in step.seq_ids:
-            self._host_lens[s] += step.q_len
+            self.seq_lens.index_add_(0, rows.index, rows.ones if q_len == 1 else rows.ones * q_len)
+        lens = self._host_lens
+        for s in rows.ids:
+            lens[s] += q_len
+        self._version += 1
 
     def reset(self, seq_id=None):
         """Empties one sequence (or all); the stored keys and values become unused."""
@@ -178,6 +250,7 @@ class _KVCacheBase:
             self.seq_lens.zero_()
         else:
             self.seq_lens[ids[0]] = 0
+        self._version += 1
 
     def free(self, seq_id):
         """Ends a sequence: empties it and returns its pages (paged cache)."""
@@ -205,17 +278,20 @@ class ContiguousKVCache(_KVCacheBase):
     def __init__(self, batch, max_seq, num_kv_heads, head_dim, dtype=torch.float16, device="cpu"):
         _positive_int("batch", batch)
         _positive_int("max_seq", max_seq)
-        super().__init__(batch, num_kv_heads, head_dim, dtype, device)
+        super().__init__(batch, num_kv_heads, head_dim, dtype, device, max_seq, max_seq)
         shape = (batch, max_seq, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.max_seq = max_seq
+        self._flat_views()
 
     @property
     def batch(self):
         return self.num_rows
 
     def _check_capacity(self, step):
+        if step.max_total <= self.max_seq:
+            return
         for s, p in zip(step.seq_ids, step.past):
             if p + step.q_len > self.max_seq:
                 raise _out_of_range(
@@ -246,11 +322,17 @@ class PagedKVCache(_KVCacheBase):
         _positive_int("max_blocks_per_seq", max_blocks_per_seq)
         if block_size % 16 != 0:
             raise _invalid("block_size must be a multiple of 16, got %d" % block_size)
-        super().__init__(max_seqs, num_kv_heads, head_dim, dtype, device)
+        super().__init__(max_seqs, num_kv_heads, head_dim, dtype, device, max_blocks_per_seq * block_size,
+                         max_blocks_per_seq)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.block_table = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, device=self.device)
+        # An int64 copy of block_table for the torch backend's indexing (int32
+        # indices cost a conversion on every use), kept equal by _upload_rows.
+        self.pages64 = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int64, device=self.device)
+        self.pages64_flat = self.pages64.view(-1)
+        self._flat_views()
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -275,17 +357,20 @@ class PagedKVCache(_KVCacheBase):
         return list(self._pages[s])
 
     def _pages_needed(self, step):
+        """{sequence: pages it still needs} for the step; raises if one would grow
+        past max_blocks_per_seq."""
         need = {}
-        for s, p in zip(step.seq_ids, step.past):
-            blocks = -(-(p + step.q_len) // self.block_size)
-            if blocks > self.max_blocks_per_seq:
-                raise _out_of_range(
-                    "sequence %d holds %d tokens; %d more need %d pages of %d, past max_blocks_per_seq %d"
-                    % (s, p, step.q_len, blocks, self.block_size, self.max_blocks_per_seq)
-                )
-            extra = blocks - len(self._pages[s])
-            if extra > 0:
-                need[s] = extra
+        size, pages, q_len = self.block_size, self._pages, step.q_len
+        for s, p in zip(step.rows.ids, step.past):
+            have = len(pages[s])
+            if p + q_len > have * size:
+                blocks = -(-(p + q_len) // size)
+                if blocks > self.max_blocks_per_seq:
+                    raise _out_of_range(
+                        "sequence %d holds %d tokens; %d more need %d pages of %d, past max_blocks_per_seq %d"
+                        % (s, p, q_len, blocks, size, self.max_blocks_per_seq)
+                    )
+                need[s] = blocks - have
         return need
 
     def _check_capacity(self, step):
@@ -297,25 +382,34 @@ class PagedKVCache(_KVCacheBase):
                 "out of KV cache pages: sequences %s need %d new pages, %d of %d are free"
                 % (sorted(need), total, len(self._free), self.num_blocks),
             )
+        step.need = need
 
     def _upload_rows(self, seq_ids):
         seq_ids = list(seq_ids)
         if not seq_ids:
             return
         rows = [self._pages[s] + [0] * (self.max_blocks_per_seq - len(self._pages[s])) for s in seq_ids]
-        # One transfer for all rows: a decode step may cross page boundaries in many sequences.
-        self.block_table[seq_ids] = torch.tensor(rows, dtype=torch.int32).to(self.device)
+        # One transfer for all rows (a decode step may cross page boundaries in many
+        # sequences), without waiting for the stream: a blocking copy from host
+        # memory would synchronise with the device at every page boundary.
+        rows = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        index = torch.tensor(seq_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        self.pages64.index_copy_(0, index, rows)
+        self.block_table.index_copy_(0, index, rows.to(torch.int32))
 
     def reserve(self, step):
-        self._check_capacity(step)
-        need = self._pages_needed(step)
-        for s, extra in need.items():
+        if step.version != self._version:
+            # The cache changed since plan(): what it worked out may no longer hold.
+            self._check_capacity(step)
+        super().reserve(step)
+        for s, extra in step.need.items():
             taken = [self._free.pop() for _ in range(extra)]
             self._pages[s].extend(taken)
             step.new_pages[s] = taken
-        self._upload_rows(need)
+        self._upload_rows(step.new_pages)
 
     def release(self, step):
+        super().release(step)
         for s, taken in step.new_pages.items():
             del self._pages[s][len(self._pages[s]) - len(taken):]
             self._free.extend(reversed(taken))
@@ -345,6 +439,7 @@ class PagedKVCache(_KVCacheBase):
                 % (s, len(self._pages[s]), len(pages), self.max_blocks_per_seq)
             )
         chosen = set(pages)
+        self._version += 1
         self._free = [p for p in self._free if p not in chosen]
         self._pages[s].extend(pages)
         self._upload_rows([s])
@@ -359,7 +454,7 @@ class PagedKVCache(_KVCacheBase):
     def check_consistency(self):
         super().check_consistency()
         expected = [p + [0] * (self.max_blocks_per_seq - len(p)) for p in self._pages]
-        if self.block_table.tolist() != expected:
+        if self.block_table.tolist() != expected or self.pages64.tolist() != expected:
             raise QattnError("QATTN_ERROR_INTERNAL", "block_table on the device differs from the host mirror")
 
     def __repr__(self):
