@@ -24,6 +24,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fake_flash_attn
 import qattn
@@ -569,6 +570,58 @@ def test_bad_block_input_leaves_cache_and_x_unchanged(device, gen):
                 assert_unchanged(cache, before)
         expect_error("QATTN_ERROR_INVALID_ARGUMENT", "x must be a 3-D tensor", layer.forward,
                      x_of(1, 1)[0], paged, sin=sin, cos=cos)
+
+
+def test_seq_ids_seen_before_are_still_checked(device, gen):
+    """Decode reuses the device index tensors of ids seen before; ids that only
+    hash like them (bool, float) must still be refused, the cache unchanged."""
+    layer, _ = build(SPEC, device, gen)
+    with layer:
+        sin, cos = tables(SPEC, device)
+        for kind in ("contiguous", "paged"):
+            cache = make_cache(kind, device)
+            run_block(layer, cache, sin, cos, random_steps([([1, 0], 2), ([1, 0], 1)], gen, device))
+            x = (torch.randn(2, 1, SPEC.hidden, generator=gen) + 0.3).half().to(device)
+            for bad in ([True, 0], [1.0, 0], (1, False)):
+                before = snapshot(cache)
+                expect_error("QATTN_ERROR_INVALID_ARGUMENT", "seq_ids must hold ints", layer.forward, x, cache, bad,
+                             sin=sin, cos=cos, backend="torch")
+                assert_unchanged(cache, before)
+            expect_error("QATTN_ERROR_INVALID_ARGUMENT", "2 seq_ids given for a batch of 1 sequences",
+                         layer.forward, x[:1], cache, [1, 0], sin=sin, cos=cos, backend="torch")
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+def test_decode_step_makes_no_transfer_or_sync(device, gen, kind):
+    """A decode step whose ids were seen before and that takes no new page runs on
+    the device only: no tensor built from host data (a host-to-device copy on
+    CUDA), no dtype conversion, no scalar read back (a synchronisation)."""
+    layer, ref = build(SPEC, device, gen)
+    with layer:
+        sin, cos = tables(SPEC, device)
+        cache = make_cache(kind, device)
+        # Unequal lengths (3 and 7, not at a page boundary) so the step needs a mask.
+        steps = random_steps([([2, 0], 3), ([0], 4), ([2, 0], 1), ([2, 0], 1)], gen, device)
+        with _OpLog() as log:
+            outs = run_block(layer, cache, sin, cos, steps[:3])
+        assert "aten.lift_fresh" in log.ops  # the log sees where the ids first go to the device
+        with _OpLog() as log:
+            outs += run_block(layer, cache, sin, cos, steps[3:])
+        forbidden = {"aten.lift_fresh", "aten.lift_fresh_copy", "aten._to_copy", "aten._local_scalar_dense"}
+        assert not forbidden & set(log.ops), log.ops
+        assert cache.lengths() == [9, 0, 5]
+        assert_block_close(outs, block_reference(ref, sin, cos, steps), steps)
+        cache.check_consistency()
 
 
 # ---------------------------------------------------------------------------

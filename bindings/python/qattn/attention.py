@@ -161,17 +161,26 @@ def _slots(step):
     return rows.base + positions, positions
 
 
+def _heads_first(t, batch, length):
+    """Tokens 0..length-1 of the first `batch` rows of t as [batch, NKV, length, D],
+    SDPA's layout, in one strided view (no slice, reshape or transpose ops). t is
+    [rows, tokens, NKV, D] or gathered pages [rows, pages, page, NKV, D]: either way
+    token i of a row sits i token strides after the row's start."""
+    return t.as_strided((batch, t.shape[-2], length, t.shape[-1]), (t.stride(0), t.stride(-2), t.stride(-3), 1))
+
+
 def _gather_torch(step, length):
-    """Keys and values 0..length-1 of the step's sequences, [B, length, NKV, D]."""
-    cache = step.cache
+    """Keys and values 0..length-1 of the step's sequences, [B, NKV, length, D]."""
+    cache, batch = step.cache, step.batch
     if isinstance(cache, PagedKVCache):
-        n = -(-length // cache.block_size)
-        pages = step.pages()[:, :n]
-        shape = (step.batch, n * cache.block_size, cache.num_kv_heads, cache.head_dim)
-        return cache.k[pages].view(shape)[:, :length], cache.v[pages].view(shape)[:, :length]
-    if step.identity:
-        return cache.k[: step.batch, :length], cache.v[: step.batch, :length]
-    return cache.k[:, :length].index_select(0, step.index), cache.v[:, :length].index_select(0, step.index)
+        pages = step.pages()[:, : -(-length // cache.block_size)]
+        keys, values = cache.k[pages], cache.v[pages]
+    elif step.identity:
+        keys, values = cache.k, cache.v
+    else:
+        keys = cache.k[:, :length].index_select(0, step.index)
+        values = cache.v[:, :length].index_select(0, step.index)
+    return _heads_first(keys, batch, length), _heads_first(values, batch, length)
 
 
 def _attend_torch(q, k, v, step, scale):
@@ -182,10 +191,8 @@ def _attend_torch(q, k, v, step, scale):
     length = step.max_total
     keys, values = _gather_torch(step, length)
     batch, q_len, num_heads, head_dim = q.shape
-    num_kv = keys.shape[2]
+    num_kv = keys.shape[1]
     group = num_heads // num_kv
-    keys = keys.transpose(1, 2)
-    values = values.transpose(1, 2)
 
     if q_len > 1 and length == q_len and (group == 1 or _SDPA_GQA):
         # Prefill of fresh sequences: every query row is the top-left causal mask,
