@@ -149,7 +149,7 @@ def _per_head(kind):
 
 
 WEIGHTS = ["dense", "gptq4", "gptq4_act", "gptq4_noidx", "gptq4_z0", "gptq4_g32", "gptq8"]
-ROWS = [(1, 1), (3, 1), (8, 1), (16, 1), (4, 8), (2, 50), (1, 600)]  # 1, 3, 8, 16, 32, 100, 600 rows
+ROWS = [(1, 1), (3, 1), (8, 1), (12, 1), (16, 1), (4, 8), (2, 50), (1, 600)]  # 1, 3, 8, 12, 16, 32, 100, 600 rows
 
 
 @pytest.mark.parametrize("weights", WEIGHTS)

@@ -281,20 +281,27 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
     }
 }
 
-// rows <= 8: the operands swapped. The weights are the m16 operand (16 output
+// rows <= 16: the operands swapped. The weights are the m16 operand (16 output
 // columns: the packed n-tiles 2i and 2i+1, whose B fragments of lane (g, t) are
-// exactly its A fragment registers a0/a2 and a1/a3) and x the n8 operand, so no
-// MMA rows are wasted and each MMA consumes twice the weights. The low nibbles
+// exactly its A fragment registers a0/a2 and a1/a3) and x one or two n8
+// operands, so at most 7 MMA rows are wasted and each weight fragment serves
+// both x tiles. The low nibbles
 // of a word (rows 0..7 of a step) give 1024 + q and the high ones (rows 8..15)
 // 1024 + 16 q by one lop3 each without a shift, x of rows 8..15 having been
 // divided by 16 when staged. ONE_GROUP chunks subtract the zero only (exact
 // small integers) and apply the scale once per chunk in fp32; chunks spanning
 // several groups scale in fp16 per step.
-constexpr int kSwapMaxChunksPerBlock = 4;  // x 2 tiles: 8 weight loads per lane in flight
+// Chunks per block (x 2 tiles: 8 weight loads per lane in flight at one x tile;
+// two x tiles need the registers of half of them).
+template <int NT>
+constexpr int kSwapChunks = NT == 1 ? 4 : 2;
+template <int NT>
+constexpr int kSwapMinBlocks = 3;
 
-template <bool ONE_GROUP>
-__device__ __forceinline__ void chunk_mma_swapped(float (&acc)[4], const uint4& qa, const uint4& qb, __half2 sza,
-                                                  __half2 szb, const __half* x_row, int kbase, const PackedGptq4& w,
+template <int NT, bool ONE_GROUP>  // NT: n8 tiles of x rows (rows <= 8 NT)
+__device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uint4& qa, const uint4& qb, __half2 sza,
+                                                  __half2 szb, const __half* const (&x_row)[NT], int kbase,
+                                                  const PackedGptq4& w,
                                                   int chunk, int N, int column_a, int column_b) {
     const __half2 sixteen = __float2half2_rn(16.0f), bias16 = __float2half2_rn(15360.0f);
     // (1024 + z, 1024 + 16 z) per column; scales as fp16 (mixed) or fp32 (one group).
@@ -303,7 +310,7 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[4], const uint4& 
     __half2 sa = __half2half2(__low2half(sza)), sb = __half2half2(__low2half(szb));
     int current = ONE_GROUP ? 0 : w.step_group[chunk * 8];
     const uint32_t words_a[4] = {qa.x, qa.y, qa.z, qa.w}, words_b[4] = {qb.x, qb.y, qb.z, qb.w};
-    float d[2][4] = {};
+    float d[2][NT][4] = {};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
         if (!ONE_GROUP && j > 0) {
@@ -320,8 +327,11 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[4], const uint4& 
                 sb = __half2half2(__low2half(b));
             }
         }
-        uint32_t b[4];
-        if ((j & 1) == 0) ldmatrix_x4(b[0], b[1], b[2], b[3], x_row + kbase + j * 16);
+        uint32_t b[NT][4];
+        if ((j & 1) == 0) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n) ldmatrix_x4(b[n][0], b[n][1], b[n][2], b[n][3], x_row[n] + kbase + j * 16);
+        }
         const uint32_t wa = words_a[j >> 1] >> ((j & 1) * 8), wb = words_b[j >> 1] >> ((j & 1) * 8);
         uint32_t lo_a = (wa & 0x000F000Fu) | 0x64006400u, hi_a = (wa & 0x00F000F0u) | 0x64006400u;
         uint32_t lo_b = (wb & 0x000F000Fu) | 0x64006400u, hi_b = (wb & 0x00F000F0u) | 0x64006400u;
@@ -334,19 +344,25 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[4], const uint4& 
             a1 = __hmul2(a1, sb), a3 = __hmul2(a3, sb);
         }
         static_assert(sizeof(__half2) == sizeof(uint32_t));
-        mma_16816(d[j & 1], *reinterpret_cast<uint32_t*>(&a0), *reinterpret_cast<uint32_t*>(&a1),
-                  *reinterpret_cast<uint32_t*>(&a2), *reinterpret_cast<uint32_t*>(&a3), b[(j & 1) * 2],
-                  b[(j & 1) * 2 + 1]);
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+            mma_16816(d[j & 1][n], *reinterpret_cast<uint32_t*>(&a0), *reinterpret_cast<uint32_t*>(&a1),
+                      *reinterpret_cast<uint32_t*>(&a2), *reinterpret_cast<uint32_t*>(&a3), b[n][(j & 1) * 2],
+                      b[n][(j & 1) * 2 + 1]);
     }
     // d[.][0..1]: column a, x rows 2t, 2t+1; d[.][2..3]: column b.
     const float fa = ONE_GROUP ? __low2float(sza) : 1.0f, fb = ONE_GROUP ? __low2float(szb) : 1.0f;
-    acc[0] = fmaf(fa, d[0][0] + d[1][0], acc[0]);
-    acc[1] = fmaf(fa, d[0][1] + d[1][1], acc[1]);
-    acc[2] = fmaf(fb, d[0][2] + d[1][2], acc[2]);
-    acc[3] = fmaf(fb, d[0][3] + d[1][3], acc[3]);
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        acc[n][0] = fmaf(fa, d[0][n][0] + d[1][n][0], acc[n][0]);
+        acc[n][1] = fmaf(fa, d[0][n][1] + d[1][n][1], acc[n][1]);
+        acc[n][2] = fmaf(fb, d[0][n][2] + d[1][n][2], acc[n][2]);
+        acc[n][3] = fmaf(fb, d[0][n][3] + d[1][n][3], acc[n][3]);
+    }
 }
 
-__global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x,
+template <int NT>
+__global__ void __launch_bounds__(kWarps * 32, kSwapMinBlocks<NT>) gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x,
                                                                        int x_stride, int rows, float* acc,
                                                                        int acc_stride, int chunks_per_block) {
     extern __shared__ __half xs[];  // [rows][stride], rows 8..15 of each step / 16
@@ -372,11 +388,11 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_swapped_kernel(Batc
     const uint4* qa_ptr = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + tile_a) * 32 + lane;
     const uint4* qb_ptr = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + tile_b) * 32 + lane;
 
-    uint4 qa[kSwapMaxChunksPerBlock], qb[kSwapMaxChunksPerBlock];
-    __half2 sza[kSwapMaxChunksPerBlock], szb[kSwapMaxChunksPerBlock];
+    uint4 qa[kSwapChunks<NT>], qb[kSwapChunks<NT>];
+    __half2 sza[kSwapChunks<NT>], szb[kSwapChunks<NT>];
     uint32_t mixed = 0;
 #pragma unroll
-    for (int u = 0; u < kSwapMaxChunksPerBlock; ++u) {
+    for (int u = 0; u < kSwapChunks<NT>; ++u) {
         if (active && chunk0 + u < chunk_end) {
             qa[u] = load_streaming(qa_ptr + static_cast<size_t>(u) * chunk_stride);
             qb[u] = load_streaming(qb_ptr + static_cast<size_t>(u) * chunk_stride);
@@ -387,7 +403,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_swapped_kernel(Batc
         }
     }
 
-    int src[kSwapMaxChunksPerBlock * kPackRows / (kWarps * 32)];
+    int src[(kSwapChunks<NT> * kPackRows + kWarps * 32 - 1) / (kWarps * 32)];
     load_perm(src, P, chunk0, span);
 
     wait_for_producers();
@@ -397,30 +413,38 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_swapped_kernel(Batc
     if (!active) return;
 
     // ldmatrix.x4 of two k-steps: lanes 0-7 / 8-15 / 16-23 / 24-31 address the x
-    // rows 0..7 at k offsets 0 / 8 / 16 / 24 (rows past `rows` read row 0: their
-    // outputs are never stored).
-    const int r = lane & 7;
-    const __half* x_row = xs + (r < rows ? r : 0) * stride + (lane >> 3) * 8;
-    float c[4] = {};
+    // rows 8n..8n+7 at k offsets 0 / 8 / 16 / 24 (rows past `rows` read row 0:
+    // their outputs are never stored).
+    const __half* x_row[NT];
 #pragma unroll
-    for (int u = 0; u < kSwapMaxChunksPerBlock; ++u) {
+    for (int n = 0; n < NT; ++n) {
+        const int r = n * 8 + (lane & 7);
+        x_row[n] = xs + (r < rows ? r : 0) * stride + (lane >> 3) * 8;
+    }
+    float c[NT][4] = {};
+#pragma unroll
+    for (int u = 0; u < kSwapChunks<NT>; ++u) {
         if (chunk0 + u >= chunk_end) break;
         if (mixed & (1u << u))
-            chunk_mma_swapped<false>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
-                                     column_a, column_b);
+            chunk_mma_swapped<NT, false>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                         column_a, column_b);
         else
-            chunk_mma_swapped<true>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
-                                    column_a, column_b);
+            chunk_mma_swapped<NT, true>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                        column_a, column_b);
     }
 
-    const int r0 = 2 * t, out_a = P.col_offset + column_a, out_b = P.col_offset + column_b;
-    if (r0 < rows) {
-        atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_a, c[0]);
-        if (has_b) atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_b, c[2]);
-    }
-    if (r0 + 1 < rows) {
-        atomicAdd(acc + static_cast<size_t>(r0 + 1) * acc_stride + out_a, c[1]);
-        if (has_b) atomicAdd(acc + static_cast<size_t>(r0 + 1) * acc_stride + out_b, c[3]);
+    const int out_a = P.col_offset + column_a, out_b = P.col_offset + column_b;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const int r0 = n * 8 + 2 * t;
+        if (r0 < rows) {
+            atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_a, c[n][0]);
+            if (has_b) atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_b, c[n][2]);
+        }
+        if (r0 + 1 < rows) {
+            atomicAdd(acc + static_cast<size_t>(r0 + 1) * acc_stride + out_a, c[n][1]);
+            if (has_b) atomicAdd(acc + static_cast<size_t>(r0 + 1) * acc_stride + out_b, c[n][3]);
+        }
     }
 }
 
@@ -431,8 +455,8 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     if (count <= 0) return QATTN_SUCCESS;
     if (count > kMaxProblems || rows < 1 || rows > kSmallRows)
         return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: %d problems, %d rows", count, rows);
-    // rows <= 8: the swapped kernel, 16 columns a warp; else 8 columns a warp.
-    const bool swapped = rows <= 8;
+    // rows <= 16: the swapped kernel, 16 columns a warp; else 8 columns a warp.
+    const bool swapped = rows <= 16;
     const int columns_per_block = kWarps * 8 * (swapped ? 2 : 1);
     Batch batch{};
     batch.count = count;
@@ -449,10 +473,10 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     // flight together; shared memory (x slice) stays under the 48 KB default.
     const int max_by_shared = std::max(1, ((48 << 10) / (2 * rows) - 8) / kPackRows);
     const int max_chunks_per_block =
-        std::min(swapped ? kSwapMaxChunksPerBlock : kMaxChunksPerBlock, max_by_shared);
-    const auto kernel = swapped ? gptq4_gemm_swapped_kernel
-                        : rows <= 16 ? gptq4_gemm_small_kernel<1>
-                                     : gptq4_gemm_small_kernel<2>;
+        std::min(rows <= 8 ? kSwapChunks<1> : swapped ? kSwapChunks<2> : kMaxChunksPerBlock, max_by_shared);
+    const auto kernel = rows <= 8 ? gptq4_gemm_swapped_kernel<1>
+                        : swapped ? gptq4_gemm_swapped_kernel<2>
+                                  : gptq4_gemm_small_kernel<2>;
     const size_t max_shared = sizeof(__half) * rows * (max_chunks_per_block * kPackRows + 8);
     int per_sm = 0;
     QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, max_shared));
