@@ -1,15 +1,17 @@
 // GPTQ 4-bit GEMM for decode-sized row counts (1..32 rows), bound by the bytes of
-// the packed weights. Each warp owns 8 output columns (one MMA n-tile) and walks
-// a slice of K (at most 8 chunks of 128 rows): one 16-byte coalesced load per
-// lane and chunk brings 128 rows of its column (8 m16n8k16 steps), all issued
-// before the block stages x (and before it waits for the kernel that wrote x:
-// programmatic launch), and dequantized straight into the B fragment:
+// the packed weights. Two kernels read the same packing. gptq4_gemm_small (17..32
+// rows): each warp owns 8 output columns (one MMA n-tile) and walks a slice of K
+// (at most 8 chunks of 128 rows): one 16-byte coalesced load per lane and chunk
+// brings 128 rows of its column (8 m16n8k16 steps), all issued before the block
+// stages x (and before it waits for the kernel that wrote x: programmatic
+// launch), and dequantized straight into the B fragment:
 //   nibble pair -> (lop3 with 0x6400) -> fp16 1024 + q -> minus (1024 + z) -> times scale
-// (all exact but the final rounding, i.e. the fp16 value of the weight). x comes
-// from shared memory by ldmatrix; the tensor cores accumulate in fp32. K is split
-// across blocks so that the grid is one resident wave; partial sums meet in the
-// fp32 accumulator through atomics, and the epilogue kernel that reads the
-// accumulator zeroes it again.
+// (all exact but the final rounding, i.e. the fp16 value of the weight); x comes
+// from shared memory by ldmatrix. gptq4_gemm_swapped (1..16 rows): the weights
+// are the m16 operand and x the n8 one (see there). The tensor cores accumulate
+// in fp32. K is split across blocks so that the grid is one resident wave;
+// partial sums meet in the fp32 accumulator through atomics, and the epilogue
+// kernel that reads the accumulator zeroes it again.
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
 
