@@ -95,10 +95,10 @@ def main():
     print("%-11s %5s %9s %9s %9s %9s %5s %9s" % ("cache", "batch", "block us", "f1+f2 us", "overhead",
                                                    "books us", "ops", "f1+f2 ops"))
     for kind in ("contiguous", "paged"):
-        for batch in (1, 16):
+        for batch, reverse in ((1, False), (16, False), (16, True)):
             cache = make_cache(kind, batch)
             x = (torch.randn(batch, 1, H, generator=gen) * 0.1).half()
-            seq_ids = list(range(batch))
+            seq_ids = list(range(batch))[::-1] if reverse else list(range(batch))
             attn = (torch.randn(batch, 1, NH, D, generator=gen) * 0.1).half()
             past = torch.full((batch,), 5, dtype=torch.int32)
 
@@ -122,8 +122,9 @@ def main():
                 block()
             n_block, ops = count_ops(block)
             n_phases, _ = count_ops(phases)
-            print("%-11s %5d %9.1f %9.1f %9.1f %9.1f %5d %9d" % (kind, batch, t_block, t_phases,
-                                                                 t_block - t_phases, t_books, n_block, n_phases))
+            label = "%d%s" % (batch, "r" if reverse else "")
+            print("%-11s %5s %9.1f %9.1f %9.1f %9.1f %5d %9d" % (kind, label, t_block, t_phases, t_block - t_phases,
+                                                                 t_books, n_block, n_phases))
             if args.ops:
                 print("    " + ", ".join("%s x%d" % kv for kv in sorted(ops.items())))
 
