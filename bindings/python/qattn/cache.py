@@ -34,6 +34,17 @@ def _positive_int(name, value):
     return value
 
 
+def _to_device(values, dtype, device):
+    """A host list as a tensor on `device`, queued without waiting for the device:
+    a blocking copy from host memory synchronises with the stream. On CUDA the
+    data goes through pinned memory, which PyTorch's host allocator keeps until
+    the copy has run."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 class _Rows:
     """One choice of cache rows (a step's seq_ids) with its device index tensors.
     Decode passes the same ids every step, so a cache keeps the last few of these
@@ -41,10 +52,11 @@ class _Rows:
 
     `index` (int64) and `index32` hold the ids; `identity` says they are 0..batch-1
     in order, so the rows are a slice of the cache's own tensors (`lens_view`,
-    `table_view`: views of seq_lens and block_table, no gather); `base` [batch, 1]
-    (int64) is each row's offset into the flattened k/v (contiguous: row * max_seq)
-    or block table (paged: row * max_blocks_per_seq); `ones` (int32) advances the
-    lengths of non-identity rows by one token with a single index_add_."""
+    `table_view`, `pages_view`: views of seq_lens, block_table and its int64 copy;
+    no gather); `base` [batch, 1] (int64) is each row's offset into the flattened
+    k/v (contiguous: row * max_seq) or block table (paged: row * max_blocks_per_seq);
+    `ones` (int32) advances the lengths of non-identity rows by one token with a
+    single index_add_."""
 
     __slots__ = ("ids", "index", "index32", "identity", "base", "ones", "lens_view", "table_view", "pages_view")
 
@@ -52,7 +64,7 @@ class _Rows:
         batch = len(ids)
         self.ids = ids
         self.identity = ids == tuple(range(batch))
-        self.index = torch.tensor(ids, dtype=torch.int64).to(cache.device, non_blocking=True)
+        self.index = _to_device(ids, torch.int64, cache.device)
         self.index32 = self.index.to(torch.int32)
         self.base = (self.index * cache._row_stride)[:, None]
         self.ones = torch.ones(batch, dtype=torch.int32, device=cache.device)
@@ -389,11 +401,9 @@ class PagedKVCache(_KVCacheBase):
         if not seq_ids:
             return
         rows = [self._pages[s] + [0] * (self.max_blocks_per_seq - len(self._pages[s])) for s in seq_ids]
-        # One transfer for all rows (a decode step may cross page boundaries in many
-        # sequences), without waiting for the stream: a blocking copy from host
-        # memory would synchronise with the device at every page boundary.
-        rows = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
-        index = torch.tensor(seq_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        # One transfer for all rows: a decode step may cross page boundaries in many sequences.
+        rows = _to_device(rows, torch.int64, self.device)
+        index = _to_device(seq_ids, torch.int64, self.device)
         self.pages64.index_copy_(0, index, rows)
         self.block_table.index_copy_(0, index, rows.to(torch.int32))
 
