@@ -63,7 +63,10 @@ if [ "$CUDA_MODE" = ON ]; then
     [ -n "$NVCC" ] || die "QATTN_CUDA=ON but nvcc was not found"
     export CUDACXX=${CUDACXX:-$NVCC}
     step "cuBLAS (nvidia-cublas wheel)"
-    "$PYTHON" -m pip install --quiet nvidia-cublas
+    # cuBLAS of nvcc's CUDA major: CUDA 13's wheel is nvidia-cublas 13.x, CUDA 12's nvidia-cublas-cu12.
+    CUDA_MAJOR=$("$NVCC" --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+    if [ "$CUDA_MAJOR" = 12 ]; then CUBLAS_WHEEL=nvidia-cublas-cu12; else CUBLAS_WHEEL="nvidia-cublas>=$CUDA_MAJOR,<$((CUDA_MAJOR + 1))"; fi
+    "$PYTHON" -m pip install --quiet "$CUBLAS_WHEEL"
     if [ -z "${QATTN_CUBLAS_ROOT:-}" ]; then
         # The wheel's folder is nvidia/cu13 (CUDA 13) or nvidia/cublas (CUDA 12):
         # a namespace package, so look through its __path__.
