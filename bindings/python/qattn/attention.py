@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import PagedKVCache
-from .errors import QattnError
+from .errors import QattnError, invalid
 
 BACKENDS = ("flash_attn", "torch")
 
@@ -106,41 +106,34 @@ def resolve_backend(backend, cache):
         if reason is not None:
             raise QattnError("QATTN_ERROR_NOT_SUPPORTED", reason)
         return backend
-    raise QattnError(
-        "QATTN_ERROR_INVALID_ARGUMENT",
-        "unknown attention backend %r; choose one of %s or None" % (backend, list(BACKENDS)),
-    )
+    raise invalid("unknown attention backend %r; choose one of %s or None" % (backend, list(BACKENDS)))
 
 
 def check_inputs(q, k, v, step):
     """Checks q [B, T, NH, D] and k, v [B, T, NKV, D] against the cache and the step."""
     cache = step.cache
-
-    def bad(message):
-        return QattnError("QATTN_ERROR_INVALID_ARGUMENT", message)
-
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise bad("%s must be a torch.Tensor, got %s" % (name, type(t).__name__))
+            raise invalid("%s must be a torch.Tensor, got %s" % (name, type(t).__name__))
         if t.dim() != 4:
-            raise bad("%s must be 4-D [batch, q_len, heads, head_dim], got shape %s" % (name, tuple(t.shape)))
+            raise invalid("%s must be 4-D [batch, q_len, heads, head_dim], got shape %s" % (name, tuple(t.shape)))
         if t.dtype != cache.dtype:
-            raise bad("%s is %s but the KV cache holds %s" % (name, t.dtype, cache.dtype))
+            raise invalid("%s is %s but the KV cache holds %s" % (name, t.dtype, cache.dtype))
         if t.device != cache.device:
-            raise bad("%s is on %s but the KV cache is on %s" % (name, t.device, cache.device))
+            raise invalid("%s is on %s but the KV cache is on %s" % (name, t.device, cache.device))
         if t.stride(-1) != 1:
-            raise bad("%s must have a contiguous last dimension" % name)
+            raise invalid("%s must have a contiguous last dimension" % name)
     batch, q_len = step.batch, step.q_len
     if q.shape[:2] != (batch, q_len):
-        raise bad("q has shape %s; this step is %d sequences of %d tokens" % (tuple(q.shape), batch, q_len))
+        raise invalid("q has shape %s; this step is %d sequences of %d tokens" % (tuple(q.shape), batch, q_len))
     kv_shape = (batch, q_len, cache.num_kv_heads, cache.head_dim)
     for name, t in (("k", k), ("v", v)):
         if tuple(t.shape) != kv_shape:
-            raise bad("%s has shape %s, the cache needs %s" % (name, tuple(t.shape), kv_shape))
+            raise invalid("%s has shape %s, the cache needs %s" % (name, tuple(t.shape), kv_shape))
     if q.shape[3] != cache.head_dim:
-        raise bad("q has head_dim %d, the cache %d" % (q.shape[3], cache.head_dim))
+        raise invalid("q has head_dim %d, the cache %d" % (q.shape[3], cache.head_dim))
     if q.shape[2] % cache.num_kv_heads != 0:
-        raise bad("q has %d heads, not a multiple of the cache's %d KV heads" % (q.shape[2], cache.num_kv_heads))
+        raise invalid("q has %d heads, not a multiple of the cache's %d KV heads" % (q.shape[2], cache.num_kv_heads))
 
 
 def _slots(step):
@@ -267,13 +260,13 @@ def attend(q, k, v, cache, seq_ids=None, *, backend=None, softmax_scale=None):
     [B, T, NH, D]. The lengths advance by T. On error the cache is unchanged.
     The backend used is in `cache.last_backend`."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        raise QattnError("QATTN_ERROR_INVALID_ARGUMENT", "q must be a 4-D tensor [batch, q_len, heads, head_dim]")
+        raise invalid("q must be a 4-D tensor [batch, q_len, heads, head_dim]")
     step = cache.plan(seq_ids, q.shape[0], q.shape[1])
     name = resolve_backend(backend, cache)
     check_inputs(q, k, v, step)
     cache.reserve(step)
     try:
-        out = run_step(q, k, v, step, name, softmax_scale)
+        out = run_checked(q, k, v, step, name, softmax_scale)
     except BaseException:
         cache.release(step)
         raise

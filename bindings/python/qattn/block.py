@@ -13,11 +13,7 @@ import torch
 
 from . import attention
 from ._tensors import same_device
-from .errors import QattnError
-
-
-def _invalid(message):
-    return QattnError("QATTN_ERROR_INVALID_ARGUMENT", message)
+from .errors import QattnError, invalid
 
 
 def _check_cache(layer, cache):
@@ -28,14 +24,14 @@ def _check_cache(layer, cache):
     if checked is not None and checked() is layer:
         return
     if cache.num_kv_heads != layer.num_kv_heads or cache.head_dim != layer.head_dim:
-        raise _invalid(
+        raise invalid(
             "the KV cache has %d KV heads of dim %d, the layer %d of dim %d"
             % (cache.num_kv_heads, cache.head_dim, layer.num_kv_heads, layer.head_dim)
         )
     if cache.dtype != torch.float16:
-        raise _invalid("the KV cache holds %s; the layer's keys and values are float16" % cache.dtype)
+        raise invalid("the KV cache holds %s; the layer's keys and values are float16" % cache.dtype)
     if not same_device(cache.device, layer.device):
-        raise _invalid("the KV cache is on %s, the layer on %s" % (cache.device, layer.device))
+        raise invalid("the KV cache is on %s, the layer on %s" % (cache.device, layer.device))
     cache.checked_layer = weakref.ref(layer)
 
 
@@ -64,7 +60,7 @@ def forward(layer, x, cache, seq_ids=None, *, sin=None, cos=None, backend=None, 
     block-table rows (paged); default 0..batch-1. The backend used is left in
     `cache.last_backend`."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise _invalid("x must be a 3-D tensor [batch, q_len, hidden_size]")
+        raise invalid("x must be a 3-D tensor [batch, q_len, hidden_size]")
     _check_cache(layer, cache)
     batch, q_len = x.shape[0], x.shape[1]
     step = cache.plan(seq_ids, batch, q_len)

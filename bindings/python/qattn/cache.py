@@ -15,7 +15,7 @@ import operator
 
 import torch
 
-from .errors import QattnError
+from .errors import QattnError, invalid
 
 _ROWS_MEMO_SIZE = 16
 
@@ -24,13 +24,9 @@ def _out_of_range(message):
     return QattnError("QATTN_ERROR_OUT_OF_RANGE", message)
 
 
-def _invalid(message):
-    return QattnError("QATTN_ERROR_INVALID_ARGUMENT", message)
-
-
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _invalid("%s must be a positive int, got %r" % (name, value))
+        raise invalid("%s must be a positive int, got %r" % (name, value))
     return value
 
 
@@ -131,7 +127,7 @@ class _KVCacheBase:
         _positive_int("num_kv_heads", num_kv_heads)
         _positive_int("head_dim", head_dim)
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise _invalid("KV cache dtype must be float16, bfloat16 or float32, got %s" % dtype)
+            raise invalid("KV cache dtype must be float16, bfloat16 or float32, got %s" % dtype)
         self.seq_lens = torch.zeros(rows, dtype=torch.int32, device=device)
         # The allocated tensor's device carries the index ("cuda" becomes "cuda:0"),
         # so comparisons with other tensors' devices are exact.
@@ -176,7 +172,7 @@ class _KVCacheBase:
             return list(range(batch))
         if isinstance(seq_ids, torch.Tensor):
             if seq_ids.dim() != 1 or seq_ids.dtype.is_floating_point or seq_ids.dtype == torch.bool:
-                raise _invalid("seq_ids must be a 1-D integer tensor or a sequence of ints")
+                raise invalid("seq_ids must be a 1-D integer tensor or a sequence of ints")
             ids = seq_ids.tolist()
         else:
             ids = list(seq_ids)
@@ -186,9 +182,9 @@ class _KVCacheBase:
                     raise TypeError
                 ids[i] = operator.index(s)
             except TypeError:
-                raise _invalid("seq_ids must hold ints, got %r" % (s,)) from None
+                raise invalid("seq_ids must hold ints, got %r" % (s,)) from None
         if len(ids) != batch:
-            raise _invalid("%d seq_ids given for a batch of %d sequences" % (len(ids), batch))
+            raise invalid("%d seq_ids given for a batch of %d sequences" % (len(ids), batch))
         for s in ids:
             if not 0 <= s < self.num_rows:
                 raise _out_of_range(
@@ -196,7 +192,7 @@ class _KVCacheBase:
                     % (s, self.kind, self.num_rows)
                 )
         if len(set(ids)) != len(ids):
-            raise _invalid("seq_ids %s name a sequence more than once" % ids)
+            raise invalid("seq_ids %s name a sequence more than once" % ids)
         return ids
 
     def _rows(self, seq_ids, batch):
@@ -333,7 +329,7 @@ class PagedKVCache(_KVCacheBase):
         _positive_int("max_seqs", max_seqs)
         _positive_int("max_blocks_per_seq", max_blocks_per_seq)
         if block_size % 16 != 0:
-            raise _invalid("block_size must be a multiple of 16, got %d" % block_size)
+            raise invalid("block_size must be a multiple of 16, got %d" % block_size)
         super().__init__(max_seqs, num_kv_heads, head_dim, dtype, device, max_blocks_per_seq * block_size,
                          max_blocks_per_seq)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -438,11 +434,11 @@ class PagedKVCache(_KVCacheBase):
                     % (p, s, self.num_blocks)
                 )
         if len(set(pages)) != len(pages):
-            raise _invalid("pages %s name a page more than once" % pages)
+            raise invalid("pages %s name a page more than once" % pages)
         free = set(self._free)
         taken = [p for p in pages if p not in free]
         if taken:
-            raise _invalid("pages %s are already in use by a sequence" % taken)
+            raise invalid("pages %s are already in use by a sequence" % taken)
         if len(self._pages[s]) + len(pages) > self.max_blocks_per_seq:
             raise _out_of_range(
                 "sequence %d has %d pages; %d more exceed max_blocks_per_seq %d"

@@ -6,7 +6,7 @@ import torch
 
 from . import _lib
 from ._tensors import check_tensor, device_index, ptr, sync_for_host_read, torch_device
-from .errors import QattnError, check, invalid
+from .errors import check, invalid
 
 
 def _destroy(handle):
@@ -94,10 +94,7 @@ class QMatrix:
         """Destroys the matrix now. Refused while an open Layer uses it."""
         users = [layer for layer in self._users if not layer.closed]
         if users:
-            raise QattnError(
-                "QATTN_ERROR_INVALID_ARGUMENT",
-                "QMatrix is still used by %d open layer(s); close them first" % len(users),
-            )
+            raise invalid("QMatrix is still used by %d open layer(s); close them first" % len(users))
         self._finalizer()
 
     def __enter__(self):
