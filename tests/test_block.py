@@ -254,6 +254,9 @@ def test_assign_pages(device, gen):
     expect_error("QATTN_ERROR_OUT_OF_RANGE", "points past the cache", cache.assign_pages, 0, [-1])
     expect_error("QATTN_ERROR_INVALID_ARGUMENT", r"pages \[3\] are already in use", cache.assign_pages, 0, [3])
     expect_error("QATTN_ERROR_OUT_OF_RANGE", "exceed max_blocks_per_seq 2", cache.assign_pages, 1, [2])
+    expect_error("QATTN_ERROR_INVALID_ARGUMENT", "pages must hold ints, got 2.0", cache.assign_pages, 0, [2.0])
+    expect_error("QATTN_ERROR_INVALID_ARGUMENT", "pages must hold ints, got True", cache.assign_pages, 0, [True])
+    expect_error("QATTN_ERROR_INVALID_ARGUMENT", "pages must be an iterable of ints", cache.assign_pages, 0, 2)
     assert_unchanged(cache, before)
 
 

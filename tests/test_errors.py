@@ -310,10 +310,15 @@ def test_lora_errors(small, device, gen):
     expect_raise(INVALID, "adapters[0].a must have dtype torch.float16", layer.set_loras,
                  [qattn.LoRA(1, "q", a.float(), b)])
     expect_raise(INVALID, "adapters[0] must be a qattn.LoRA", layer.set_loras, [(1, "q", a, b)])
+    # Ids cross the ABI as int32: one past its range must not wrap onto another id.
+    expect_raise(INVALID, "adapters[0].id must be an int32", layer.set_loras, [qattn.LoRA(2**32 + 1, "q", a, b)])
+    expect_raise(INVALID, "adapters[0].id must be an int32", layer.set_loras, [qattn.LoRA(1.5, "q", a, b)])
     assert layer.set_loras([qattn.LoRA(1, "q", a, b), qattn.LoRA(1, "v", a, b[:, :64].contiguous())]) == 4
     expect_raise(RANGE, "unknown LoRA adapter id 3", layer.forward1, x, sin=sin, cos=cos, loras=[1, 3])
     expect_raise(RANGE, "unknown LoRA adapter id 3", layer.forward2, x, attn, loras=[3])
     expect_raise(INVALID, "LoRA adapter id 1 is listed twice", layer.forward1, x, sin=sin, cos=cos, loras=[1, 1])
+    expect_raise(INVALID, "LoRA ids must be int32", layer.forward1, x, sin=sin, cos=cos, loras=[2**32 + 1])
+    expect_raise(INVALID, "LoRA ids must be int32", layer.forward2, x, attn, loras=[-2**31 - 1])
     layer.forward1(x, sin=sin, cos=cos, loras=[1])
     # A failed set_loras leaves the previous set in place.
     expect_raise(INVALID, "two entries", layer.set_loras, [qattn.LoRA(2, "q", a, b), qattn.LoRA(2, "q", a, b)])

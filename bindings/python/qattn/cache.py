@@ -30,6 +30,23 @@ def _positive_int(name, value):
     return value
 
 
+def _int_list(values, name):
+    """`values` (any iterable) as a list of ints; bools, floats and other types are
+    refused rather than converted, so a wrong id never lands on another row or page."""
+    try:
+        values = list(values)
+    except TypeError:
+        raise invalid("%s must be an iterable of ints, got %r" % (name, values)) from None
+    for i, v in enumerate(values):
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            values[i] = operator.index(v)
+        except TypeError:
+            raise invalid("%s must hold ints, got %r" % (name, v)) from None
+    return values
+
+
 def _to_device(values, dtype, device):
     """A host list as a tensor on `device`, queued without waiting for the device:
     a blocking copy from host memory synchronises with the stream. On CUDA the
@@ -173,16 +190,8 @@ class _KVCacheBase:
         if isinstance(seq_ids, torch.Tensor):
             if seq_ids.dim() != 1 or seq_ids.dtype.is_floating_point or seq_ids.dtype == torch.bool:
                 raise invalid("seq_ids must be a 1-D integer tensor or a sequence of ints")
-            ids = seq_ids.tolist()
-        else:
-            ids = list(seq_ids)
-        for i, s in enumerate(ids):
-            try:
-                if isinstance(s, bool):
-                    raise TypeError
-                ids[i] = operator.index(s)
-            except TypeError:
-                raise invalid("seq_ids must hold ints, got %r" % (s,)) from None
+            seq_ids = seq_ids.tolist()
+        ids = _int_list(seq_ids, "seq_ids")
         if len(ids) != batch:
             raise invalid("%d seq_ids given for a batch of %d sequences" % (len(ids), batch))
         for s in ids:
@@ -426,7 +435,7 @@ class PagedKVCache(_KVCacheBase):
         """Appends caller-chosen free pages to a sequence's block table (for callers
         that place pages themselves, e.g. to lay a sequence out for another engine)."""
         (s,) = self._seq_ids([seq_id], 1)
-        pages = [operator.index(p) for p in pages]
+        pages = _int_list(pages, "pages")
         for p in pages:
             if not 0 <= p < self.num_blocks:
                 raise _out_of_range(

@@ -1,6 +1,7 @@
 """Layer: one attention block (forward1 / forward2) and its LoRA adapters."""
 import ctypes
 import dataclasses
+import operator
 import weakref
 from typing import Optional
 
@@ -15,6 +16,8 @@ from .qmatrix import QMatrix
 _NORM_KINDS = {"rms": _lib.NORM_RMS, "layer": _lib.NORM_LAYER}
 _ROPE_KINDS = {None: _lib.ROPE_NONE, "neox": _lib.ROPE_NEOX, "gptj": _lib.ROPE_GPTJ}
 _PROJS = {"q": _lib.PROJ_Q, "k": _lib.PROJ_K, "v": _lib.PROJ_V, "o": _lib.PROJ_O}
+# Adapter ids cross the ABI as C ints, which ctypes would silently wrap.
+_INT32_MIN, _INT32_MAX = -2**31, 2**31 - 1
 
 
 @dataclasses.dataclass
@@ -191,6 +194,8 @@ class Layer:
             a.lora_ids, a.num_lora_ids = None, 0
         else:
             if ids != self._lora_key:
+                if not all(_INT32_MIN <= i <= _INT32_MAX for i in ids):
+                    raise invalid("LoRA ids must be int32, got %s" % (ids,))
                 # The array is kept with its key: a decode loop passes the same ids every step.
                 self._lora_key, self._lora_array = ids, (ctypes.c_int32 * len(ids))(*ids)
             a.lora_ids, a.num_lora_ids = self._lora_array, len(ids)
@@ -272,12 +277,18 @@ class Layer:
                 raise invalid("adapters[%d] must be a qattn.LoRA, got %s" % (i, type(lora).__name__))
             if lora.proj not in _PROJS:
                 raise invalid("adapters[%d].proj must be 'q', 'k', 'v' or 'o', got %r" % (i, lora.proj))
+            try:
+                lora_id = None if isinstance(lora.id, bool) else operator.index(lora.id)
+            except TypeError:
+                lora_id = None
+            if lora_id is None or not _INT32_MIN <= lora_id <= _INT32_MAX:
+                raise invalid("adapters[%d].id must be an int32, got %r" % (i, lora.id))
             fan_in, fan_out = widths[lora.proj]
             check_tensor(lora.a, "adapters[%d].a" % i, torch.float16, (fan_in, None), self.device, allow_cpu=True)
             rank = lora.a.shape[1]
             check_tensor(lora.b, "adapters[%d].b" % i, torch.float16, (rank, fan_out), self.device, allow_cpu=True)
             d = _lib.lib.qattn_lora_desc_default()
-            d.id, d.proj, d.rank = int(lora.id), _PROJS[lora.proj], rank
+            d.id, d.proj, d.rank = lora_id, _PROJS[lora.proj], rank
             d.a, d.b = lora.a.data_ptr(), lora.b.data_ptr()
             descs[i] = d
         sync_for_host_read(*(t for lora in adapters for t in (lora.a, lora.b)))
