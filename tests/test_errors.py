@@ -205,6 +205,11 @@ def test_layer_config_errors(device, gen):
     expect_raise(INVALID, "q_norm.weight must have shape [3, 32]", qattn.Layer,
                  q_norm=qattn.Norm("rms", head, per_head=True), **ok)
     expect_raise(INVALID, "q_proj must be a qattn.QMatrix", qattn.Layer, **dict(ok, q_proj=torch.zeros(2)))
+    # Sizes cross the ABI as C ints: one past int32 must not wrap onto a valid size.
+    expect_raise(INVALID, "hidden_size must be an int32, got 4294967360", qattn.Layer,
+                 **dict(ok, hidden_size=2**32 + 64))
+    expect_raise(INVALID, "max_rows must be an int32, got 8.0", qattn.Layer, max_rows=8.0, **ok)
+    expect_raise(INVALID, "rotary_dim must be an int32", qattn.Layer, rotary_dim=2**32 + 16, **ok)
     for m in p.values():
         m.close()
     expect_raise(INVALID, "closed QMatrix", qattn.Layer, **ok)
@@ -295,6 +300,8 @@ def test_rows_and_positions(small, device):
         layer.forward1(x, **f1, past_lens=lens)
         expect_raise(RANGE, "", layer.check_device_errors)
         layer.check_device_errors()
+    expect_raise(INVALID, "past_len must be an int32, got 4294967300", layer.forward1, x, **f1, past_len=2**32 + 4)
+    expect_raise(INVALID, "past_len must be an int32, got 4.5", layer.forward1, x, **f1, past_len=4.5)
     layer.forward1(x, **f1, past_len=29)  # the last valid start
 
 

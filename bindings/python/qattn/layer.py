@@ -16,8 +16,20 @@ from .qmatrix import QMatrix
 _NORM_KINDS = {"rms": _lib.NORM_RMS, "layer": _lib.NORM_LAYER}
 _ROPE_KINDS = {None: _lib.ROPE_NONE, "neox": _lib.ROPE_NEOX, "gptj": _lib.ROPE_GPTJ}
 _PROJS = {"q": _lib.PROJ_Q, "k": _lib.PROJ_K, "v": _lib.PROJ_V, "o": _lib.PROJ_O}
-# Adapter ids cross the ABI as C ints, which ctypes would silently wrap.
+# Sizes, positions and adapter ids cross the ABI as C ints, which ctypes would
+# silently wrap (2**32 + 1 becomes 1).
 _INT32_MIN, _INT32_MAX = -2**31, 2**31 - 1
+
+
+def _c_int(name, value):
+    """value as an int that fits a C int; floats and bools are refused, not converted."""
+    try:
+        result = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        result = None
+    if result is None or not _INT32_MIN <= result <= _INT32_MAX:
+        raise invalid("%s must be an int32, got %r" % (name, value))
+    return result
 
 
 @dataclasses.dataclass
@@ -70,6 +82,11 @@ class Layer:
                 raise invalid("%s is on %s but q_proj on %s" % (name, m.device, q_proj.device))
         if rope not in _ROPE_KINDS:
             raise invalid("rope must be 'neox', 'gptj' or None, got %r" % (rope,))
+        for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                            ("head_dim", head_dim), ("max_rows", max_rows), ("max_seq_len", max_seq_len)):
+            _c_int(name, value)
+        if rotary_dim is not None:
+            _c_int("rotary_dim", rotary_dim)
         self.device = q_proj.device
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -236,6 +253,8 @@ class Layer:
             self._check_heads(v, "out[2] (v)", batch, q_len, self.num_kv_heads)
         self._fill_lora_ids(a, loras)
         a.batch, a.q_len, a.x, a.past_len = batch, q_len, x.data_ptr(), int(past_len)
+        if a.past_len != past_len:
+            raise invalid("past_len must be an int32, got %r" % (past_len,))
         a.q, a.k, a.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
         status = _forward1(self._handle, self._f1_ref, current_stream(self._device_index))
         if status:
@@ -277,12 +296,7 @@ class Layer:
                 raise invalid("adapters[%d] must be a qattn.LoRA, got %s" % (i, type(lora).__name__))
             if lora.proj not in _PROJS:
                 raise invalid("adapters[%d].proj must be 'q', 'k', 'v' or 'o', got %r" % (i, lora.proj))
-            try:
-                lora_id = None if isinstance(lora.id, bool) else operator.index(lora.id)
-            except TypeError:
-                lora_id = None
-            if lora_id is None or not _INT32_MIN <= lora_id <= _INT32_MAX:
-                raise invalid("adapters[%d].id must be an int32, got %r" % (i, lora.id))
+            lora_id = _c_int("adapters[%d].id" % i, lora.id)
             fan_in, fan_out = widths[lora.proj]
             check_tensor(lora.a, "adapters[%d].a" % i, torch.float16, (fan_in, None), self.device, allow_cpu=True)
             rank = lora.a.shape[1]
