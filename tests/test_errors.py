@@ -241,6 +241,8 @@ def test_qmatrix_python_errors(device, gen):
     expect_raise(RANGE, "g_idx[17] = -1", qattn.QMatrix.gptq, **dict(t, g_idx=bad))
     expect_raise(INVALID, "does not cover in_features 64", qattn.QMatrix.gptq, **dict(t, g_idx=None), group_size=16)
     expect_raise(INVALID, "is on meta, expected", qattn.QMatrix.gptq, **dict(t, scales=t["scales"].to("meta")))
+    expect_raise(INVALID, "group_size must be an int32", qattn.QMatrix.gptq, **dict(t, g_idx=None),
+                 group_size=2**32 + 32)
 
 
 # ---- Python level: forward calls -------------------------------------------------

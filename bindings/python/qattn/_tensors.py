@@ -1,9 +1,26 @@
 """Checks every tensor before its pointer crosses into C: the library sees only
 pointers and sizes, so dtype, shape, device and layout are checked here."""
+import operator
+
 import torch
 
 from . import _lib
 from .errors import invalid
+
+# Sizes, positions and ids cross the ABI as C ints, which ctypes would silently
+# wrap (2**32 + 1 becomes 1).
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
+
+
+def as_c_int(name, value):
+    """value as an int that fits a C int; floats and bools are refused, not converted."""
+    try:
+        result = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        result = None
+    if result is None or not INT32_MIN <= result <= INT32_MAX:
+        raise invalid("%s must be an int32, got %r" % (name, value))
+    return result
 
 
 def device_index(device):

@@ -1,35 +1,20 @@
 """Layer: one attention block (forward1 / forward2) and its LoRA adapters."""
 import ctypes
 import dataclasses
-import operator
 import weakref
 from typing import Optional
 
 import torch
 
 from . import _lib
-from ._tensors import (check_tensor, current_stream, device_index, is_ready, ptr, same_device, stream_of,
-                       sync_for_host_read)
+from ._tensors import (INT32_MAX, INT32_MIN, as_c_int, check_tensor, current_stream, device_index, is_ready, ptr,
+                       same_device, stream_of, sync_for_host_read)
 from .errors import check, invalid
 from .qmatrix import QMatrix
 
 _NORM_KINDS = {"rms": _lib.NORM_RMS, "layer": _lib.NORM_LAYER}
 _ROPE_KINDS = {None: _lib.ROPE_NONE, "neox": _lib.ROPE_NEOX, "gptj": _lib.ROPE_GPTJ}
 _PROJS = {"q": _lib.PROJ_Q, "k": _lib.PROJ_K, "v": _lib.PROJ_V, "o": _lib.PROJ_O}
-# Sizes, positions and adapter ids cross the ABI as C ints, which ctypes would
-# silently wrap (2**32 + 1 becomes 1).
-_INT32_MIN, _INT32_MAX = -2**31, 2**31 - 1
-
-
-def _c_int(name, value):
-    """value as an int that fits a C int; floats and bools are refused, not converted."""
-    try:
-        result = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        result = None
-    if result is None or not _INT32_MIN <= result <= _INT32_MAX:
-        raise invalid("%s must be an int32, got %r" % (name, value))
-    return result
 
 
 @dataclasses.dataclass
@@ -84,9 +69,9 @@ class Layer:
             raise invalid("rope must be 'neox', 'gptj' or None, got %r" % (rope,))
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("max_rows", max_rows), ("max_seq_len", max_seq_len)):
-            _c_int(name, value)
+            as_c_int(name, value)
         if rotary_dim is not None:
-            _c_int("rotary_dim", rotary_dim)
+            as_c_int("rotary_dim", rotary_dim)
         self.device = q_proj.device
         self.hidden_size = hidden_size
         self.num_heads = num_heads
@@ -211,7 +196,7 @@ class Layer:
             a.lora_ids, a.num_lora_ids = None, 0
         else:
             if ids != self._lora_key:
-                if not all(_INT32_MIN <= i <= _INT32_MAX for i in ids):
+                if not all(INT32_MIN <= i <= INT32_MAX for i in ids):
                     raise invalid("LoRA ids must be int32, got %s" % (ids,))
                 # The array is kept with its key: a decode loop passes the same ids every step.
                 self._lora_key, self._lora_array = ids, (ctypes.c_int32 * len(ids))(*ids)
@@ -296,7 +281,7 @@ class Layer:
                 raise invalid("adapters[%d] must be a qattn.LoRA, got %s" % (i, type(lora).__name__))
             if lora.proj not in _PROJS:
                 raise invalid("adapters[%d].proj must be 'q', 'k', 'v' or 'o', got %r" % (i, lora.proj))
-            lora_id = _c_int("adapters[%d].id" % i, lora.id)
+            lora_id = as_c_int("adapters[%d].id" % i, lora.id)
             fan_in, fan_out = widths[lora.proj]
             check_tensor(lora.a, "adapters[%d].a" % i, torch.float16, (fan_in, None), self.device, allow_cpu=True)
             rank = lora.a.shape[1]

@@ -5,7 +5,7 @@ import weakref
 import torch
 
 from . import _lib
-from ._tensors import check_tensor, device_index, ptr, sync_for_host_read, torch_device
+from ._tensors import as_c_int, check_tensor, device_index, ptr, sync_for_host_read, torch_device
 from .errors import check, invalid
 
 
@@ -69,7 +69,7 @@ class QMatrix:
         desc.in_features = k
         desc.out_features = n
         desc.bits = bits
-        desc.group_size = group_size
+        desc.group_size = as_c_int("group_size", group_size)
         desc.num_groups = groups
         desc.zero_offset_one = 1 if zero_offset_one else 0
         desc.qweight = ptr(qweight)
