@@ -78,18 +78,16 @@ qattn_status forward_block(qattn_layer* layer, const qattn_block_args* in, void*
     QATTN_TRY(read_versioned("qattn_block_args", in, qattn_block_args_default(), &a));
     const LayerInfo& info = layer->info;
     QATTN_REQUIRE_ARG(a.attention != nullptr, "qattn_forward: attention callback is NULL");
-    QATTN_REQUIRE_ARG(a.batch > 0 && a.q_len > 0, "batch and q_len must be > 0, got %d and %d", a.batch, a.q_len);
+    QATTN_TRY(check_rows(*layer, a.batch, a.q_len));
     qattn_kv_cache cache;
     QATTN_TRY(read_versioned("qattn_kv_cache", a.cache, qattn_kv_cache_default(), &cache));
     QATTN_TRY(check_cache(info, cache, a));
 
-    const int64_t rows = static_cast<int64_t>(a.batch) * a.q_len;
-    QATTN_REQUIRE(rows <= info.max_rows, QATTN_ERROR_OUT_OF_RANGE,
-                  "batch * q_len = %lld rows exceeds the layer's max_rows = %d", (long long)rows, info.max_rows);
-    const WorkspaceLayout w = layout_for(info, static_cast<int>(rows));
+    const int rows = a.batch * a.q_len;
+    const WorkspaceLayout w = layout_for(info, rows);
     QATTN_TRY(check_tensor(a.workspace, "workspace", info.device, kWorkspaceAlignment));
     QATTN_REQUIRE_ARG(a.workspace_size >= w.total, "workspace is %zu bytes; %d rows need %zu (qattn_block_workspace_size)",
-                      a.workspace_size, (int)rows, w.total);
+                      a.workspace_size, rows, w.total);
     char* base = static_cast<char*>(a.workspace);
 
     qattn_forward1_args f1 = qattn_forward1_args_default();

@@ -24,4 +24,6 @@ namespace qattn {
 // The checked entry points, shared by qattn_forward1/2 and the whole block.
 qattn_status forward1(qattn_layer* layer, const qattn_forward1_args* args, void* stream);
 qattn_status forward2(qattn_layer* layer, const qattn_forward2_args* args, void* stream);
+// batch and q_len > 0, and batch * q_len within the layer's max_rows.
+qattn_status check_rows(const qattn_layer& layer, int batch, int q_len);
 }  // namespace qattn

@@ -112,14 +112,6 @@ qattn_status create(const qattn_layer_config* config, qattn_layer** out) {
     return QATTN_SUCCESS;
 }
 
-qattn_status check_rows(const qattn_layer& layer, int batch, int q_len) {
-    QATTN_REQUIRE_ARG(batch > 0 && q_len > 0, "batch and q_len must be > 0, got %d and %d", batch, q_len);
-    QATTN_REQUIRE(static_cast<int64_t>(batch) * q_len <= layer.info.max_rows, QATTN_ERROR_OUT_OF_RANGE,
-                  "batch * q_len = %lld rows exceeds the layer's max_rows = %d", (long long)batch * q_len,
-                  layer.info.max_rows);
-    return QATTN_SUCCESS;
-}
-
 // Resolves adapter ids into per-projection backend indices (into layer->active).
 qattn_status resolve_loras(qattn_layer* layer, const int32_t* ids, int count) {
     for (auto& list : layer->active) list.clear();
@@ -145,6 +137,14 @@ qattn_status resolve_loras(qattn_layer* layer, const int32_t* ids, int count) {
 size_t residual_bytes(const LayerInfo& info) { return info.residual_fp32 ? sizeof(float) : sizeof(uint16_t); }
 
 }  // namespace
+
+qattn_status check_rows(const qattn_layer& layer, int batch, int q_len) {
+    QATTN_REQUIRE_ARG(batch > 0 && q_len > 0, "batch and q_len must be > 0, got %d and %d", batch, q_len);
+    QATTN_REQUIRE(static_cast<int64_t>(batch) * q_len <= layer.info.max_rows, QATTN_ERROR_OUT_OF_RANGE,
+                  "batch * q_len = %lld rows exceeds the layer's max_rows = %d", (long long)batch * q_len,
+                  layer.info.max_rows);
+    return QATTN_SUCCESS;
+}
 
 qattn_status forward1(qattn_layer* layer, const qattn_forward1_args* in, void* stream) {
     QATTN_REQUIRE_ARG(layer != nullptr, "qattn_forward1: layer is NULL");
