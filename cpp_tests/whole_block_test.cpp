@@ -303,6 +303,32 @@ TEST(WholeBlockCpu, ReportsCallbackFailureAndMissingWorkspace) {
     QTEST_EXPECT_ERROR(qattn_forward(blk.layer.get(), &a, nullptr), QATTN_ERROR_INVALID_ARGUMENT, "callback is NULL");
 }
 
+// past_lens is checked as a tensor (alignment; device memory on a CUDA build)
+// before the cache check reads it on the host.
+TEST(WholeBlockCpu, ChecksPastLensBeforeReadingThem) {
+    qtest::Random rng(15);
+    Block blk = make_block(QATTN_DEVICE_CPU, rng);
+    Cache cache = make_cache(QATTN_DEVICE_CPU, QATTN_KV_CONTIGUOUS, 1);
+    DeviceBuffer x(QATTN_DEVICE_CPU, rng.halves(H, -1, 1));
+    // Read one byte off, these bytes make a length far past the cache.
+    alignas(4) unsigned char bytes[8] = {0, 0x7f, 0x7f, 0x7f, 0x7f, 0, 0, 0};
+    int calls = 0;
+    qattn_block_args a = qattn_block_args_default();
+    a.x = x.get();
+    a.past_lens = reinterpret_cast<const int32_t*>(bytes + 1);
+    a.sin = blk.sin.as<float>();
+    a.cos = blk.cos.as<float>();
+    a.max_positions = MAX_SEQ;
+    a.cache = &cache.desc;
+    a.attention = reference_attention;
+    a.user_data = &calls;
+    a.workspace = blk.workspace.get();
+    a.workspace_size = qattn_block_workspace_size(blk.layer.get(), 1);
+    QTEST_EXPECT_ERROR(qattn_forward(blk.layer.get(), &a, nullptr), QATTN_ERROR_INVALID_ARGUMENT,
+                       "past_lens");
+    EXPECT_EQ(calls, 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Devices, WholeBlock, ::testing::Values(QATTN_DEVICE_CPU, 0),
                          [](const ::testing::TestParamInfo<int>& info) { return qtest::device_name(info.param); });
 

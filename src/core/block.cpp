@@ -53,7 +53,9 @@ qattn_status check_cache(const LayerInfo& info, const qattn_kv_cache& c, const q
     }
 
     // Past lengths on the device are checked by the kernels (qattn_check_device_errors);
-    // everything the host can see is checked here.
+    // everything the host can see is checked here, once the pointer is known to be
+    // readable (forward1 would check it too, but only after the loop below).
+    if (a.past_lens != nullptr) QATTN_TRY(check_tensor(a.past_lens, "past_lens", info.device, sizeof(int32_t)));
     const bool host_visible = info.device == QATTN_DEVICE_CPU;
     for (int b = 0; b < a.batch; ++b) {
         if (a.past_lens != nullptr && !host_visible) break;
