@@ -93,19 +93,9 @@ TEST_P(Forward, MatchesReference) {
     const BlockData data(scenario, rng);
     const int rows = data.rows(), H = scenario.hidden;
 
-    QMatrixPtr matrices[4];
-    const MatrixData* sources[4] = {&data.q, &data.k, &data.v, &data.o};
-    for (int i = 0; i < 4; ++i) {
-        qattn_qmatrix* m = nullptr;
-        const qattn_qmatrix_desc desc = sources[i]->desc(device);
-        QTEST_ASSERT_OK(qattn_qmatrix_create(&desc, &m));
-        matrices[i].reset(m);
-    }
-    const qattn_layer_config config = data.config(device, matrices[0].get(), matrices[1].get(), matrices[2].get(),
-                                                  matrices[3].get(), rows);
-    qattn_layer* raw = nullptr;
-    QTEST_ASSERT_OK(qattn_create(&config, &raw));
-    LayerPtr layer(raw);
+    LibraryLayer lib;
+    QTEST_ASSERT_OK(build_layer(data, device, rows, &lib));
+    const LayerPtr& layer = lib.layer;
 
     if (!data.loras.empty()) {
         std::vector<qattn_lora_desc> descs;

@@ -383,4 +383,31 @@ struct BlockData {
     }
 };
 
+// The library objects of a BlockData: its four projections (q, k, v, o) and the
+// layer over them, with the config the layer was created from.
+struct LibraryLayer {
+    QMatrixPtr matrices[4];
+    qattn_layer_config config{};
+    LayerPtr layer;
+};
+
+// Creates the matrices and the layer on `device` for up to `max_rows` rows a call;
+// returns the status of the first call that fails.
+inline qattn_status build_layer(const BlockData& data, int device, int max_rows, LibraryLayer* out) {
+    const MatrixData* sources[4] = {&data.q, &data.k, &data.v, &data.o};
+    for (int i = 0; i < 4; ++i) {
+        qattn_qmatrix* m = nullptr;
+        const qattn_qmatrix_desc desc = sources[i]->desc(device);
+        const qattn_status status = qattn_qmatrix_create(&desc, &m);
+        if (status != QATTN_SUCCESS) return status;
+        out->matrices[i].reset(m);
+    }
+    out->config = data.config(device, out->matrices[0].get(), out->matrices[1].get(), out->matrices[2].get(),
+                              out->matrices[3].get(), max_rows);
+    qattn_layer* layer = nullptr;
+    const qattn_status status = qattn_create(&out->config, &layer);
+    out->layer.reset(layer);
+    return status;
+}
+
 }  // namespace qtest

@@ -3,15 +3,13 @@
 // on the host (for a CUDA layer it copies through the host, which is slow but
 // exact), so these tests check the library's side of the contract: what the
 // callback receives, where the cache must be written, and what comes back.
-#include "support.h"
+#include "model.h"
 
 #include <algorithm>
 
 namespace {
 
 using qtest::DeviceBuffer;
-using qtest::LayerPtr;
-using qtest::QMatrixPtr;
 
 constexpr int H = 64, NH = 4, NKV = 2, D = 16, MAX_ROWS = 32, MAX_SEQ = 64;
 
@@ -101,57 +99,26 @@ qattn_status reference_attention(const qattn_attention_params* p) {
     return QATTN_SUCCESS;
 }
 
-struct Block {
-    std::vector<QMatrixPtr> matrices;
-    LayerPtr layer;
+struct Block : qtest::LibraryLayer {
     DeviceBuffer sin, cos, workspace;
 };
 
-// A small Llama-style layer (RMSNorm, dense projections, NeoX RoPE) on `device`.
+// A small Llama-style layer (model.h's default scenario: RMSNorm, dense
+// projections, NeoX RoPE) on `device`.
 Block make_block(int device, qtest::Random& rng) {
+    qtest::Scenario s;
+    s.hidden = H;
+    s.heads = NH;
+    s.kv_heads = NKV;
+    s.head_dim = D;
+    qtest::BlockData data(s, rng);
+    data.max_seq_len = MAX_SEQ;
     Block blk;
-    const int widths[4][2] = {{H, NH * D}, {H, NKV * D}, {H, NKV * D}, {NH * D, H}};
-    for (const auto& w : widths) {
-        qattn_qmatrix_desc d = qattn_qmatrix_desc_default();
-        d.device = device;
-        d.in_features = w[0];
-        d.out_features = w[1];
-        std::vector<uint16_t> weight = rng.halves(static_cast<size_t>(w[0]) * w[1], -0.2, 0.2);
-        d.weight = weight.data();
-        qattn_qmatrix* m = nullptr;
-        EXPECT_EQ(qattn_qmatrix_create(&d, &m), QATTN_SUCCESS) << qattn_last_error();
-        blk.matrices.emplace_back(m);
-    }
-    std::vector<uint16_t> norm = rng.halves(H, 0.5, 1.5);
-    qattn_layer_config c = qattn_layer_config_default();
-    c.device = device;
-    c.hidden_size = H;
-    c.num_heads = NH;
-    c.num_kv_heads = NKV;
-    c.head_dim = D;
-    c.max_rows = MAX_ROWS;
-    c.max_seq_len = MAX_SEQ;
-    c.input_norm.type = QATTN_NORM_RMS;
-    c.input_norm.weight = norm.data();
-    c.rope = QATTN_ROPE_NEOX;
-    c.q_proj = blk.matrices[0].get();
-    c.k_proj = blk.matrices[1].get();
-    c.v_proj = blk.matrices[2].get();
-    c.o_proj = blk.matrices[3].get();
-    qattn_layer* layer = nullptr;
-    EXPECT_EQ(qattn_create(&c, &layer), QATTN_SUCCESS) << qattn_last_error();
-    blk.layer.reset(layer);
-
-    std::vector<float> sin(MAX_SEQ * D / 2), cos(MAX_SEQ * D / 2);
-    for (int p = 0; p < MAX_SEQ; ++p)
-        for (int i = 0; i < D / 2; ++i) {
-            const double angle = p * std::pow(10000.0, -2.0 * i / D);
-            sin[p * D / 2 + i] = static_cast<float>(std::sin(angle));
-            cos[p * D / 2 + i] = static_cast<float>(std::cos(angle));
-        }
-    blk.sin = DeviceBuffer(device, sin);
-    blk.cos = DeviceBuffer(device, cos);
-    blk.workspace = DeviceBuffer(device, qattn_block_workspace_size(layer, MAX_ROWS));
+    EXPECT_EQ(qtest::build_layer(data, device, MAX_ROWS, &blk), QATTN_SUCCESS) << qattn_last_error();
+    const qtest::RopeTables tables = qtest::make_rope_tables(MAX_SEQ, D);
+    blk.sin = DeviceBuffer(device, tables.sin);
+    blk.cos = DeviceBuffer(device, tables.cos);
+    blk.workspace = DeviceBuffer(device, qattn_block_workspace_size(blk.layer.get(), MAX_ROWS));
     return blk;
 }
 
