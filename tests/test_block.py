@@ -19,7 +19,6 @@ count or mask round differently: up to 1 fp16 ulp (4.9e-4 relative) at each of
 q/k/v, the attention output and y, so SAME_TOL is 2e-3 (the CPU backend measures
 <= 1.4e-4; a position or mask bug costs > 1e-2).
 """
-import copy
 import sys
 
 import pytest
@@ -27,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fake_flash_attn
+import hf_model
 import qattn
 import reference as R
 from layer_case import Spec, build, tables
@@ -649,11 +649,6 @@ HF_CASES = {
 }
 
 
-class _NoMLP(torch.nn.Module):
-    def forward(self, x):
-        return torch.zeros_like(x)
-
-
 @pytest.mark.parametrize("case", sorted(HF_CASES))
 def test_block_matches_hf(device, case):
     transformers = pytest.importorskip("transformers")
@@ -665,22 +660,11 @@ def test_block_matches_hf(device, case):
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=32,
                                          max_position_embeddings=64, **extra)
     model = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / module.weight.shape[1] ** 0.5)
-                if module.bias is not None:
-                    module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=gen))
-            elif not isinstance(module, torch.nn.Embedding):
-                for p in module.parameters(recurse=False):
-                    p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    hf_model.randomize(model, gen)
     prefill, decode = 11, 6
     total = prefill + decode
     x = torch.randn(2, total, 128, generator=gen).half()
-    reference = copy.deepcopy(model).double()
-    reference.layers[0].mlp = _NoMLP()
-    with torch.no_grad():
-        expected = reference(inputs_embeds=x.double(), output_hidden_states=True, use_cache=False).hidden_states[1]
+    expected = hf_model.attention_half(model, x)
 
     layer, info = hf.from_hf_attention(model.layers[0], config, device=device, max_rows=64, max_seq_len=32)
     with layer:

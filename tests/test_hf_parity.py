@@ -28,6 +28,7 @@ import copy
 import pytest
 import torch
 
+from hf_model import attention_half, randomize
 from qattn.hf import from_hf_attention, rope_tables_from_hf
 
 transformers = pytest.importorskip("transformers")
@@ -82,48 +83,12 @@ CASES = {
 }
 
 
-class _NoMLP(torch.nn.Module):
-    """Removes the MLP half, so that the decoder layer computes its attention half only."""
-
-    def forward(self, x):
-        return torch.zeros_like(x)
-
-
-def _randomize(model, gen):
-    """Weights of meaningful scale: projections ~ 1/sqrt(fan_in) (unit-size activations,
-    attention far from uniform), biases ~ 0.1, norm weights in [0.5, 1.5]."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                fan_in = module.weight.shape[1]
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen) / fan_in ** 0.5)
-                if module.bias is not None:
-                    module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.1)
-            elif isinstance(module, torch.nn.Embedding):
-                continue
-            else:
-                for name, p in module.named_parameters(recurse=False):
-                    if name == "weight":
-                        p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-                    else:
-                        p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-
-
 def _build(case, gen):
     config_name, extra = CASES[case]
     config = getattr(transformers, config_name)(**_COMMON, **extra)
     model = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
-    _randomize(model, gen)
+    randomize(model, gen)
     return model, config
-
-
-def _reference(model, x):
-    """HF's attention half of layer 0 for x [batch, TOTAL, H], in float64."""
-    ref = copy.deepcopy(model).double()
-    ref.layers[0].mlp = _NoMLP()
-    with torch.no_grad():
-        out = ref(inputs_embeds=x.double(), output_hidden_states=True, use_cache=False)
-    return out.hidden_states[1]
 
 
 def _attend(q, cache_k, cache_v, b, past, info):
@@ -203,7 +168,7 @@ def test_attention_half_matches_hf(case, device):
     gen = torch.Generator().manual_seed(sum(map(ord, case)))
     model, config = _build(case, gen)
     x = torch.randn(2, TOTAL, HIDDEN, generator=gen).to(torch.float16)
-    ref = _reference(model, x)
+    ref = attention_half(model, x)
 
     layer, info = from_hf_attention(model.layers[0], config, device=device, max_rows=32, max_seq_len=MAX_SEQ)
     with layer:
@@ -234,7 +199,7 @@ def test_half_precision_model(device, dtype):
     model, config = _build("gpt_neox", gen)
     model = model.to(dtype)
     x = torch.randn(2, TOTAL, HIDDEN, generator=gen).to(torch.float16)
-    ref = _reference(model, x)
+    ref = attention_half(model, x)
     layer, info = from_hf_attention(model.layers[0], config, device=device, max_rows=32, max_seq_len=MAX_SEQ)
     with layer:
         assert info.parallel_mlp_norm == "post_attention_layernorm"
@@ -251,7 +216,7 @@ def test_parallel_mlp_norm_names_the_mlp_input(case):
     gen = torch.Generator().manual_seed(5)
     model, config = _build(case, gen)
     x = torch.randn(2, TOTAL, HIDDEN, generator=gen, dtype=torch.float64)
-    half = _reference(model, x)
+    half = attention_half(model, x)
     full_model = copy.deepcopy(model).double()
     with torch.no_grad():
         full = full_model(inputs_embeds=x, output_hidden_states=True, use_cache=False).hidden_states[1]
@@ -268,7 +233,7 @@ def test_fp32_residual(device):
     gen = torch.Generator().manual_seed(11)
     model, config = _build("qwen3", gen)
     x = torch.randn(2, TOTAL, HIDDEN, generator=gen)
-    ref = _reference(model, x)
+    ref = attention_half(model, x)
     layer, info = from_hf_attention(model.layers[0], config, device=device, max_rows=32, max_seq_len=MAX_SEQ,
                                     residual_fp32=True)
     with layer:
