@@ -7,7 +7,7 @@ import torch
 
 import qattn
 import reference as R
-from layer_case import TOL, Spec, assert_close, assert_distinct, build, reference, run
+from layer_case import Spec, assert_close, assert_distinct, build, reference, run
 
 # (id, proj, rank); id 1 covers three projections, id 2 two, id 7 one.
 ADAPTERS = [(1, "q", 4), (1, "v", 4), (1, "o", 4), (2, "k", 8), (2, "q", 2), (7, "o", 16)]
