@@ -4,7 +4,8 @@
 #   1. builds the library and the GoogleTest suite with CMake and runs ctest;
 #   2. installs the library to a temporary prefix, builds examples/ against it
 #      through find_package(qattn) and runs the example;
-#   3. installs the Python package (`pip install .`) and runs pytest on it.
+#   3. installs the Python package (`pip install .`) and runs pytest on it;
+#   4. runs `python -m qattn check` with the installed package.
 # The CUDA backend is built when nvcc is found (cuBLAS comes from the
 # nvidia-cublas wheel); its tests run only where a GPU is present.
 #
