@@ -24,14 +24,12 @@ qattn_status copy_to_host(void* dst, const void* src, size_t bytes);
 
 int cuda_device_count();
 
-
-// The bytes of a weight tensor, readable on the host: `data()` is the caller's
+// The bytes of a weight tensor, readable on the host: `as<T>()` is the caller's
 // pointer when it is host memory, else a host copy. Weights are read on the host
 // once at creation (to validate, dequantize or repack them).
 class HostView {
 public:
     qattn_status load(const void* src, size_t bytes);
-    const void* data() const { return data_; }
     template <typename T>
     const T* as() const { return static_cast<const T*>(data_); }
 

@@ -22,9 +22,9 @@ Norm widen(const NormInfo& info, const NormWeights& weights);
 // `head` selects the weight row of a per-head norm (ignored otherwise).
 void normalize(const Norm& norm, float* v, int head = 0);
 
-// Rotates the first `rotary_dim` dims of one head vector to `position`.
-// NeoX pairs (i, i + rotary_dim/2); GPT-J pairs (2i, 2i + 1); pair i uses
-// sin/cos[position, i].
+// Rotates the first `rotary_dim` dims of one head vector by the table rows of its
+// position. NeoX pairs (i, i + rotary_dim/2); GPT-J pairs (2i, 2i + 1); pair i uses
+// sin_row[i] and cos_row[i].
 void rotate(qattn_rope_type type, int rotary_dim, const float* sin_row, const float* cos_row, float* head);
 
 }  // namespace qattn::cpu

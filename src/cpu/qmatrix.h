@@ -12,7 +12,6 @@ public:
     CpuQMatrix(const QMatrixInfo& info, std::vector<float> weight, std::vector<float> bias)
         : info_(info), weight_(std::move(weight)), bias_(std::move(bias)) {}
 
-    int64_t in_features() const { return info_.in_features; }
     int64_t out_features() const { return info_.out_features; }
 
     // y[r, :] = x[r, :] . W (+ bias), for `rows` rows of K inputs into N outputs.
