@@ -79,7 +79,7 @@ public:
             const int group_size = 32, groups = K / group_size;
             qweight = words(static_cast<size_t>(K / 8) * N);
             qzeros = words(static_cast<size_t>(groups) * (N / 8));
-            // 4-bit codes minus zeros lie in [-16, 15]; scale them to weights of ~1/sqrt(K).
+            // 4-bit codes minus zeros (stored zero + 1) lie in [-16, 14]; scale them to weights of ~1/sqrt(K).
             const float s = 1.0f / (8.0f * std::sqrt(static_cast<float>(K)));
             scales = halves(static_cast<size_t>(groups) * N, 0.5f * s, 1.5f * s);
             d.format = QATTN_QMATRIX_GPTQ;
