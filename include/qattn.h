@@ -100,8 +100,8 @@ typedef struct qattn_qmatrix_desc {
     size_t struct_size;
     qattn_qmatrix_format format;
     int device;           /* QATTN_DEVICE_CPU or CUDA ordinal */
-    int64_t in_features;  /* K */
-    int64_t out_features; /* N */
+    int64_t in_features;  /* K, at most 2^20 */
+    int64_t out_features; /* N, at most 2^20 */
     const void* bias;     /* fp16 [N], optional */
 
     /* QATTN_QMATRIX_DENSE_F16 */
@@ -155,7 +155,7 @@ typedef struct qattn_layer_config {
     int hidden_size;      /* H */
     int num_heads;        /* NH */
     int num_kv_heads;     /* NKV; NH % NKV == 0 */
-    int head_dim;         /* D */
+    int head_dim;         /* D; even, at most 512 */
     int max_rows;         /* most batch * q_len rows in one forward call */
     int max_seq_len;      /* positions must stay below this */
 
@@ -245,7 +245,7 @@ typedef struct qattn_lora_desc {
     size_t struct_size;
     int id;               /* adapter id, chosen by the caller; one id may cover several projections */
     qattn_proj proj;
-    int rank;             /* r > 0 */
+    int rank;             /* 0 < r <= 4096 */
     const void* a;        /* fp16 [in, r] */
     const void* b;        /* fp16 [r, out] */
 } qattn_lora_desc;
