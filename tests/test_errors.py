@@ -161,6 +161,16 @@ def test_raw_layer_config_sizes(gen):
         c = _lib.LayerConfig.from_buffer_copy(base)
         setattr(c, field, value)
         expect_status(INVALID if field != "device" else INVALID, words, L.qattn_create(ctypes.byref(c), ctypes.byref(h)))
+    # Widths past a QMatrix's largest dimension are refused before anything is sized
+    # from them (num_heads * head_dim would overflow an int here).
+    c = _lib.LayerConfig.from_buffer_copy(base)
+    c.num_heads, c.num_kv_heads, c.head_dim = 2**22 + 1, 1, 512
+    w = torch.ones(512, dtype=torch.float16)
+    c.q_norm.type, c.q_norm.weight, c.q_norm.per_head = _lib.NORM_RMS, w.data_ptr(), 1
+    expect_status(INVALID, "num_heads * head_dim = 2147484160", L.qattn_create(ctypes.byref(c), ctypes.byref(h)))
+    c = _lib.LayerConfig.from_buffer_copy(base)
+    c.hidden_size = 2**20 + 2
+    expect_status(INVALID, "hidden_size 1048578", L.qattn_create(ctypes.byref(c), ctypes.byref(h)))
     c = _lib.LayerConfig.from_buffer_copy(base)
     c.k_proj = None
     expect_status(INVALID, "config.k_proj is NULL", L.qattn_create(ctypes.byref(c), ctypes.byref(h)))

@@ -62,6 +62,12 @@ qattn_status create(const qattn_layer_config* config, qattn_layer** out) {
                       c.num_heads, c.num_kv_heads);
     QATTN_REQUIRE_ARG(c.head_dim % 2 == 0 && c.head_dim <= 512, "head_dim must be even and <= 512, got %d",
                       c.head_dim);
+    // Checked before any norm weight is sized from them.
+    QATTN_REQUIRE_ARG(c.hidden_size <= kMaxFeatures, "hidden_size %d exceeds 2^20, the largest QMatrix dimension",
+                      c.hidden_size);
+    QATTN_REQUIRE_ARG(static_cast<int64_t>(c.num_heads) * c.head_dim <= kMaxFeatures,
+                      "num_heads * head_dim = %lld exceeds 2^20, the largest QMatrix dimension",
+                      static_cast<long long>(c.num_heads) * c.head_dim);
     QATTN_REQUIRE_ARG(c.max_rows > 0, "max_rows must be > 0, got %d", c.max_rows);
     QATTN_REQUIRE_ARG(c.max_seq_len > 0, "max_seq_len must be > 0, got %d", c.max_seq_len);
 

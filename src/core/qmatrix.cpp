@@ -86,7 +86,7 @@ qattn_status create(const qattn_qmatrix_desc* desc, qattn_qmatrix** out) {
     QATTN_REQUIRE_ARG(d.in_features > 0 && d.out_features > 0,
                       "QMatrix in_features and out_features must be > 0, got %lld and %lld",
                       (long long)d.in_features, (long long)d.out_features);
-    QATTN_REQUIRE_ARG(d.in_features <= (1 << 20) && d.out_features <= (1 << 20),
+    QATTN_REQUIRE_ARG(d.in_features <= kMaxFeatures && d.out_features <= kMaxFeatures,
                       "QMatrix dimensions above 2^20 are not supported (got %lld x %lld)",
                       (long long)d.in_features, (long long)d.out_features);
 

@@ -9,6 +9,10 @@
 
 namespace qattn {
 
+// The largest QMatrix dimension. A layer's widths (H, NH * D, NKV * D) are QMatrix
+// dimensions too, so they stay below it, and products of them fit an int64.
+constexpr int64_t kMaxFeatures = int64_t(1) << 20;
+
 // Size-prefixed structs: a caller built against an older header passes a smaller
 // struct; the fields it does not know keep their defaults. A larger struct comes
 // from a newer header whose fields this library would silently ignore: refused.
