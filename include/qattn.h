@@ -336,7 +336,8 @@ typedef struct qattn_block_args {
 
 QATTN_API qattn_block_args qattn_block_args_default(void);
 
-/* Bytes of workspace qattn_forward needs for `rows` = batch * q_len rows. */
+/* Bytes of workspace qattn_forward needs for `rows` = batch * q_len rows; 0 for a
+ * NULL layer or rows <= 0. */
 QATTN_API size_t qattn_block_workspace_size(const qattn_layer* layer, int rows);
 
 /* Runs forward1 into the workspace, the attention callback, and forward2, on

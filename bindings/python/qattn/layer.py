@@ -203,7 +203,10 @@ class Layer:
             a.lora_ids, a.num_lora_ids = self._lora_array, len(ids)
 
     def forward1(self, x, *, sin=None, cos=None, past_len=0, past_lens=None, loras=(), out=None):
-        """x [batch, q_len, H] -> (q [batch, q_len, NH, D], k, v [batch, q_len, NKV, D])."""
+        """x [batch, q_len, H] -> (q [batch, q_len, NH, D], k, v [batch, q_len, NKV, D]).
+        Positions are past_len + t, or past_lens[b] + t (int32 [batch] on the layer's
+        device); `loras` lists the active adapter ids; `out` = (q, k, v) buffers
+        ([..., heads, D] or [..., heads * D]) are written instead of new tensors."""
         if not self._finalizer.alive:
             raise invalid("Layer is closed")
         batch, q_len = self._check_rows(x, "x")
