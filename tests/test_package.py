@@ -1,4 +1,5 @@
 """The Python package itself: metadata, RoPE tables, handle lifetimes, the CLI."""
+import ctypes
 import gc
 import math
 import os
@@ -90,3 +91,62 @@ def test_cli_info_and_check():
     assert "check passed" in check.stdout and "relative error" in check.stdout
     bad = _cli("frobnicate")
     assert bad.returncode == 2 and "unknown command" in bad.stderr
+
+
+def test_ctypes_structs_match_the_header():
+    """The library reports each struct's C size in struct_size; the ctypes mirror in
+    _lib.py must have the same size, or a field was added, dropped or retyped."""
+    from qattn import _lib
+    L = _lib.lib
+    for default, mirror in ((L.qattn_qmatrix_desc_default, _lib.QMatrixDesc),
+                            (L.qattn_layer_config_default, _lib.LayerConfig),
+                            (L.qattn_forward1_args_default, _lib.Forward1Args),
+                            (L.qattn_forward2_args_default, _lib.Forward2Args),
+                            (L.qattn_lora_desc_default, _lib.LoraDesc),
+                            (L.qattn_kv_cache_default, _lib.KVCache),
+                            (L.qattn_block_args_default, _lib.BlockArgs)):
+        assert default().struct_size == ctypes.sizeof(mirror), mirror.__name__
+
+
+def test_raw_qattn_forward_through_ctypes(gen):
+    """qattn_forward called through the ctypes mirror with a Python attention callback:
+    the callback sees the layer's shapes and the cache, and what it writes to `out`
+    reaches forward2 (here attention returns q itself, so the block must equal
+    forward1 then forward2(x, q))."""
+    from qattn import _lib
+    from layer_case import Spec, build, inputs, tables
+    L = _lib.lib
+    spec = Spec()
+    cpu = torch.device("cpu")
+    layer, _ = build(spec, cpu, gen)
+    x, _ = inputs(spec, 2, 3, gen, cpu)
+    sin, cos = tables(spec, cpu)
+    with layer:
+        q, _, _ = layer.forward1(x, sin=sin, cos=cos, past_len=4)
+        expected = layer.forward2(x.clone(), q)
+
+        k_cache = torch.zeros(2, spec.max_seq_len, spec.kv_heads, spec.head_dim, dtype=torch.float16)
+        v_cache = torch.zeros_like(k_cache)
+        cache = L.qattn_kv_cache_default()
+        cache.k, cache.v, cache.max_seq_len = k_cache.data_ptr(), v_cache.data_ptr(), spec.max_seq_len
+        seen = []
+
+        def attention(params):
+            p = params.contents
+            seen.append((p.struct_size, p.batch, p.q_len, p.num_heads, p.num_kv_heads, p.head_dim, p.past_len,
+                         p.cache.contents.max_seq_len, p.causal))
+            ctypes.memmove(p.out, p.q, 2 * p.batch * p.q_len * p.num_heads * p.head_dim)
+            return 0
+
+        callback = _lib.ATTENTION_FN(attention)
+        workspace = torch.empty(L.qattn_block_workspace_size(layer._handle, 6), dtype=torch.uint8)
+        a = L.qattn_block_args_default()
+        a.batch, a.q_len, a.x, a.past_len = 2, 3, x.data_ptr(), 4
+        a.sin, a.cos, a.max_positions = sin.data_ptr(), cos.data_ptr(), sin.shape[0]
+        a.cache = ctypes.pointer(cache)
+        a.attention = callback
+        a.workspace, a.workspace_size = workspace.data_ptr(), workspace.numel()
+        qattn.errors.check(L.qattn_forward(layer._handle, ctypes.byref(a), None))
+    assert seen == [(ctypes.sizeof(_lib.AttentionParams), 2, 3, spec.heads, spec.kv_heads, spec.head_dim, 4,
+                     spec.max_seq_len, 1)]
+    assert torch.equal(x, expected)
