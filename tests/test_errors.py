@@ -236,6 +236,7 @@ def test_qmatrix_python_errors(device, gen):
     expect_raise(INVALID, "bias must have shape [4]", qattn.QMatrix.dense,
                  torch.randn(4, 8, device=device).half(), torch.zeros(5, device=device).half())
     expect_raise(INVALID, "bits must be 4 or 8", qattn.QMatrix.gptq, **t, bits=2)
+    expect_raise(INVALID, "bits must be 4 or 8, got 4.0", qattn.QMatrix.gptq, **t, bits=4.0)
     expect_raise(INVALID, "scales must have shape [*, 32]", qattn.QMatrix.gptq,
                  **dict(t, scales=t["scales"][:, :16].contiguous()))
     expect_raise(INVALID, "qzeros must have shape [2, 4]", qattn.QMatrix.gptq,
@@ -338,6 +339,8 @@ def test_lora_errors(small, device, gen):
     expect_raise(INVALID, "LoRA adapter id 1 is listed twice", layer.forward1, x, sin=sin, cos=cos, loras=[1, 1])
     expect_raise(INVALID, "LoRA ids must be int32", layer.forward1, x, sin=sin, cos=cos, loras=[2**32 + 1])
     expect_raise(INVALID, "LoRA ids must be int32", layer.forward2, x, attn, loras=[-2**31 - 1])
+    expect_raise(INVALID, "LoRA ids must be int32", layer.forward1, x, sin=sin, cos=cos, loras=[1.5])
+    expect_raise(INVALID, "LoRA ids must be int32", layer.forward2, x, attn, loras=5)
     layer.forward1(x, sin=sin, cos=cos, loras=[1])
     # A failed set_loras leaves the previous set in place.
     expect_raise(INVALID, "two entries", layer.set_loras, [qattn.LoRA(2, "q", a, b), qattn.LoRA(2, "q", a, b)])

@@ -1,6 +1,7 @@
 """Layer: one attention block (forward1 / forward2) and its LoRA adapters."""
 import ctypes
 import dataclasses
+import operator
 import weakref
 from typing import Optional
 
@@ -191,7 +192,10 @@ class Layer:
         if loras.__class__ in (tuple, list) and not loras:
             a.lora_ids, a.num_lora_ids = None, 0
             return
-        ids = tuple(int(i) for i in loras)
+        try:
+            ids = tuple(map(operator.index, loras))
+        except TypeError:  # not iterable, or a float id that int() would truncate onto another id
+            raise invalid("LoRA ids must be int32, got %r" % (loras,)) from None
         if not ids:
             a.lora_ids, a.num_lora_ids = None, 0
         else:

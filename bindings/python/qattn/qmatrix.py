@@ -1,5 +1,6 @@
 """QMatrix: a weight matrix (dense fp16 or GPTQ) living on one device."""
 import ctypes
+import operator
 import weakref
 
 import torch
@@ -48,8 +49,13 @@ class QMatrix:
     def gptq(cls, qweight, qzeros, scales, g_idx=None, bias=None, *, bits=4, group_size=128, zero_offset_one=True):
         """GPTQ as in the header: qweight int32 [K*bits/32, N], qzeros int32 [G, N*bits/32],
         scales fp16 [G, N], g_idx int32 [K] (optional), bias fp16 [N]; all on one device."""
-        if bits not in (4, 8):
+        try:
+            bits_ok = not isinstance(bits, bool) and operator.index(bits) in (4, 8)
+        except TypeError:  # a float 4.0 would pass `in (4, 8)` and fail in ctypes
+            bits_ok = False
+        if not bits_ok:
             raise invalid("bits must be 4 or 8, got %r" % (bits,))
+        bits = operator.index(bits)
         per_word = 32 // bits
         check_tensor(qweight, "qweight", torch.int32, (None, None))
         device = qweight.device
