@@ -209,6 +209,8 @@ def test_layer_config_errors(device, gen):
     expect_raise(INVALID, "input_norm.bias is only allowed for LayerNorm", qattn.Layer,
                  input_norm=qattn.Norm("rms", w, w), **ok)
     expect_raise(INVALID, "input_norm.eps must be > 0", qattn.Layer, input_norm=qattn.Norm("rms", w, eps=0.0), **ok)
+    expect_raise(INVALID, "input_norm.eps must be a number, got '1e-6'", qattn.Layer,
+                 input_norm=qattn.Norm("rms", w, eps="1e-6"), **ok)
     expect_raise(INVALID, "input_norm.per_head is only meaningful", qattn.Layer,
                  input_norm=qattn.Norm("rms", w, per_head=True), **ok)
     head = torch.ones(2, 32, dtype=torch.float16, device=device)

@@ -137,7 +137,10 @@ class Layer:
         if norm.bias is not None:
             check_tensor(norm.bias, name + ".bias", torch.float16, shape, self.device, allow_cpu=True)
         desc.type = _NORM_KINDS[norm.kind]
-        desc.eps = norm.eps
+        try:
+            desc.eps = norm.eps
+        except TypeError:
+            raise invalid("%s.eps must be a number, got %r" % (name, norm.eps)) from None
         desc.weight = ptr(norm.weight)
         desc.bias = ptr(norm.bias)
         desc.per_head = 1 if norm.per_head else 0
