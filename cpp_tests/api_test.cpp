@@ -173,15 +173,11 @@ TEST_P(Create, LayersWithEveryOption) {
         Scenario s;
         c.edit(s);
         const BlockData data(s, rng);
-        QMatrixPtr q = create(data.q.desc(device())), k = create(data.k.desc(device())),
-                   v = create(data.v.desc(device())), o = create(data.o.desc(device()));
-        ASSERT_TRUE(q && k && v && o);
-        const qattn_layer_config config = data.config(device(), q.get(), k.get(), v.get(), o.get(), 8);
-        qattn_layer* layer = nullptr;
-        const qattn_status status = qattn_create(&config, &layer);
+        LibraryLayer lib;
+        const qattn_status status = build_layer(data, device(), 8, &lib);
         EXPECT_EQ(status, QATTN_SUCCESS) << failure_text(status);
-        EXPECT_NE(layer, nullptr);
-        EXPECT_EQ(qattn_destroy(layer), QATTN_SUCCESS);
+        EXPECT_NE(lib.layer, nullptr);
+        EXPECT_EQ(qattn_destroy(lib.layer.release()), QATTN_SUCCESS);
     }
 }
 
@@ -204,12 +200,9 @@ TEST_P(Create, LorasReplaceAndClear) {
     Scenario s;
     s.loras = true;
     const BlockData data(s, rng);
-    QMatrixPtr q = create(data.q.desc(device())), k = create(data.k.desc(device())), v = create(data.v.desc(device())),
-               o = create(data.o.desc(device()));
-    const qattn_layer_config config = data.config(device(), q.get(), k.get(), v.get(), o.get(), 4);
-    qattn_layer* raw = nullptr;
-    QTEST_ASSERT_OK(qattn_create(&config, &raw));
-    LayerPtr layer(raw);
+    LibraryLayer lib;
+    QTEST_ASSERT_OK(build_layer(data, device(), 4, &lib));
+    const LayerPtr& layer = lib.layer;
     std::vector<qattn_lora_desc> descs;
     for (const LoraData& l : data.loras) descs.push_back(l.desc());
     int max_rank = 0;

@@ -1,6 +1,8 @@
 // Every refusal: the status code, and a last-error message that names the problem.
 #include "model.h"
 
+#include <algorithm>
+#include <iterator>
 #include <limits>
 
 namespace qtest {
@@ -25,18 +27,11 @@ protected:
 
     void SetUp() override {
         QTEST_SKIP_IF_ABSENT(device());
-        const MatrixData* sources[4] = {&data_.q, &data_.k, &data_.v, &data_.o};
-        for (int i = 0; i < 4; ++i) {
-            qattn_qmatrix* m = nullptr;
-            const qattn_qmatrix_desc d = sources[i]->desc(device());
-            QTEST_ASSERT_OK(qattn_qmatrix_create(&d, &m));
-            matrices_[i].reset(m);
-        }
-        config_ = data_.config(device(), matrices_[0].get(), matrices_[1].get(), matrices_[2].get(),
-                               matrices_[3].get(), kMaxRows);
-        qattn_layer* raw = nullptr;
-        QTEST_ASSERT_OK(qattn_create(&config_, &raw));
-        layer_.reset(raw);
+        LibraryLayer lib;
+        QTEST_ASSERT_OK(build_layer(data_, device(), kMaxRows, &lib));
+        std::move(std::begin(lib.matrices), std::end(lib.matrices), matrices_);
+        config_ = lib.config;
+        layer_ = std::move(lib.layer);
         for (const LoraData& l : data_.loras) loras_.push_back(l.desc());
         QTEST_ASSERT_OK(qattn_set_loras(layer_.get(), loras_.data(), static_cast<int>(loras_.size()), nullptr));
 
