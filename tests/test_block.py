@@ -372,6 +372,8 @@ def test_bad_attention_input_leaves_cache_unchanged(device, gen, kind):
         assert_unchanged(cache, before)
     expect_error("QATTN_ERROR_INVALID_ARGUMENT", "unknown attention backend", attention.attend,
                  *_qkv(device, 1, 1), cache, [0], backend="cuda")
+    expect_error("QATTN_ERROR_INVALID_ARGUMENT", "cache must be a qattn.ContiguousKVCache or PagedKVCache, got dict",
+                 attention.attend, *_qkv(device, 1, 1), snapshot(cache), [0])
     assert_unchanged(cache, before)
 
 
@@ -571,6 +573,8 @@ def test_bad_block_input_leaves_cache_and_x_unchanged(device, gen):
             assert torch.equal(x, x_before), "x changed by a failed forward"
             if cache.device.type != "meta":
                 assert_unchanged(cache, before)
+        expect_error("QATTN_ERROR_INVALID_ARGUMENT", "cache must be a qattn.ContiguousKVCache or PagedKVCache, got "
+                     "NoneType", layer.forward, x_of(1, 1), None, sin=sin, cos=cos)
         expect_error("QATTN_ERROR_INVALID_ARGUMENT", "x must be a 3-D tensor", layer.forward,
                      x_of(1, 1)[0], paged, sin=sin, cos=cos)
 

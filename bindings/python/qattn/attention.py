@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .cache import PagedKVCache
+from .cache import PagedKVCache, check_cache_type
 from .errors import QattnError, invalid
 
 BACKENDS = ("flash_attn", "torch")
@@ -261,6 +261,7 @@ def attend(q, k, v, cache, seq_ids=None, *, backend=None, softmax_scale=None):
     The backend used is in `cache.last_backend`."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise invalid("q must be a 4-D tensor [batch, q_len, heads, head_dim]")
+    check_cache_type(cache)
     step = cache.plan(seq_ids, q.shape[0], q.shape[1])
     name = resolve_backend(backend, cache)
     check_inputs(q, k, v, step)

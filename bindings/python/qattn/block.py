@@ -13,6 +13,7 @@ import torch
 
 from . import attention
 from ._tensors import same_device
+from .cache import check_cache_type
 from .errors import QattnError, invalid
 
 
@@ -20,9 +21,10 @@ def _check_cache(layer, cache):
     """Heads, dtype and device of the cache against the layer's. None of these can
     change on either side, so a pass is remembered (weakly: the cache does not keep
     a closed layer alive) and the next steps of the same pair skip it."""
-    checked = cache.checked_layer
+    checked = getattr(cache, "checked_layer", None)
     if checked is not None and checked() is layer:
         return
+    check_cache_type(cache)
     if cache.num_kv_heads != layer.num_kv_heads or cache.head_dim != layer.head_dim:
         raise invalid(
             "the KV cache has %d KV heads of dim %d, the layer %d of dim %d"

@@ -87,6 +87,11 @@ class _Rows:
         self.pages_view = cache.pages64[:batch] if paged else None
 
 
+def check_cache_type(cache):
+    if not isinstance(cache, _KVCacheBase):
+        raise invalid("cache must be a qattn.ContiguousKVCache or PagedKVCache, got %s" % type(cache).__name__)
+
+
 class CacheStep:
     """What one forward step does to a cache: which rows (sequences), their
     lengths before the step, and, for the paged cache, their block-table rows.
