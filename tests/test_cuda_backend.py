@@ -159,6 +159,22 @@ def test_projections_match_cpu(weights, batch, q_len, gen):
     pair.check(batch, q_len, gen, past_len=3)
 
 
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(128, 4, 1), (32, 8, 2), (64, 6, 3), (96, 4, 2)])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("residual_fp32", [False, True])
+def test_decode_epilogue_in_gemm_over_repeated_calls(head_dim, heads, kv_heads, rows, residual_fp32, gen):
+    # Up to 16 rows the GEMM's last block per column range runs the epilogue and
+    # resets its arrival counter: every call of a sequence must be right, not
+    # only the first. Head dims that divide the 128-column range (one head, four,
+    # two, with a range holding only half its columns for 3 KV heads of 64) and
+    # one that does not (96: the separate epilogue kernel).
+    spec = Spec(hidden=256, heads=heads, kv_heads=kv_heads, head_dim=head_dim, weights="gptq4_act",
+                head_norm="rms", biases=True, residual_fp32=residual_fp32, max_rows=16)
+    pair = Pair(spec, gen)
+    for step in range(4):
+        pair.check(rows, 1, gen, past_len=100 * step + rows)
+
+
 @pytest.mark.parametrize("batch,q_len", [(1, 1), (8, 4), (3, 40)])
 def test_uneven_shapes_pad_groups(batch, q_len, gen):
     # K = 200 is not a multiple of 128 and group 6 holds only 8 rows: the packed

@@ -161,8 +161,11 @@ private:
         QATTN_TRY(acc_qkv_.allocate(sizeof(float) * rows * qkv_width_));
         QATTN_TRY(acc_o_.allocate(sizeof(float) * rows * info_.hidden_size));
         QATTN_TRY(error_flag_.allocate(sizeof(int)));
+        counters_o_ = small_gemm_counters(qkv_width_);
+        QATTN_TRY(counters_.allocate(sizeof(int) * (counters_o_ + small_gemm_counters(info_.hidden_size))));
         QATTN_CUDA_TRY(cudaMemset(acc_qkv_.get(), 0, acc_qkv_.bytes()));
         QATTN_CUDA_TRY(cudaMemset(acc_o_.get(), 0, acc_o_.bytes()));
+        QATTN_CUDA_TRY(cudaMemset(counters_.get(), 0, counters_.bytes()));
         QATTN_CUDA_TRY(cudaMemset(error_flag_.get(), 0, sizeof(int)));
 
         // The large-row path of packed matrices dequantizes whole columns (all
@@ -200,13 +203,15 @@ private:
         return key;
     }
 
-    // The accumulators are zero between calls (each epilogue zeroes what it read).
-    // A call that failed half-way may leave partial sums: the next call clears them.
+    // The accumulators and the GEMM's arrival counters are zero between calls
+    // (each epilogue zeroes what it read). A call that failed half-way may leave
+    // partial sums or counts: the next call clears them.
     template <typename Body>
     qattn_status run(cudaStream_t s, Body&& body) {
         if (dirty_) {
             QATTN_CUDA_TRY(cudaMemsetAsync(acc_qkv_.get(), 0, acc_qkv_.bytes(), s));
             QATTN_CUDA_TRY(cudaMemsetAsync(acc_o_.get(), 0, acc_o_.bytes(), s));
+            QATTN_CUDA_TRY(cudaMemsetAsync(counters_.get(), 0, counters_.bytes(), s));
             dirty_ = false;
         }
         blas_stream_bound_ = false;
@@ -323,27 +328,39 @@ private:
         if (stage_gather) gathered_order_ = gather_for;
 
         float* acc = acc_qkv_.get<float>();
+        const HeadEpilogueParams e = head_epilogue(call, acc);
         SmallGemmProblem small[3];
         int small_count = 0;
+        bool any_lora = false;
         for (int p = 0; p < 3; ++p) {
             const CudaQMatrix& m = *proj_[p];
             if (m.packed() && small_rows)
                 small[small_count++] = SmallGemmProblem{
                     m.packed_gptq(), static_cast<int>(m.out_features() / 8), column_[p],
                     gathered_order_ == order_[p] ? gathered_.get<__half>() : nullptr};
+            any_lora = any_lora || !(*call.loras)[p].empty();
         }
-        QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, s));
+        SmallGemmEpilogue finish;
+        if (small_count == 3 && !any_lora && rows <= kSmallGemmFusedRows && small_gemm_can_finish_heads(e)) {
+            finish.kind = SmallGemmEpilogue::kHeads;
+            finish.counters = counters_.get<int>();
+            finish.heads = e;
+        }
+        QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish, s));
         for (int p = 0; p < 3; ++p) {
             if (!(proj_[p]->packed() && small_rows))
                 QATTN_TRY(project_large(p, x, H, rows, acc + column_[p], qkv_width_, s));
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
         }
+        return finish.kind == SmallGemmEpilogue::kNone ? launch_head_epilogue(e, s) : QATTN_SUCCESS;
+    }
 
+    HeadEpilogueParams head_epilogue(const Forward1Call& call, float* acc) const {
         HeadEpilogueParams e;
         e.acc = acc;
         e.acc_stride = qkv_width_;
-        e.rows = rows;
+        e.rows = call.rows;
         e.q_len = call.q_len;
         e.num_heads = info_.num_heads;
         e.num_kv_heads = info_.num_kv_heads;
@@ -362,7 +379,7 @@ private:
         e.out[1] = static_cast<__half*>(call.k);
         e.out[2] = static_cast<__half*>(call.v);
         e.error_flag = error_flag_.get<int>();
-        return launch_head_epilogue(e, s);
+        return e;
     }
 
     qattn_status forward2_body(const Forward2Call& call, cudaStream_t s) {
@@ -370,20 +387,6 @@ private:
         const auto* attn = static_cast<const __half*>(call.attn_out);
         const CudaQMatrix& m = *proj_[3];
         float* acc = acc_o_.get<float>();
-        gathered_order_ = -1;
-        if (m.packed() && rows <= kSmallRows) {
-            const __half* xg = nullptr;
-            if (rows > kGatherInKernelRows) {
-                QATTN_TRY(stage_gathered(attn, K, rows, K, 3, s));
-                xg = gathered_.get<__half>();
-            }
-            const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0, xg};
-            QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, s));
-        } else {
-            QATTN_TRY(project_large(3, attn, K, rows, acc, H, s));
-        }
-        QATTN_TRY(add_loras(QATTN_PROJ_O, (*call.loras)[QATTN_PROJ_O], attn, K, rows, acc, H, s));
-
         ResidualEpilogueParams e;
         e.acc = acc;
         e.rows = rows;
@@ -393,7 +396,27 @@ private:
         e.x = call.x;
         e.x_fp32 = info_.residual_fp32;
         e.has_residual = info_.has_residual;
-        return launch_residual_epilogue(e, s);
+        const std::vector<int>& loras = (*call.loras)[QATTN_PROJ_O];
+        SmallGemmEpilogue finish;
+        gathered_order_ = -1;
+        if (m.packed() && rows <= kSmallRows) {
+            const __half* xg = nullptr;
+            if (rows > kGatherInKernelRows) {
+                QATTN_TRY(stage_gathered(attn, K, rows, K, 3, s));
+                xg = gathered_.get<__half>();
+            }
+            if (loras.empty() && rows <= kSmallGemmFusedRows && small_gemm_can_finish_residual(e)) {
+                finish.kind = SmallGemmEpilogue::kResidual;
+                finish.counters = counters_.get<int>() + counters_o_;
+                finish.residual = e;
+            }
+            const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0, xg};
+            QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, finish, s));
+        } else {
+            QATTN_TRY(project_large(3, attn, K, rows, acc, H, s));
+        }
+        QATTN_TRY(add_loras(QATTN_PROJ_O, loras, attn, K, rows, acc, H, s));
+        return finish.kind == SmallGemmEpilogue::kNone ? launch_residual_epilogue(e, s) : QATTN_SUCCESS;
     }
 
     LayerInfo info_;
@@ -403,6 +426,9 @@ private:
     int sm_count_ = 1;
     DeviceNorm input_norm_, q_norm_, k_norm_, post_norm_;
     DeviceBuffer normed_, acc_qkv_, acc_o_, error_flag_, dequant_, gathered_, workspace_, lora_scratch_;
+    // The small-row GEMM's arrival counters: forward1's, then forward2's from counters_o_.
+    DeviceBuffer counters_;
+    int counters_o_ = 0;
     int64_t dequant_elements_ = 0;
     // order_[p]: the first projection with the same packed row order as p (p
     // itself if none; dense: p). gathered_order_: the order gathered_ holds in

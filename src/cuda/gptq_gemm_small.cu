@@ -12,6 +12,7 @@
 // in fp32. K is split across blocks so that the grid is one resident wave;
 // partial sums meet in the fp32 accumulator through atomics, and the epilogue
 // kernel that reads the accumulator zeroes it again.
+#include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
 
@@ -299,6 +300,7 @@ template <int NT>
 constexpr int kSwapChunks = NT == 1 ? 4 : 2;
 template <int NT>
 constexpr int kSwapMinBlocks = 3;
+constexpr int kSwapColumns = kWarps * 16;  // output columns of a block
 
 template <int NT, bool ONE_GROUP>  // NT: n8 tiles of x rows (rows <= 8 NT)
 __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uint4& qa, const uint4& qb, __half2 sza,
@@ -363,10 +365,67 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
     }
 }
 
+// Whether this block is the last of `arrivals` to call this on `counter` (and
+// if so, resets it for the next call). Every thread's earlier writes (the
+// split-K atomics) are made visible device-wide before its block arrives, so
+// the last block, reading through L2, sees the sums of all of them.
+__device__ __forceinline__ bool last_to_arrive(int* counter, int arrivals) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counter, 1) == arrivals - 1;
+        if (last) *counter = 0;
+    }
+    __syncthreads();
+    __threadfence();
+    return last;
+}
+
+// The phase's epilogue on the columns of this block (whole heads, or any
+// columns of the residual), run by the last of the split-K blocks to finish
+// them. buffers: the block's shared memory, free once the MMAs are done.
+__device__ __forceinline__ void finish_columns(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
+                                               int block_in_problem, int arrivals, int rows, float* buffers) {
+    if (!last_to_arrive(ep.counters + blockIdx.x, arrivals)) return;
+    const int first = P.col_offset + block_in_problem * kSwapColumns;
+    const int count = min(kSwapColumns, P.n_tiles * 8 - block_in_problem * kSwapColumns);
+    if (ep.kind == SmallGemmEpilogue::kHeads) {
+        const HeadEpilogueParams& p = ep.heads;
+        const int warp = threadIdx.x >> 5, D = p.head_dim, heads = count / D, head0 = first / D;
+        for (int task = warp; task < rows * heads; task += kWarps) {
+            const int row = task / heads;
+            finish_head<4, kSwapColumns>(p, row, head0 + task - row * heads, buffers + warp * D);
+        }
+        return;
+    }
+    const ResidualEpilogueParams& p = ep.residual;
+    const int vectors = count / 4;
+    for (int i = threadIdx.x; i < rows * vectors; i += blockDim.x) {
+        const int row = i / vectors;
+        const int column = first + (i - row * vectors) * 4;
+        const size_t at = static_cast<size_t>(row) * p.width + column;
+        float y[4];
+        load_vec_l2<4>(p.acc + at, y);
+        if (p.bias) {
+            float b[4];
+            load_vec<4>(p.bias + column, b);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) y[u] += b[u];
+        }
+        const float zeros[4] = {};
+        store_vec<4>(p.acc + at, zeros);
+        if (p.x_fp32)
+            add_to_residual<float, 4>(static_cast<float*>(p.x) + at, y, p.has_residual);
+        else
+            add_to_residual<__half, 4>(static_cast<__half*>(p.x) + at, y, p.has_residual);
+    }
+}
+
 template <int NT>
-__global__ void __launch_bounds__(kWarps * 32, kSwapMinBlocks<NT>) gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x,
-                                                                       int x_stride, int rows, float* acc,
-                                                                       int acc_stride, int chunks_per_block) {
+__global__ void __launch_bounds__(kWarps * 32, kSwapMinBlocks<NT>)
+    gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
+                              int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
     extern __shared__ __half xs[];  // [rows][stride], rows 8..15 of each step / 16
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
@@ -412,54 +471,74 @@ __global__ void __launch_bounds__(kWarps * 32, kSwapMinBlocks<NT>) gptq4_gemm_sw
     allow_dependents();
     stage_x_swapped(xs, stride, P, src, x, x_stride, rows, chunk0, span);
     __syncthreads();
-    if (!active) return;
 
-    // ldmatrix.x4 of two k-steps: lanes 0-7 / 8-15 / 16-23 / 24-31 address the x
-    // rows 8n..8n+7 at k offsets 0 / 8 / 16 / 24 (rows past `rows` read row 0:
-    // their outputs are never stored).
-    const __half* x_row[NT];
+    if (active) {
+        // ldmatrix.x4 of two k-steps: lanes 0-7 / 8-15 / 16-23 / 24-31 address the x
+        // rows 8n..8n+7 at k offsets 0 / 8 / 16 / 24 (rows past `rows` read row 0:
+        // their outputs are never stored).
+        const __half* x_row[NT];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-        const int r = n * 8 + (lane & 7);
-        x_row[n] = xs + (r < rows ? r : 0) * stride + (lane >> 3) * 8;
-    }
-    float c[NT][4] = {};
+        for (int n = 0; n < NT; ++n) {
+            const int r = n * 8 + (lane & 7);
+            x_row[n] = xs + (r < rows ? r : 0) * stride + (lane >> 3) * 8;
+        }
+        float c[NT][4] = {};
 #pragma unroll
-    for (int u = 0; u < kSwapChunks<NT>; ++u) {
-        if (chunk0 + u >= chunk_end) break;
-        if (mixed & (1u << u))
-            chunk_mma_swapped<NT, false>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
-                                         column_a, column_b);
-        else
-            chunk_mma_swapped<NT, true>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
-                                        column_a, column_b);
-    }
+        for (int u = 0; u < kSwapChunks<NT>; ++u) {
+            if (chunk0 + u >= chunk_end) break;
+            if (mixed & (1u << u))
+                chunk_mma_swapped<NT, false>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u,
+                                             N, column_a, column_b);
+            else
+                chunk_mma_swapped<NT, true>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u,
+                                            N, column_a, column_b);
+        }
 
-    const int out_a = P.col_offset + column_a, out_b = P.col_offset + column_b;
+        const int out_a = P.col_offset + column_a, out_b = P.col_offset + column_b;
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-        const int r0 = n * 8 + 2 * t;
-        if (r0 < rows) {
-            atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_a, c[n][0]);
-            if (has_b) atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_b, c[n][2]);
-        }
-        if (r0 + 1 < rows) {
-            atomicAdd(acc + static_cast<size_t>(r0 + 1) * acc_stride + out_a, c[n][1]);
-            if (has_b) atomicAdd(acc + static_cast<size_t>(r0 + 1) * acc_stride + out_b, c[n][3]);
+        for (int n = 0; n < NT; ++n) {
+            const int r0 = n * 8 + 2 * t;
+            if (r0 < rows) {
+                atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_a, c[n][0]);
+                if (has_b) atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_b, c[n][2]);
+            }
+            if (r0 + 1 < rows) {
+                atomicAdd(acc + static_cast<size_t>(r0 + 1) * acc_stride + out_a, c[n][1]);
+                if (has_b) atomicAdd(acc + static_cast<size_t>(r0 + 1) * acc_stride + out_b, c[n][3]);
+            }
         }
     }
+    if (epilogue.kind != SmallGemmEpilogue::kNone)
+        finish_columns(epilogue, P, block_in_problem, (P.w.chunks + chunks_per_block - 1) / chunks_per_block, rows,
+                       reinterpret_cast<float*>(xs));
 }
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 }  // namespace
 
+int small_gemm_counters(int columns) { return columns / kSwapColumns + kMaxProblems; }
+
+bool small_gemm_can_finish_heads(const HeadEpilogueParams& p) {
+    return p.head_dim % 4 == 0 && kSwapColumns % p.head_dim == 0 && aligned(p.out[0], 8) && aligned(p.out[1], 8) &&
+           aligned(p.out[2], 8);
+}
+
+bool small_gemm_can_finish_residual(const ResidualEpilogueParams& p) {
+    return p.post_norm.type == QATTN_NORM_NONE && p.width % 4 == 0 && aligned(p.x, p.x_fp32 ? 16 : 8);
+}
+
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
-                                     int rows, float* acc, int acc_stride, int sm_count, cudaStream_t stream) {
+                                     int rows, float* acc, int acc_stride, int sm_count,
+                                     const SmallGemmEpilogue& epilogue, cudaStream_t stream) {
     if (count <= 0) return QATTN_SUCCESS;
-    if (count > kMaxProblems || rows < 1 || rows > kSmallRows)
-        return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: %d problems, %d rows", count, rows);
+    const bool finish = epilogue.kind != SmallGemmEpilogue::kNone;
+    if (count > kMaxProblems || rows < 1 || rows > kSmallRows || (finish && rows > kSmallGemmFusedRows))
+        return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: %d problems, %d rows%s", count, rows,
+                    finish ? " with the epilogue" : "");
     // rows <= 16: the swapped kernel, 16 columns a warp; else 8 columns a warp.
     const bool swapped = rows <= 16;
-    const int columns_per_block = kWarps * 8 * (swapped ? 2 : 1);
+    const int columns_per_block = swapped ? kSwapColumns : kWarps * 8;
     Batch batch{};
     batch.count = count;
     int blocks_x = 0, max_chunks = 0;
@@ -476,12 +555,20 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     const int max_by_shared = std::max(1, ((48 << 10) / (2 * rows) - 8) / kPackRows);
     const int max_chunks_per_block =
         std::min(rows <= 8 ? kSwapChunks<1> : swapped ? kSwapChunks<2> : kMaxChunksPerBlock, max_by_shared);
-    const auto kernel = rows <= 8 ? gptq4_gemm_swapped_kernel<1>
-                        : swapped ? gptq4_gemm_swapped_kernel<2>
-                                  : gptq4_gemm_small_kernel<2>;
-    const size_t max_shared = sizeof(__half) * rows * (max_chunks_per_block * kPackRows + 8);
+    // The epilogue's per-warp head buffers reuse the x slice's shared memory.
+    const size_t epilogue_shared =
+        epilogue.kind == SmallGemmEpilogue::kHeads ? sizeof(float) * kWarps * epilogue.heads.head_dim : 0;
+    const auto shared_bytes = [&](int chunks) {
+        return std::max(sizeof(__half) * rows * (chunks * kPackRows + 8), epilogue_shared);
+    };
+    const auto swapped_kernel = rows <= 8 ? gptq4_gemm_swapped_kernel<1> : gptq4_gemm_swapped_kernel<2>;
     int per_sm = 0;
-    QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, max_shared));
+    if (swapped)
+        QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, swapped_kernel, kWarps * 32,
+                                                                     shared_bytes(max_chunks_per_block)));
+    else
+        QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gptq4_gemm_small_kernel<2>,
+                                                                     kWarps * 32, shared_bytes(max_chunks_per_block)));
     const int resident = std::max(1, per_sm) * std::max(sm_count, 1);
     int chunks_per_block = max_chunks_per_block;
     for (int c = 1; c < max_chunks_per_block; ++c) {
@@ -491,9 +578,12 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         }
     }
     const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
-    const size_t shared = sizeof(__half) * rows * (chunks_per_block * kPackRows + 8);
-    return launch_pdl(swapped ? "gptq4_gemm_swapped" : "gptq4_gemm_small", kernel, grid, kWarps * 32, shared,
-                      stream, batch, x, x_stride, rows, acc, acc_stride, chunks_per_block);
+    const size_t shared = shared_bytes(chunks_per_block);
+    if (swapped)
+        return launch_pdl("gptq4_gemm_swapped", swapped_kernel, grid, kWarps * 32, shared, stream, batch, x, x_stride,
+                          rows, acc, acc_stride, chunks_per_block, epilogue);
+    return launch_pdl("gptq4_gemm_small", gptq4_gemm_small_kernel<2>, grid, kWarps * 32, shared, stream, batch, x,
+                      x_stride, rows, acc, acc_stride, chunks_per_block);
 }
 
 }  // namespace qattn::cuda

@@ -46,8 +46,6 @@ struct SmallGemmProblem {
     // the kernel gathers x through perm itself.
     const __half* xg = nullptr;
 };
-qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
-                                     int rows, float* acc, int acc_stride, int sm_count, cudaStream_t stream);
 
 // dequantize.cu: out[n - n_begin, j] = W[perm[j], n] in fp16 for n in [n_begin, n_begin + n_count)
 // and every packed row j (w.chunks * 128 of them; padding rows hold finite values
@@ -89,5 +87,26 @@ struct ResidualEpilogueParams {
     bool has_residual = true;
 };
 qattn_status launch_residual_epilogue(const ResidualEpilogueParams& p, cudaStream_t stream);
+
+// The small-row GEMM can finish the phase itself for up to kSmallGemmFusedRows
+// rows: the last block to add its partial sums to a column range (a counter per
+// range) runs the head epilogue (ranges hold whole heads: 128 % head_dim == 0)
+// or the residual epilogue (no post-norm: that needs whole rows) on that range,
+// which saves a kernel boundary and the wait for the whole grid. Only the
+// projections of the GEMM may feed the accumulator (no LoRA, no cuBLAS part).
+constexpr int kSmallGemmFusedRows = 16;
+struct SmallGemmEpilogue {
+    enum Kind { kNone, kHeads, kResidual } kind = kNone;
+    int* counters = nullptr;  // small_gemm_counters(columns) ints, zero between calls
+    HeadEpilogueParams heads;
+    ResidualEpilogueParams residual;
+};
+int small_gemm_counters(int columns);
+bool small_gemm_can_finish_heads(const HeadEpilogueParams& p);
+bool small_gemm_can_finish_residual(const ResidualEpilogueParams& p);
+
+qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
+                                     int rows, float* acc, int acc_stride, int sm_count,
+                                     const SmallGemmEpilogue& epilogue, cudaStream_t stream);
 
 }  // namespace qattn::cuda

@@ -1,12 +1,12 @@
-// The end of forward2 in one pass per row: O-projection accumulator + bias,
-// optional post-norm (Gemma-2), then a single read-modify-write of the residual.
+// The end of forward2 as its own kernel (where the small-row GEMM does not run it
+// itself), one pass per row: O-projection accumulator + bias, optional post-norm
+// (Gemma-2), then a single read-modify-write of the residual.
 // The O output reaches the residual exactly once, so no fp16 atomics are needed.
 // Each thread moves 8 consecutive elements per access (16-byte loads) where the
 // row allows it, so the prefill case runs at the bandwidth of its bytes.
+#include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
-#include "cuda/reduce.cuh"
-#include "cuda/vec.cuh"
 
 namespace qattn::cuda {
 namespace {
@@ -55,9 +55,8 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
     }
     const bool zero = blockIdx.x < kSmallRows;  // see head_norm_rope.cu
     for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
-        float v[V], r[V];
+        float v[V];
         value(i, v);
-        if (has_residual) load_vec<V>(row + i, r);
         if (zero) {
             const float zeros[V] = {};
             store_vec<V>(y + i, zeros);
@@ -69,11 +68,7 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
 #pragma unroll
             for (int u = 0; u < V; ++u) v[u] = (v[u] - mean) * inv * w[u] + (norm.bias ? b[u] : 0.0f);
         }
-        if (has_residual) {
-#pragma unroll
-            for (int u = 0; u < V; ++u) v[u] += r[u];
-        }
-        store_vec<V>(row + i, v);
+        add_to_residual<T, V>(row + i, v, has_residual);
     }
 }
 
