@@ -11,7 +11,10 @@
 // are the m16 operand and x the n8 one (see there). The tensor cores accumulate
 // in fp32. K is split across blocks so that the grid is one resident wave;
 // partial sums meet in the fp32 accumulator through atomics, and the epilogue
-// kernel that reads the accumulator zeroes it again.
+// that reads the accumulator zeroes it again. Up to 8 rows that epilogue runs
+// here: the last block to finish a column range (an arrival counter per range)
+// applies bias / head norm / RoPE or adds to the residual, so the phase is one
+// kernel and no block waits for the whole grid.
 #include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
@@ -366,19 +369,22 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
 }
 
 // Whether this block is the last of `arrivals` to call this on `counter` (and
-// if so, resets it for the next call). Every thread's earlier writes (the
-// split-K atomics) are made visible device-wide before its block arrives, so
-// the last block, reading through L2, sees the sums of all of them.
+// if so, resets it for the next call). The block's earlier writes (the split-K
+// atomics of all its threads, ordered before thread 0's by the barrier) are
+// released device-wide by thread 0's fence before it arrives, and the last
+// block acquires everyone's by its fence after, so its reads see all the sums.
 __device__ __forceinline__ bool last_to_arrive(int* counter, int arrivals) {
     __shared__ bool last;
-    __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
+        __threadfence();
         last = atomicAdd(counter, 1) == arrivals - 1;
-        if (last) *counter = 0;
+        if (last) {
+            *counter = 0;
+            __threadfence();
+        }
     }
     __syncthreads();
-    __threadfence();
     return last;
 }
 
@@ -422,7 +428,9 @@ __device__ __forceinline__ void finish_columns(const SmallGemmEpilogue& ep, cons
     }
 }
 
-template <int NT>
+// FINISH: the kernel also runs the epilogue (a variant of its own, so that the
+// kernel without it keeps its register allocation and schedule).
+template <int NT, bool FINISH>
 __global__ void __launch_bounds__(kWarps * 32, kSwapMinBlocks<NT>)
     gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
                               int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
@@ -508,7 +516,7 @@ __global__ void __launch_bounds__(kWarps * 32, kSwapMinBlocks<NT>)
             }
         }
     }
-    if (epilogue.kind != SmallGemmEpilogue::kNone)
+    if (FINISH)
         finish_columns(epilogue, P, block_in_problem, (P.w.chunks + chunks_per_block - 1) / chunks_per_block, rows,
                        reinterpret_cast<float*>(xs));
 }
@@ -561,7 +569,9 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     const auto shared_bytes = [&](int chunks) {
         return std::max(sizeof(__half) * rows * (chunks * kPackRows + 8), epilogue_shared);
     };
-    const auto swapped_kernel = rows <= 8 ? gptq4_gemm_swapped_kernel<1> : gptq4_gemm_swapped_kernel<2>;
+    const auto swapped_kernel = rows > 8 ? gptq4_gemm_swapped_kernel<2, false>
+                                : finish  ? gptq4_gemm_swapped_kernel<1, true>
+                                          : gptq4_gemm_swapped_kernel<1, false>;
     int per_sm = 0;
     if (swapped)
         QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, swapped_kernel, kWarps * 32,

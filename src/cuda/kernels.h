@@ -89,12 +89,13 @@ struct ResidualEpilogueParams {
 qattn_status launch_residual_epilogue(const ResidualEpilogueParams& p, cudaStream_t stream);
 
 // The small-row GEMM can finish the phase itself for up to kSmallGemmFusedRows
-// rows: the last block to add its partial sums to a column range (a counter per
+// rows (beyond, the few last blocks would run the epilogue of many rows each,
+// slower than a kernel spread over the GPU; measured in docs/GPU_NOTES.md): the last block to add its partial sums to a column range (a counter per
 // range) runs the head epilogue (ranges hold whole heads: 128 % head_dim == 0)
 // or the residual epilogue (no post-norm: that needs whole rows) on that range,
 // which saves a kernel boundary and the wait for the whole grid. Only the
 // projections of the GEMM may feed the accumulator (no LoRA, no cuBLAS part).
-constexpr int kSmallGemmFusedRows = 16;
+constexpr int kSmallGemmFusedRows = 8;
 struct SmallGemmEpilogue {
     enum Kind { kNone, kHeads, kResidual } kind = kNone;
     int* counters = nullptr;  // small_gemm_counters(columns) ints, zero between calls

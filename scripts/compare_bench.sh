@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# A/B timing on the GPU machine: builds this tree and a baseline source tree
+# (e.g. `git archive OLD | tar -x -C .base`, carried to the machine) side by side
+# for sm_90, then runs `python -m qattn bench` on each in turn, ROUNDS times, so
+# both see the same card, clocks and neighbours. Logs and JSON go to $OUT.
+#
+#   scripts/compare_bench.sh BASE_DIR [CASES] [ROUNDS]     (CASES default D1,D16,70B)
+set -u
+cd "$(dirname "$0")/.."
+BASE=$1
+CASES=${2:-D1,D16,70B}
+ROUNDS=${3:-2}
+OUT=${OUT:-$PWD/compare_out}
+mkdir -p "$OUT"
+JOBS=$(( $(nproc) / 2 ))
+build() {  # build SOURCE_DIR BUILD_DIR
+    cmake -S "$1" -B "$2" -G Ninja -DCMAKE_BUILD_TYPE=Release -DQATTN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DQATTN_BUILD_TESTS=OFF >/dev/null && cmake --build "$2" -j "$JOBS" >/dev/null
+}
+build "$BASE" "$PWD/build-base" >"$OUT/build-base.log" 2>&1 &
+build . build-new >"$OUT/build-new.log" 2>&1 || { echo "build of this tree failed"; tail -30 "$OUT/build-new.log"; exit 1; }
+wait $! || { echo "build of $BASE failed"; tail -30 "$OUT/build-base.log"; exit 1; }
+export PYTHONUNBUFFERED=1
+for round in $(seq "$ROUNDS"); do
+    for side in base new; do
+        src=$([[ $side == base ]] && echo "$BASE" || echo .)
+        echo "== round $round: $side"
+        QATTN_LIBRARY="$PWD/build-$side/libqattn.so" PYTHONPATH="$src/bindings/python" \
+            python3 -m qattn bench --cases "$CASES" --json "$OUT/$side-$round.json" --plot "$OUT/$side-$round.png" \
+            >"$OUT/$side-$round.log" 2>&1
+        grep -E "^(D1|D16|70B|P2k)|projections" "$OUT/$side-$round.log"
+    done
+done
