@@ -399,6 +399,69 @@ TEST_P(Errors, PastLensOutOfRange) {
     QTEST_ASSERT_OK(qattn_check_device_errors(layer_.get(), stream_.get()));
 }
 
+TEST_P(Errors, KvCacheDestination) {
+    // Rows (batch 2, q_len as the scenario has it) go to slots of a cache of 8.
+    const int rows = data_.s.batch * data_.s.q_len;
+    const size_t width = static_cast<size_t>(data_.kv_width());
+    const int64_t num_slots = 8;
+    const uint16_t guard = 0x5bb0;  // 246.0 in fp16, which no output holds
+    DeviceBuffer k_cache(device(), std::vector<uint16_t>(num_slots * width, guard));
+    DeviceBuffer v_cache(device(), std::vector<uint16_t>(num_slots * width, guard));
+    std::vector<int32_t> slots(rows);
+    for (int r = 0; r < rows; ++r) slots[r] = static_cast<int32_t>(num_slots - 1 - r);
+    const DeviceBuffer slot_buffer(device(), slots);
+
+    a1_.k_cache = k_cache.get();
+    QTEST_EXPECT_ERROR(forward1(), kInvalid, "k_cache and v_cache are set but kv_slots is NULL");
+    a1_.v_cache = v_cache.get();
+    a1_.kv_slots = slot_buffer.as<int32_t>();
+    QTEST_EXPECT_ERROR(forward1(), kInvalid, "num_kv_slots must be > 0");
+    a1_.num_kv_slots = num_slots;
+    a1_.v_cache = nullptr;
+    QTEST_EXPECT_ERROR(forward1(), kInvalid, "v_cache is NULL");
+    a1_.v_cache = v_cache.get();
+    a1_.k = nullptr;
+    QTEST_EXPECT_ERROR(forward1(), kInvalid, "k and v must both be set or both be NULL");
+
+    // k and v to the cache only: what forward1 wrote to k_/v_ before, now in the slots.
+    a1_.v = nullptr;
+    QTEST_ASSERT_OK(forward1());
+    QTEST_ASSERT_OK(qattn_check_device_errors(layer_.get(), stream_.get()));
+    a1_.kv_slots = nullptr;
+    a1_.k_cache = a1_.v_cache = nullptr;
+    a1_.k = k_.get();
+    a1_.v = v_.get();
+    QTEST_ASSERT_OK(forward1());
+    const std::vector<uint16_t> k_rows = k_.download<uint16_t>(), v_rows = v_.download<uint16_t>();
+    const std::vector<uint16_t> k_cached = k_cache.download<uint16_t>(), v_cached = v_cache.download<uint16_t>();
+    for (int64_t slot = 0; slot < num_slots; ++slot) {
+        const int r = static_cast<int>(num_slots - 1 - slot);  // the row written there, if any
+        for (size_t i = 0; i < width; ++i) {
+            const size_t at = slot * width + i;
+            if (r < rows) {
+                ASSERT_EQ(k_cached[at], k_rows[r * width + i]) << "k, slot " << slot;
+                ASSERT_EQ(v_cached[at], v_rows[r * width + i]) << "v, slot " << slot;
+            } else {
+                ASSERT_EQ(k_cached[at], guard) << "slot " << slot << " was written";
+                ASSERT_EQ(v_cached[at], guard) << "slot " << slot << " was written";
+            }
+        }
+    }
+
+    // A slot past the cache: refused on the CPU, skipped and flagged on CUDA.
+    slots[rows - 1] = static_cast<int32_t>(num_slots);
+    const DeviceBuffer bad(device(), slots);
+    a1_.kv_slots = bad.as<int32_t>();
+    a1_.k_cache = k_cache.get();
+    a1_.v_cache = v_cache.get();
+    if (device() == QATTN_DEVICE_CPU) {
+        QTEST_EXPECT_ERROR(forward1(), kRange, "is outside the cache's 8 slots");
+    } else {
+        QTEST_ASSERT_OK(forward1());
+        QTEST_EXPECT_ERROR(qattn_check_device_errors(layer_.get(), stream_.get()), kRange, "kv_slots");
+    }
+}
+
 TEST_P(Errors, MisalignedPointers) {
     a1_.x = static_cast<const char*>(x_.get()) + 1;
     QTEST_EXPECT_ERROR(forward1(), kInvalid, "x (");

@@ -202,6 +202,20 @@ typedef struct qattn_forward1_args {
     void* v;                    /* out: fp16 [rows, NKV*D] */
     const int32_t* lora_ids;    /* host memory; active adapters; may be NULL if num_lora_ids == 0 */
     int num_lora_ids;
+    /* Optional: k and v written straight into a KV cache, so that no copy runs
+     * between forward1 and attention. Row r goes to slot kv_slots[r] of k_cache
+     * and of v_cache, each fp16 [num_kv_slots, NKV*D] in the layer's device memory:
+     * a contiguous cache [batch, max_seq_len, NKV, D] has slot
+     * b * max_seq_len + position, a paged one [num_blocks, block_size, NKV, D]
+     * block * block_size + position % block_size. kv_slots is int32 [rows] in the
+     * layer's device memory. With kv_slots set, k and v may be NULL (then only the
+     * cache is written). A slot outside [0, num_kv_slots) is refused on the CPU;
+     * on CUDA that row is not written to the cache and the layer's device error
+     * flag is set (qattn_check_device_errors). */
+    void* k_cache;
+    void* v_cache;
+    const int32_t* kv_slots;
+    int64_t num_kv_slots;
 } qattn_forward1_args;
 
 typedef struct qattn_forward2_args {
@@ -220,10 +234,12 @@ QATTN_API qattn_forward2_args qattn_forward2_args_default(void);
 QATTN_API qattn_status qattn_forward1(qattn_layer* layer, const qattn_forward1_args* args, void* stream);
 QATTN_API qattn_status qattn_forward2(qattn_layer* layer, const qattn_forward2_args* args, void* stream);
 
-/* Positions given in device memory (past_lens) cannot be checked on the host
- * without a synchronisation, which forward calls never do. Device kernels check
- * them instead: a row whose position is past max_positions or max_seq_len is not
- * rotated nor written past its buffers, and a sticky flag is set in the layer.
+/* Positions and KV slots given in device memory (past_lens, kv_slots) cannot be
+ * checked on the host without a synchronisation, which forward calls never do.
+ * Device kernels check them instead: a row whose position is past max_positions
+ * or max_seq_len is not rotated, a row whose slot is outside the cache is not
+ * written to it, nothing is written past any buffer, and a sticky flag is set in
+ * the layer.
  * This call waits for `stream`, returns QATTN_ERROR_OUT_OF_RANGE if the flag was
  * set since the last check (and clears it), else QATTN_SUCCESS. */
 QATTN_API qattn_status qattn_check_device_errors(qattn_layer* layer, void* stream);

@@ -99,6 +99,11 @@ struct Forward1Call {
     void* k = nullptr;
     void* v = nullptr;
     const ActiveLoras* loras = nullptr;
+    // Optional KV-cache destination of k and v (see qattn_forward1_args).
+    void* k_cache = nullptr;
+    void* v_cache = nullptr;
+    const int32_t* kv_slots = nullptr;  // device memory of the layer, or null
+    int64_t num_kv_slots = 0;
 };
 
 struct Forward2Call {

@@ -142,6 +142,35 @@ qattn_status resolve_loras(qattn_layer* layer, const int32_t* ids, int count) {
 
 size_t residual_bytes(const LayerInfo& info) { return info.residual_fp32 ? sizeof(float) : sizeof(uint16_t); }
 
+// k and v go to their buffers, to KV-cache slots, or both; slots in host memory
+// (CPU layers) are checked here, device ones by the kernels.
+qattn_status check_kv_destination(const LayerInfo& info, const qattn_forward1_args& a) {
+    if (a.kv_slots == nullptr) {
+        QATTN_REQUIRE_ARG(a.k_cache == nullptr && a.v_cache == nullptr,
+                          "k_cache and v_cache are set but kv_slots is NULL: the slots say where each row goes");
+        QATTN_TRY(check_tensor(a.k, "k", info.device, sizeof(uint16_t)));
+        return check_tensor(a.v, "v", info.device, sizeof(uint16_t));
+    }
+    QATTN_REQUIRE_ARG((a.k == nullptr) == (a.v == nullptr), "k and v must both be set or both be NULL");
+    if (a.k != nullptr) {
+        QATTN_TRY(check_tensor(a.k, "k", info.device, sizeof(uint16_t)));
+        QATTN_TRY(check_tensor(a.v, "v", info.device, sizeof(uint16_t)));
+    }
+    QATTN_TRY(check_tensor(a.kv_slots, "kv_slots", info.device, sizeof(int32_t)));
+    QATTN_TRY(check_tensor(a.k_cache, "k_cache", info.device, sizeof(uint16_t)));
+    QATTN_TRY(check_tensor(a.v_cache, "v_cache", info.device, sizeof(uint16_t)));
+    QATTN_REQUIRE_ARG(a.num_kv_slots > 0, "num_kv_slots must be > 0 when kv_slots is set, got %lld",
+                      (long long)a.num_kv_slots);
+    if (info.device == QATTN_DEVICE_CPU) {
+        const int64_t rows = static_cast<int64_t>(a.batch) * a.q_len;
+        for (int64_t r = 0; r < rows; ++r)
+            QATTN_REQUIRE(a.kv_slots[r] >= 0 && a.kv_slots[r] < a.num_kv_slots, QATTN_ERROR_OUT_OF_RANGE,
+                          "kv_slots[%lld] = %d is outside the cache's %lld slots", (long long)r, a.kv_slots[r],
+                          (long long)a.num_kv_slots);
+    }
+    return QATTN_SUCCESS;
+}
+
 }  // namespace
 
 qattn_status check_rows(const qattn_layer& layer, int batch, int q_len) {
@@ -160,8 +189,7 @@ qattn_status forward1(qattn_layer* layer, const qattn_forward1_args* in, void* s
     QATTN_TRY(check_rows(*layer, a.batch, a.q_len));
     QATTN_TRY(check_tensor(a.x, "x", info.device, residual_bytes(info)));
     QATTN_TRY(check_tensor(a.q, "q", info.device, sizeof(uint16_t)));
-    QATTN_TRY(check_tensor(a.k, "k", info.device, sizeof(uint16_t)));
-    QATTN_TRY(check_tensor(a.v, "v", info.device, sizeof(uint16_t)));
+    QATTN_TRY(check_kv_destination(info, a));
 
     if (info.rope != QATTN_ROPE_NONE) {
         QATTN_TRY(check_tensor(a.sin, "sin", info.device, sizeof(float)));
@@ -205,6 +233,10 @@ qattn_status forward1(qattn_layer* layer, const qattn_forward1_args* in, void* s
     call.k = a.k;
     call.v = a.v;
     call.loras = &layer->active;
+    call.k_cache = a.k_cache;
+    call.v_cache = a.v_cache;
+    call.kv_slots = a.kv_slots;
+    call.num_kv_slots = a.num_kv_slots;
     return layer->impl->forward1(call, stream);
 }
 

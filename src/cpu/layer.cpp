@@ -64,7 +64,14 @@ public:
                     }
                 }
             }
-            store_half(y, static_cast<uint16_t*>(outputs[p]));
+            if (outputs[p]) store_half(y.data(), y.size(), static_cast<uint16_t*>(outputs[p]));
+            if (proj != QATTN_PROJ_Q && call.kv_slots) {
+                // Row r of k or v into its cache slot (slots checked by the core).
+                const size_t width = static_cast<size_t>(heads) * D;
+                auto* cache = static_cast<uint16_t*>(proj == QATTN_PROJ_K ? call.k_cache : call.v_cache);
+                for (int r = 0; r < call.rows; ++r)
+                    store_half(y.data() + r * width, width, cache + call.kv_slots[r] * width);
+            }
         }
         return QATTN_SUCCESS;
     }
@@ -145,8 +152,8 @@ private:
         }
     }
 
-    static void store_half(const std::vector<float>& src, uint16_t* dst) {
-        for (size_t i = 0; i < src.size(); ++i) dst[i] = float_to_half(src[i]);
+    static void store_half(const float* src, size_t count, uint16_t* dst) {
+        for (size_t i = 0; i < count; ++i) dst[i] = float_to_half(src[i]);
     }
 
     LayerInfo info_;

@@ -130,7 +130,8 @@ public:
         QATTN_CUDA_TRY(cudaStreamSynchronize(nullptr));
         return fail(QATTN_ERROR_OUT_OF_RANGE,
                     "a forward1 call on this layer had a row whose position (past_lens[b] + t) was outside "
-                    "[0, min(max_seq_len, max_positions)); those rows were left unrotated");
+                    "[0, min(max_seq_len, max_positions)) (left unrotated) or whose kv_slots entry was outside "
+                    "[0, num_kv_slots) (not written to the cache)");
     }
 
 private:
@@ -378,6 +379,10 @@ private:
         e.out[0] = static_cast<__half*>(call.q);
         e.out[1] = static_cast<__half*>(call.k);
         e.out[2] = static_cast<__half*>(call.v);
+        e.cache[0] = static_cast<__half*>(call.k_cache);
+        e.cache[1] = static_cast<__half*>(call.v_cache);
+        e.kv_slots = call.kv_slots;
+        e.num_kv_slots = call.num_kv_slots;
         e.error_flag = error_flag_.get<int>();
         return e;
     }

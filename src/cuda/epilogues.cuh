@@ -23,8 +23,8 @@ __device__ __forceinline__ void load_vec_l2(const float* p, float (&v)[V]) {
 }
 
 // One (row, head) of the fused Q|K|V accumulator, by one warp: bias, head norm,
-// RoPE, fp16 out, and the accumulator zeroed where split-K atomics will add into
-// it next call. buf: D floats of shared memory owned by this warp. All global
+// RoPE, fp16 out (k and v also or only into their KV-cache slot), and the
+// accumulator zeroed where split-K atomics will add into it next call. buf: D floats of shared memory owned by this warp. All global
 // loads (accumulator, bias, position, sin/cos) are issued before the first use,
 // so the warp waits out about one memory latency, not three.
 // MAX_D: head_dim bound that sizes the register arrays.
@@ -49,6 +49,7 @@ __device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row
         const int sequence = row / p.q_len;
         position = (p.past_lens ? p.past_lens[sequence] : p.past_len) + (row - sequence * p.q_len);
     }
+    const int64_t slot = proj > 0 && p.kv_slots ? p.kv_slots[row] : -1;
     float* acc = p.acc + static_cast<size_t>(row) * p.acc_stride + h * D;
     const __half* bias = p.bias[proj] ? p.bias[proj] + head * D : nullptr;
     float v[kChunks][V];
@@ -134,14 +135,22 @@ __device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row
     }
     __syncwarp();
     const int width = (proj == 0 ? p.num_heads : p.num_kv_heads) * D;
-    __half* out = p.out[proj] + static_cast<size_t>(row) * width + head * D;
+    __half* out = p.out[proj] ? p.out[proj] + static_cast<size_t>(row) * width + head * D : nullptr;
+    __half* cached = nullptr;
+    if (proj > 0 && p.kv_slots) {
+        if (slot >= 0 && slot < p.num_kv_slots)
+            cached = p.cache[proj - 1] + slot * width + head * D;
+        else if (lane == 0)
+            atomicExch(p.error_flag, 1);  // not written to the cache; see check_device_errors
+    }
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
         const int i = (lane + 32 * c) * V;
         if (i >= D) break;
         float o[V];
         load_vec<V>(buf + i, o);
-        store_vec<V>(out + i, o);
+        if (out) store_vec<V>(out + i, o);
+        if (cached) store_vec<V>(cached + i, o);
     }
     // buf is reused by this warp's next task.
     __syncwarp();

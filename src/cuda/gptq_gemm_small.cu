@@ -528,8 +528,7 @@ bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p
 int small_gemm_counters(int columns) { return columns / kSwapColumns + kMaxProblems; }
 
 bool small_gemm_can_finish_heads(const HeadEpilogueParams& p) {
-    return p.head_dim % 4 == 0 && kSwapColumns % p.head_dim == 0 && aligned(p.out[0], 8) && aligned(p.out[1], 8) &&
-           aligned(p.out[2], 8);
+    return p.head_dim % 4 == 0 && kSwapColumns % p.head_dim == 0 && head_outputs_aligned8(p);
 }
 
 bool small_gemm_can_finish_residual(const ResidualEpilogueParams& p) {

@@ -31,11 +31,16 @@ bool aligned8(const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
 
 }  // namespace
 
+bool head_outputs_aligned8(const HeadEpilogueParams& p) {
+    return aligned8(p.out[0]) && aligned8(p.out[1]) && aligned8(p.out[2]) && aligned8(p.cache[0]) &&
+           aligned8(p.cache[1]);
+}
+
 qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stream) {
     const int tasks = p.rows * (p.num_heads + 2 * p.num_kv_heads);
     const int blocks = (tasks + kWarps - 1) / kWarps;
     const size_t shared = sizeof(float) * kWarps * p.head_dim;
-    const bool vec = p.head_dim % 4 == 0 && aligned8(p.out[0]) && aligned8(p.out[1]) && aligned8(p.out[2]);
+    const bool vec = p.head_dim % 4 == 0 && head_outputs_aligned8(p);
     const bool small = p.head_dim <= 128;
     const auto kernel = vec ? (small ? head_epilogue_kernel<4, 128> : head_epilogue_kernel<4, 512>)
                             : (small ? head_epilogue_kernel<1, 128> : head_epilogue_kernel<1, 512>);

@@ -54,8 +54,9 @@ qattn_status launch_dequantize_gptq4(const PackedGptq4& w, int N, int n_begin, i
                                      cudaStream_t stream);
 
 // head_norm_rope.cu: reads the fused Q|K|V fp32 accumulator, adds the biases,
-// applies head norms and RoPE, writes fp16 q, k, v, and zeroes the accumulator
-// rows it read below kSmallRows (the next call's split-K atomics start from zero).
+// applies head norms and RoPE, writes fp16 q, k, v (k and v also or only into
+// KV-cache slots), and zeroes the accumulator rows it read below kSmallRows (the
+// next call's split-K atomics start from zero).
 struct HeadEpilogueParams {
     float* acc = nullptr;
     int acc_stride = 0;
@@ -70,9 +71,14 @@ struct HeadEpilogueParams {
     int past_len = 0;
     const int32_t* past_lens = nullptr;
     int max_positions = 0;  // positions must lie in [0, max_positions)
-    __half* out[3] = {};
-    int* error_flag = nullptr;  // set to 1 when a row's position is out of range
+    __half* out[3] = {};       // q, k, v; k and v may be null when they go to the cache only
+    __half* cache[2] = {};     // k_cache, v_cache [num_kv_slots, NKV * D], when kv_slots is set
+    const int32_t* kv_slots = nullptr;  // [rows], or null
+    int64_t num_kv_slots = 0;
+    int* error_flag = nullptr;  // set to 1 when a row's position or KV slot is out of range
 };
+// Whether every destination of the head epilogue is 8-byte aligned (4 halves a lane access).
+bool head_outputs_aligned8(const HeadEpilogueParams& p);
 qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stream);
 
 // residual_epilogue.cu: y = acc[r, :] + bias, optional post-norm, then x = x + y

@@ -103,6 +103,10 @@ class Forward1Args(ctypes.Structure):
         ("v", ctypes.c_void_p),
         ("lora_ids", ctypes.POINTER(ctypes.c_int32)),
         ("num_lora_ids", ctypes.c_int),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("kv_slots", ctypes.c_void_p),
+        ("num_kv_slots", ctypes.c_int64),
     ]
 
 

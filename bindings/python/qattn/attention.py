@@ -136,22 +136,30 @@ def check_inputs(q, k, v, step):
         raise invalid("q has %d heads, not a multiple of the cache's %d KV heads" % (q.shape[2], cache.num_kv_heads))
 
 
-def _slots(step):
-    """Where the step's new tokens go, int [batch, q_len] indices into the cache's
-    k/v flattened over their first two axes, and their positions [batch, q_len].
-    Worked out on the device from the lengths and block table there: a handful of
-    small ops and no transfer from the host."""
+def _slots(step, int32=False):
+    """Where the step's new tokens go, [batch, q_len] indices into the cache's k/v
+    flattened over their first two axes (int64 for torch's indexing, or int32 for
+    Layer.forward1's kv_slots), and their positions [batch, q_len]. Worked out on
+    the device from the lengths and block table there: a handful of small ops, no
+    transfer from the host and no dtype conversion."""
     cache, rows = step.cache, step.rows
     positions = step.past_lens.view(-1, 1)
     if step.q_len > 1:
-        positions = positions + cache.offsets[: step.q_len]
+        positions = positions + (cache.offsets32 if int32 else cache.offsets)[: step.q_len]
     if isinstance(cache, PagedKVCache):
         size = cache.block_size
         nth = torch.div(positions, size, rounding_mode="floor")
-        pages = cache.pages64_flat.take(rows.base + nth)
+        table = cache.block_table if int32 else cache.pages64
+        pages = table.view(-1).take(rows.base + nth)
         # page * size + position % size, as position + (page - nth) * size
         return torch.add(positions, pages - nth, alpha=size), positions
-    return rows.base + positions, positions
+    return (rows.base32 if int32 else rows.base) + positions, positions
+
+
+def kv_slots(step):
+    """Where the step's keys and values go, int32 [batch, q_len]: the kv_slots of
+    Layer.forward1(kv_cache=(cache.k, cache.v), ...), which writes them there."""
+    return _slots(step, int32=True)[0]
 
 
 def _heads_first(t, batch, length):
@@ -179,8 +187,9 @@ def _gather_torch(step, length):
 def _attend_torch(q, k, v, step, scale):
     cache = step.cache
     slots, positions = _slots(step)
-    cache.k_slots.index_put_((slots,), k)
-    cache.v_slots.index_put_((slots,), v)
+    if k is not None:  # else forward1 wrote k and v into the cache itself
+        cache.k_slots.index_put_((slots,), k)
+        cache.v_slots.index_put_((slots,), v)
     length = step.max_total
     keys, values = _gather_torch(step, length)
     batch, q_len, num_heads, head_dim = q.shape
@@ -247,7 +256,8 @@ def run_step(q, k, v, step, backend, softmax_scale=None):
 def run_checked(q, k, v, step, backend, softmax_scale=None):
     """run_step for q, k, v already known to fit the cache and the step (the
     block's forward1 outputs, whose shapes, dtype and device follow from a layer
-    checked against the cache)."""
+    checked against the cache). With the torch backend k and v may be None: they
+    are in the cache already, at kv_slots(step)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     out = _IMPLEMENTATIONS[backend](q, k, v, step, scale)
     step.cache.last_backend = backend

@@ -4,8 +4,10 @@
 be checked is checked before anything is written, so bad input leaves the cache
 as it was: sequence ids, room in the cache (or free pages), positions against the
 RoPE tables and the layer's max_seq_len, heads, dtype and device of the cache,
-and the backend's own limits. Only then does forward1 run, the step's pages get
-taken, k/v go into the cache, attention and forward2 run, and the lengths advance.
+and the backend's own limits. Only then are the step's pages taken and forward1
+run (with the torch backend it writes k/v straight into the cache; flash-attn
+appends them itself), then attention and forward2, and the lengths advance; an
+error on the way gives the pages back and leaves the lengths as they were.
 """
 import weakref
 
@@ -69,9 +71,14 @@ def forward(layer, x, cache, seq_ids=None, *, sin=None, cos=None, backend=None, 
     _check_positions(layer, step, sin)
     name = attention.resolve_backend(backend, cache)
 
-    q, k, v = layer.forward1(x, sin=sin, cos=cos, past_lens=step.past_lens, loras=loras)
     cache.reserve(step)
     try:
+        if name == "torch":
+            # forward1 writes the keys and values into the cache: no copy before attention.
+            direct = {"kv_cache": (cache.k, cache.v), "kv_slots": attention.kv_slots(step)}
+        else:
+            direct = {}  # flash-attn appends k and v itself, in its attention kernel
+        q, k, v = layer.forward1(x, sin=sin, cos=cos, past_lens=step.past_lens, loras=loras, **direct)
         attn_out = attention.run_checked(q, k, v, step, name, softmax_scale)
         layer.forward2(x, attn_out, loras=loras)
     except BaseException:

@@ -66,12 +66,14 @@ class _Rows:
     `index` (int64) and `index32` hold the ids; `identity` says they are 0..batch-1
     in order, so the rows are a slice of the cache's own tensors (`lens_view`,
     `table_view`, `pages_view`: views of seq_lens, block_table and its int64 copy;
-    no gather); `base` [batch, 1] (int64) is each row's offset into the flattened
-    k/v (contiguous: row * max_seq) or block table (paged: row * max_blocks_per_seq);
+    no gather); `base` [batch, 1] (int64; `base32` int32) is each row's offset into
+    the flattened k/v (contiguous: row * max_seq) or block table (paged: row *
+    max_blocks_per_seq);
     `ones` (int32) advances the lengths of non-identity rows by one token with a
     single index_add_."""
 
-    __slots__ = ("ids", "index", "index32", "identity", "base", "ones", "lens_view", "table_view", "pages_view")
+    __slots__ = ("ids", "index", "index32", "identity", "base", "base32", "ones", "lens_view", "table_view",
+                 "pages_view")
 
     def __init__(self, cache, ids):
         batch = len(ids)
@@ -80,6 +82,7 @@ class _Rows:
         self.index = _to_device(ids, torch.int64, cache.device)
         self.index32 = self.index.to(torch.int32)
         self.base = (self.index * cache._row_stride)[:, None]
+        self.base32 = self.base.to(torch.int32)
         self.ones = torch.ones(batch, dtype=torch.int32, device=cache.device)
         self.lens_view = cache.seq_lens[:batch] if self.identity else None
         paged = self.identity and isinstance(cache, PagedKVCache)
@@ -166,6 +169,7 @@ class _KVCacheBase:
         # Token offsets 0..max_seq-1 on the device: positions of a prefill step's
         # tokens and the key axis of the torch backend's masks, sliced, never rebuilt.
         self.offsets = torch.arange(max_seq, device=self.device)
+        self.offsets32 = self.offsets.to(torch.int32)
         self.last_backend = None
         # The layer whose heads, dtype and device were last found to fit (block.py).
         self.checked_layer = None
@@ -353,7 +357,6 @@ class PagedKVCache(_KVCacheBase):
         # An int64 copy of block_table for the torch backend's indexing (int32
         # indices cost a conversion on every use), kept equal by _upload_rows.
         self.pages64 = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int64, device=self.device)
-        self.pages64_flat = self.pages64.view(-1)
         self._flat_views()
         self.num_blocks = num_blocks
         self.block_size = block_size

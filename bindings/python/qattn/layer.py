@@ -209,11 +209,18 @@ class Layer:
                 self._lora_key, self._lora_array = ids, (ctypes.c_int32 * len(ids))(*ids)
             a.lora_ids, a.num_lora_ids = self._lora_array, len(ids)
 
-    def forward1(self, x, *, sin=None, cos=None, past_len=0, past_lens=None, loras=(), out=None):
+    def forward1(self, x, *, sin=None, cos=None, past_len=0, past_lens=None, loras=(), out=None, kv_cache=None,
+                 kv_slots=None):
         """x [batch, q_len, H] -> (q [batch, q_len, NH, D], k, v [batch, q_len, NKV, D]).
         Positions are past_len + t, or past_lens[b] + t (int32 [batch] on the layer's
         device); `loras` lists the active adapter ids; `out` = (q, k, v) buffers
-        ([..., heads, D] or [..., heads * D]) are written instead of new tensors."""
+        ([..., heads, D] or [..., heads * D]) are written instead of new tensors.
+        `kv_cache` = (k_cache, v_cache), fp16 [..., NKV, D], with `kv_slots`, int32
+        [batch, q_len] on the layer's device: token (b, t)'s key and value are
+        written straight to slot kv_slots[b, t] of the caches viewed as
+        [slots, NKV, D], and k and v are returned as None unless `out` asks for
+        them too. On CUDA a slot outside the cache is not written and is reported
+        by check_device_errors()."""
         if not self._finalizer.alive:
             raise invalid("Layer is closed")
         batch, q_len = self._check_rows(x, "x")
@@ -235,10 +242,13 @@ class Layer:
             if not is_ready(past_lens, torch.int32, (batch,), device):
                 check_tensor(past_lens, "past_lens", torch.int32, (batch,), device)
             a.past_lens = past_lens.data_ptr()
+        self._fill_kv_destination(a, kv_cache, kv_slots, batch, q_len)
         if out is None:
             q = torch.empty(batch, q_len, self.num_heads, self.head_dim, dtype=torch.float16, device=device)
-            k = torch.empty(batch, q_len, self.num_kv_heads, self.head_dim, dtype=torch.float16, device=device)
-            v = torch.empty(batch, q_len, self.num_kv_heads, self.head_dim, dtype=torch.float16, device=device)
+            k = v = None
+            if kv_cache is None:
+                k = torch.empty(batch, q_len, self.num_kv_heads, self.head_dim, dtype=torch.float16, device=device)
+                v = torch.empty(batch, q_len, self.num_kv_heads, self.head_dim, dtype=torch.float16, device=device)
         else:
             if len(out) != 3:
                 raise invalid("out must be a (q, k, v) tuple")
@@ -250,11 +260,35 @@ class Layer:
         a.batch, a.q_len, a.x, a.past_len = batch, q_len, x.data_ptr(), int(past_len)
         if a.past_len != past_len:
             raise invalid("past_len must be an int32, got %r" % (past_len,))
-        a.q, a.k, a.v = q.data_ptr(), k.data_ptr(), v.data_ptr()
+        a.q = q.data_ptr()
+        a.k, a.v = (None, None) if k is None else (k.data_ptr(), v.data_ptr())
         status = _forward1(self._handle, self._f1_ref, current_stream(self._device_index))
         if status:
             check(status)
         return q, k, v
+
+    def _fill_kv_destination(self, a, kv_cache, kv_slots, batch, q_len):
+        if kv_cache is None and kv_slots is None:
+            a.k_cache = a.v_cache = a.kv_slots = None
+            a.num_kv_slots = 0
+            return
+        if kv_cache is None or kv_slots is None:
+            raise invalid("kv_cache and kv_slots go together: the slots say where each token's key and value go")
+        if not isinstance(kv_cache, (tuple, list)) or len(kv_cache) != 2:
+            raise invalid("kv_cache must be a (k_cache, v_cache) pair of tensors")
+        k_cache, v_cache = kv_cache
+        row = (self.num_kv_heads, self.head_dim)
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if not isinstance(t, torch.Tensor) or t.dim() < 3 or tuple(t.shape[-2:]) != row:
+                raise invalid("%s must be a tensor [..., %d, %d] (KV heads, head_dim), got %s"
+                              % (name, row[0], row[1], tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)))
+            check_tensor(t, name, torch.float16, tuple(t.shape), self.device)
+        if k_cache.shape != v_cache.shape:
+            raise invalid("k_cache %s and v_cache %s differ in shape" % (tuple(k_cache.shape), tuple(v_cache.shape)))
+        if not is_ready(kv_slots, torch.int32, (batch, q_len), self.device):
+            check_tensor(kv_slots, "kv_slots", torch.int32, (batch, q_len), self.device)
+        a.k_cache, a.v_cache, a.kv_slots = k_cache.data_ptr(), v_cache.data_ptr(), kv_slots.data_ptr()
+        a.num_kv_slots = k_cache.numel() // (row[0] * row[1])
 
     def forward2(self, x, attn_out, *, loras=()):
         """x += O(attn_out) (post-norm, LoRA as configured); x is updated in place and returned."""
