@@ -313,8 +313,6 @@ def test_tensors_of_the_other_device_are_refused(mine, other, gen):
     assert_same(out, cpu_outputs(layers, x, attn, 4), x, TOL, "%s after the refusals" % here)
 
 
-@pytest.mark.xfail(strict=True, reason="not checked yet: qattn_forward1/2 take a stream of another device and "
-                                       "launch onto it (src/cuda/cuda_layer.cpp, CudaLayer::forward1/forward2)")
 @pytest.mark.parametrize("mine,other", DIRECTIONS)
 def test_stream_of_the_other_device_is_refused(mine, other, gen):
     """The binding always passes the current stream of the layer's own device, but a

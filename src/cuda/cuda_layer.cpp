@@ -75,6 +75,7 @@ public:
         DeviceGuard guard;
         QATTN_TRY(guard.enter(info_.device));
         const auto s = static_cast<cudaStream_t>(stream);
+        QATTN_TRY(check_stream(s));
         bool capturing = false;
         QATTN_TRY(stream_is_capturing(s, &capturing));
         if (!graphs_ || capturing) return run(s, [&](cudaStream_t cs) { return forward1_body(call, cs); });
@@ -88,6 +89,7 @@ public:
         DeviceGuard guard;
         QATTN_TRY(guard.enter(info_.device));
         const auto s = static_cast<cudaStream_t>(stream);
+        QATTN_TRY(check_stream(s));
         bool capturing = false;
         QATTN_TRY(stream_is_capturing(s, &capturing));
         if (!graphs_ || capturing) return run(s, [&](cudaStream_t cs) { return forward2_body(call, cs); });
@@ -135,6 +137,19 @@ public:
     }
 
 private:
+    // A stream of another device would fail in some launch half-way through the
+    // call; refuse it up front. NULL and the special handles mean the current
+    // device, which the guard made the layer's.
+    qattn_status check_stream(cudaStream_t s) const {
+        if (s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread) return QATTN_SUCCESS;
+        int device = -1;
+        QATTN_CUDA_TRY(cudaStreamGetDevice(s, &device));
+        if (device != info_.device)
+            return fail(QATTN_ERROR_INVALID_ARGUMENT, "the stream belongs to CUDA device %d, the layer is on device %d",
+                        device, info_.device);
+        return QATTN_SUCCESS;
+    }
+
     CudaLayer(const LayerInfo& info, const LayerProjections& p) : info_(info) {
         proj_[0] = static_cast<const CudaQMatrix*>(p.q);
         proj_[1] = static_cast<const CudaQMatrix*>(p.k);
