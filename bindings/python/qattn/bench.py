@@ -423,6 +423,15 @@ class CaseData:
                 d["cache"], d["step"] = paged_cache(model, case, d["kc"], d["vc"], self.block_size, gen)
             self.sets.append(d)
         self.backend = qattn.attention.resolve_backend(None, self.sets[0]["cache"]) if case.paged else None
+        # Where forward1 writes the step's keys and values in the cache, when the
+        # attention reads them from there (torch SDPA; flash-attn appends them itself).
+        for d in self.sets:
+            if not case.paged:
+                tokens = torch.arange(case.past, case.kv_len, dtype=torch.int32, device=dev)
+                rows = torch.arange(b, dtype=torch.int32, device=dev)[:, None] * case.kv_len
+                d["slots"] = rows + tokens
+            else:
+                d["slots"] = qattn.attention.kv_slots(d["step"]) if self.backend == "torch" else None
         self.rope16 = torch_rope_rows(model, case)
 
     def reset(self):
@@ -465,10 +474,13 @@ class Attention:
 
     def __call__(self, q, k, v, d):
         c = self.case
-        kc, vc = d["kc"], d["vc"]
-        kc[:, c.past:c.kv_len].copy_(k)
-        vc[:, c.past:c.kv_len].copy_(v)
-        keys, values = kc.transpose(1, 2), vc.transpose(1, 2)
+        d["kc"][:, c.past:c.kv_len].copy_(k)
+        d["vc"][:, c.past:c.kv_len].copy_(v)
+        return self.cached(q, d)
+
+    def cached(self, q, d):
+        """Attention for q whose keys and values are in the cache already."""
+        keys, values = d["kc"].transpose(1, 2), d["vc"].transpose(1, 2)
         extra = {}
         if self.group > 1:
             if self.gqa:
@@ -494,16 +506,30 @@ class PagedAttention:
     def __call__(self, q, k, v, d):
         return qattn.attention.run_step(q, k, v, d["step"], self.backend)
 
+    def cached(self, q, d):
+        return qattn.attention.run_checked(q, None, None, d["step"], self.backend)
 
-def qattn_forward1(layer, d, model, case):
+
+def qattn_forward1(layer, d, model, case, into_cache=False):
     # The paged path takes positions from the cache's device lengths, as Layer.forward does.
     where = {"past_lens": d["step"].past_lens} if case.paged else {"past_len": case.past}
+    if into_cache:
+        cache = d["cache"] if case.paged else None
+        where["kv_cache"] = (cache.k, cache.v) if case.paged else (d["kc"], d["vc"])
+        where["kv_slots"] = d["slots"]
+        return layer.forward1(d["x"], sin=model.sin, cos=model.cos, out=(d["q"], None, None), **where)
     return layer.forward1(d["x"], sin=model.sin, cos=model.cos, out=(d["q"], d["k"], d["v"]), **where)
 
 
 def qattn_block(layer, d, model, case, attention):
-    q, k, v = qattn_forward1(layer, d, model, case)
-    layer.forward2(d["x"], attention(q, k, v, d))
+    """qattn's block as Layer.forward runs it: with torch attention, forward1 writes
+    the keys and values straight into the cache (flash-attn appends them itself)."""
+    if d["slots"] is not None:
+        q, _, _ = qattn_forward1(layer, d, model, case, into_cache=True)
+        layer.forward2(d["x"], attention.cached(q, d))
+    else:
+        q, k, v = qattn_forward1(layer, d, model, case)
+        layer.forward2(d["x"], attention(q, k, v, d))
 
 
 def _rotate_half(t):
@@ -696,7 +722,8 @@ def measure_public_forward(model, case, settings, clock, data, pairs, times, not
         if d["cache"].lengths() != expected:
             notes.append("layer %d: cache lengths %s after timing, expected %s" % (i, d["cache"].lengths(), expected))
     notes.append("paged cache: %d-token pages (%d per sequence, random page order), attention backend %r; "
-                 "block timed as forward1 -> attention.run_step on a fixed planned step -> forward2; "
+                 "block timed as forward1 (writing k, v into the pages with the torch backend) -> attention on a "
+                 "fixed planned step -> forward2; "
                  "Layer.forward (plan, reserve, advance included) timed eager, lengths rewound between iterations"
                  % (data.block_size, -(-case.kv_len // data.block_size), data.backend))
     return {"block_size": data.block_size, "pages_per_seq": -(-case.kv_len // data.block_size),

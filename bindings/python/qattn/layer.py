@@ -219,7 +219,7 @@ class Layer:
         [batch, q_len] on the layer's device: token (b, t)'s key and value are
         written straight to slot kv_slots[b, t] of the caches viewed as
         [slots, NKV, D], and k and v are returned as None unless `out` asks for
-        them too. On CUDA a slot outside the cache is not written and is reported
+        them too (out=(q, None, None) gives q a buffer alone). On CUDA a slot outside the cache is not written and is reported
         by check_device_errors()."""
         if not self._finalizer.alive:
             raise invalid("Layer is closed")
@@ -254,8 +254,9 @@ class Layer:
                 raise invalid("out must be a (q, k, v) tuple")
             q, k, v = out
             self._check_heads(q, "out[0] (q)", batch, q_len, self.num_heads)
-            self._check_heads(k, "out[1] (k)", batch, q_len, self.num_kv_heads)
-            self._check_heads(v, "out[2] (v)", batch, q_len, self.num_kv_heads)
+            if kv_cache is None or k is not None or v is not None:
+                self._check_heads(k, "out[1] (k)", batch, q_len, self.num_kv_heads)
+                self._check_heads(v, "out[2] (v)", batch, q_len, self.num_kv_heads)
         self._fill_lora_ids(a, loras)
         a.batch, a.q_len, a.x, a.past_len = batch, q_len, x.data_ptr(), int(past_len)
         if a.past_len != past_len:
