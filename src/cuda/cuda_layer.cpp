@@ -75,9 +75,9 @@ public:
         DeviceGuard guard;
         QATTN_TRY(guard.enter(info_.device));
         const auto s = static_cast<cudaStream_t>(stream);
-        QATTN_TRY(check_stream(s));
         bool capturing = false;
         QATTN_TRY(stream_is_capturing(s, &capturing));
+        if (!capturing) QATTN_TRY(check_stream(s));
         if (!graphs_ || capturing) return run(s, [&](cudaStream_t cs) { return forward1_body(call, cs); });
         const auto record = [&](cudaStream_t cs) {
             return run(cs, [&](cudaStream_t c) { return forward1_body(call, c); });
@@ -89,9 +89,9 @@ public:
         DeviceGuard guard;
         QATTN_TRY(guard.enter(info_.device));
         const auto s = static_cast<cudaStream_t>(stream);
-        QATTN_TRY(check_stream(s));
         bool capturing = false;
         QATTN_TRY(stream_is_capturing(s, &capturing));
+        if (!capturing) QATTN_TRY(check_stream(s));
         if (!graphs_ || capturing) return run(s, [&](cudaStream_t cs) { return forward2_body(call, cs); });
         const auto record = [&](cudaStream_t cs) {
             return run(cs, [&](cudaStream_t c) { return forward2_body(call, c); });
@@ -139,7 +139,9 @@ public:
 private:
     // A stream of another device would fail in some launch half-way through the
     // call; refuse it up front. NULL and the special handles mean the current
-    // device, which the guard made the layer's.
+    // device, which the guard made the layer's. Not asked of a capturing stream
+    // (cudaStreamGetDevice would invalidate the capture); a launch into a foreign
+    // one fails with its CUDA error.
     qattn_status check_stream(cudaStream_t s) const {
         if (s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread) return QATTN_SUCCESS;
         int device = -1;
