@@ -8,8 +8,10 @@
 //   nibble pair -> (lop3 with 0x6400) -> fp16 1024 + q -> minus (1024 + z) -> times scale
 // (all exact but the final rounding, i.e. the fp16 value of the weight); x comes
 // from shared memory by ldmatrix. gptq4_gemm_swapped (1..16 rows): the weights
-// are the m16 operand and x the n8 one (see there). The tensor cores accumulate
-// in fp32. K is split across blocks so that the grid is one resident wave;
+// are the m16 operand and x the n8 one, and they stream through a cp.async
+// pipeline in shared memory, so a block walks up to 16 chunks with 4 in flight
+// per warp (see there). The tensor cores accumulate in fp32. K is split across
+// blocks so that the grid is one resident wave;
 // partial sums meet in the fp32 accumulator through atomics, and the epilogue
 // that reads the accumulator zeroes it again. Up to 8 rows that epilogue runs
 // here: the last block to finish a column range (an arrival counter per range)
@@ -20,6 +22,10 @@
 #include "cuda/pdl.cuh"
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <set>
+#include <tuple>
 
 namespace qattn::cuda {
 namespace {
@@ -297,13 +303,54 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
 // divided by 16 when staged. ONE_GROUP chunks subtract the zero only (exact
 // small integers) and apply the scale once per chunk in fp32; chunks spanning
 // several groups scale in fp16 per step.
-// Chunks per block (x 2 tiles: 8 weight loads per lane in flight at one x tile;
-// two x tiles need the registers of half of them).
-template <int NT>
-constexpr int kSwapChunks = NT == 1 ? 4 : 2;
-template <int NT>
-constexpr int kSwapMinBlocks = 3;
+// The weights stream through shared memory: each warp keeps kSwapStages
+// chunks of its two n-tiles in flight with cp.async (each lane copies the 16
+// bytes of each tile that it alone reads back, so no barrier orders them) and
+// computes one while the others land. A block can so walk up to
+// kSwapMaxChunks chunks without holding them in registers, and the grid is
+// sized to one resident wave with every SM streaming all the time.
+constexpr int kSwapStages = 4;
+constexpr int kSwapMaxChunks = 16;
 constexpr int kSwapColumns = kWarps * 16;  // output columns of a block
+
+// Shared memory of the swapped kernel, in this order (sizes in swap_shared_bytes).
+struct SwapStage {
+    uint4 q[2][32];  // one chunk of the warp's tiles a and b, by lane
+};
+struct SwapShared {
+    SwapStage* stages;    // [kWarps][kSwapStages]
+    __half2* scale_zero;  // [chunks][kSwapColumns]: each chunk's first group, the block's columns
+    int* mixed;           // [kSwapMaxChunks]: chunk spans several groups
+    __half* x;            // [rows][stride]
+};
+
+__host__ __device__ constexpr size_t swap_x_offset(int chunks) {
+    return sizeof(SwapStage) * kWarps * kSwapStages + sizeof(__half2) * kSwapColumns * chunks +
+           sizeof(int) * kSwapMaxChunks;
+}
+
+size_t swap_shared_bytes(int rows, int chunks) {
+    return swap_x_offset(chunks) + sizeof(__half) * rows * (chunks * kPackRows + 8);
+}
+
+__device__ __forceinline__ SwapShared swap_shared(unsigned char* base, int chunks) {
+    SwapShared s;
+    s.stages = reinterpret_cast<SwapStage*>(base);
+    s.scale_zero = reinterpret_cast<__half2*>(base + sizeof(SwapStage) * kWarps * kSwapStages);
+    s.mixed = reinterpret_cast<int*>(s.scale_zero + kSwapColumns * chunks);
+    s.x = reinterpret_cast<__half*>(base + swap_x_offset(chunks));
+    return s;
+}
+
+__device__ __forceinline__ void cp_async16(void* shared, const void* global) {
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
+}
 
 template <int NT, bool ONE_GROUP>  // NT: n8 tiles of x rows (rows <= 8 NT)
 __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uint4& qa, const uint4& qb, __half2 sza,
@@ -431,17 +478,18 @@ __device__ __forceinline__ void finish_columns(const SmallGemmEpilogue& ep, cons
 // FINISH: the kernel also runs the epilogue (a variant of its own, so that the
 // kernel without it keeps its register allocation and schedule).
 template <int NT, bool FINISH>
-__global__ void __launch_bounds__(kWarps * 32, kSwapMinBlocks<NT>)
+__global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
                               int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
-    extern __shared__ __half xs[];  // [rows][stride], rows 8..15 of each step / 16
+    extern __shared__ __align__(16) unsigned char shared_base[];
+    const SwapShared sh = swap_shared(shared_base, chunks_per_block);
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
 
     const int chunk0 = blockIdx.y * chunks_per_block;
     if (chunk0 >= P.w.chunks) return;
-    const int chunk_end = min(chunk0 + chunks_per_block, P.w.chunks);
-    const int span = (chunk_end - chunk0) * kPackRows;
+    const int chunks = min(chunks_per_block, P.w.chunks - chunk0);
+    const int span = chunks * kPackRows;
     const int stride = chunks_per_block * kPackRows + 8;  // +8 halves: ldmatrix rows on distinct banks
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -456,28 +504,34 @@ __global__ void __launch_bounds__(kWarps * 32, kSwapMinBlocks<NT>)
     const size_t chunk_stride = static_cast<size_t>(P.n_tiles) * 32;
     const uint4* qa_ptr = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + tile_a) * 32 + lane;
     const uint4* qb_ptr = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + tile_b) * 32 + lane;
+    SwapStage* stages = sh.stages + warp * kSwapStages;
+    const auto fetch = [&](int u) {
+        SwapStage& stage = stages[u % kSwapStages];
+        cp_async16(&stage.q[0][lane], qa_ptr + u * chunk_stride);
+        cp_async16(&stage.q[1][lane], qb_ptr + u * chunk_stride);
+    };
 
-    uint4 qa[kSwapChunks<NT>], qb[kSwapChunks<NT>];
-    __half2 sza[kSwapChunks<NT>], szb[kSwapChunks<NT>];
-    uint32_t mixed = 0;
+    // Everything before the wait reads only constant data (weights, scales,
+    // groups, perm), so it overlaps the kernel that writes x (programmatic launch).
 #pragma unroll
-    for (int u = 0; u < kSwapChunks<NT>; ++u) {
-        if (active && chunk0 + u < chunk_end) {
-            qa[u] = load_streaming(qa_ptr + static_cast<size_t>(u) * chunk_stride);
-            qb[u] = load_streaming(qb_ptr + static_cast<size_t>(u) * chunk_stride);
-            const int first = P.w.step_group[(chunk0 + u) * 8];
-            if (first != P.w.step_group[(chunk0 + u) * 8 + 7]) mixed |= 1u << u;
-            sza[u] = P.w.scale_zero[static_cast<size_t>(first) * N + column_a];
-            szb[u] = P.w.scale_zero[static_cast<size_t>(first) * N + column_b];
-        }
+    for (int u = 0; u < kSwapStages; ++u) {
+        if (active && u < chunks) fetch(u);
+        cp_async_commit();
     }
-
-    int src[(kSwapChunks<NT> * kPackRows + kWarps * 32 - 1) / (kWarps * 32)];
+    // Scale and zero of each chunk's first group for the block's columns.
+    const int block_column0 = block_in_problem * kSwapColumns;
+    for (int i = threadIdx.x; i < chunks * kSwapColumns; i += blockDim.x) {
+        const int u = i / kSwapColumns, column = block_column0 + i - u * kSwapColumns;
+        const int first = P.w.step_group[(chunk0 + u) * 8];
+        if (column < N) sh.scale_zero[i] = P.w.scale_zero[static_cast<size_t>(first) * N + column];
+        if (i - u * kSwapColumns == 0) sh.mixed[u] = first != P.w.step_group[(chunk0 + u) * 8 + 7];
+    }
+    int src[(kSwapMaxChunks * kPackRows + kWarps * 32 - 1) / (kWarps * 32)];
     load_perm(src, P, chunk0, span);
 
     wait_for_producers();
     allow_dependents();
-    stage_x_swapped(xs, stride, P, src, x, x_stride, rows, chunk0, span);
+    stage_x_swapped(sh.x, stride, P, src, x, x_stride, rows, chunk0, span);
     __syncthreads();
 
     if (active) {
@@ -488,18 +542,26 @@ __global__ void __launch_bounds__(kWarps * 32, kSwapMinBlocks<NT>)
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
             const int r = n * 8 + (lane & 7);
-            x_row[n] = xs + (r < rows ? r : 0) * stride + (lane >> 3) * 8;
+            x_row[n] = sh.x + (r < rows ? r : 0) * stride + (lane >> 3) * 8;
         }
+        const int local_a = column_a - block_column0, local_b = column_b - block_column0;
         float c[NT][4] = {};
-#pragma unroll
-        for (int u = 0; u < kSwapChunks<NT>; ++u) {
-            if (chunk0 + u >= chunk_end) break;
-            if (mixed & (1u << u))
-                chunk_mma_swapped<NT, false>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u,
-                                             N, column_a, column_b);
+#pragma unroll 1
+        for (int u = 0; u < chunks; ++u) {
+            cp_async_wait<kSwapStages - 1>();  // chunk u has landed (one group per chunk, in order)
+            const SwapStage& stage = stages[u % kSwapStages];
+            const uint4 qa = stage.q[0][lane], qb = stage.q[1][lane];
+            const __half2 sza = sh.scale_zero[u * kSwapColumns + local_a];
+            const __half2 szb = sh.scale_zero[u * kSwapColumns + local_b];
+            if (sh.mixed[u])
+                chunk_mma_swapped<NT, false>(c, qa, qb, sza, szb, x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                             column_a, column_b);
             else
-                chunk_mma_swapped<NT, true>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u,
-                                            N, column_a, column_b);
+                chunk_mma_swapped<NT, true>(c, qa, qb, sza, szb, x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                            column_a, column_b);
+            // The stage just read is refilled only now, after its values were used.
+            if (u + kSwapStages < chunks) fetch(u + kSwapStages);
+            cp_async_commit();
         }
 
         const int out_a = P.col_offset + column_a, out_b = P.col_offset + column_b;
@@ -518,7 +580,7 @@ __global__ void __launch_bounds__(kWarps * 32, kSwapMinBlocks<NT>)
     }
     if (FINISH)
         finish_columns(epilogue, P, block_in_problem, (P.w.chunks + chunks_per_block - 1) / chunks_per_block, rows,
-                       reinterpret_cast<float*>(xs));
+                       reinterpret_cast<float*>(shared_base));
 }
 
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -534,6 +596,55 @@ bool small_gemm_can_finish_heads(const HeadEpilogueParams& p) {
 bool small_gemm_can_finish_residual(const ResidualEpilogueParams& p) {
     return p.post_norm.type == QATTN_NORM_NONE && p.width % 4 == 0 && aligned(p.x, p.x_fp32 ? 16 : 8);
 }
+
+namespace {
+
+// Blocks of `kernel` resident per SM with `shared` bytes of dynamic shared
+// memory, on the current device; remembered, as decode asks the same every
+// step. The kernel is allowed `max_shared` bytes once per device (above the
+// 48 KB default a kernel must be allowed its dynamic shared memory).
+template <typename Kernel>
+qattn_status blocks_per_sm(Kernel kernel, size_t shared, size_t max_shared, int* out) {
+    static std::mutex mutex;
+    static std::set<std::pair<int, const void*>> allowed;
+    static std::map<std::tuple<int, const void*, size_t>, int> known;
+    int device = 0;
+    QATTN_CUDA_TRY(cudaGetDevice(&device));
+    const void* id = reinterpret_cast<const void*>(kernel);
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto found = known.find(std::make_tuple(device, id, shared));
+    if (found != known.end()) {
+        *out = found->second;
+        return QATTN_SUCCESS;
+    }
+    if (max_shared > (48u << 10) && allowed.count({device, id}) == 0) {
+        QATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(max_shared)));
+        allowed.insert({device, id});
+    }
+    QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, kernel, kWarps * 32, shared));
+    known.emplace(std::make_tuple(device, id, shared), *out);
+    return QATTN_SUCCESS;
+}
+
+// The fewest chunks per block (the most blocks: the most SMs streaming) such
+// that the whole grid is resident at once.
+template <typename Kernel, typename SharedBytes>
+qattn_status one_wave(Kernel kernel, SharedBytes shared_bytes, size_t max_shared, int max_per_block, int blocks_x,
+                      int max_chunks, int sm_count, int* chunks_per_block) {
+    *chunks_per_block = max_per_block;
+    for (int c = 1; c <= max_per_block; ++c) {
+        int per_sm = 0;
+        QATTN_TRY(blocks_per_sm(kernel, shared_bytes(c), max_shared, &per_sm));
+        if (static_cast<int64_t>(blocks_x) * ((max_chunks + c - 1) / c) <= int64_t(per_sm) * sm_count) {
+            *chunks_per_block = c;
+            break;
+        }
+    }
+    return QATTN_SUCCESS;
+}
+
+}  // namespace
 
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
                                      int rows, float* acc, int acc_stride, int sm_count,
@@ -556,43 +667,31 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         max_chunks = std::max(max_chunks, problems[i].w.chunks);
     }
     for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks_x;
-    // One wave: the fewest chunks per block (the most blocks) such that the
-    // whole grid is resident at once, so every weight load of the call is in
-    // flight together; shared memory (x slice) stays under the 48 KB default.
-    const int max_by_shared = std::max(1, ((48 << 10) / (2 * rows) - 8) / kPackRows);
-    const int max_chunks_per_block =
-        std::min(rows <= 8 ? kSwapChunks<1> : swapped ? kSwapChunks<2> : kMaxChunksPerBlock, max_by_shared);
-    // The epilogue's per-warp head buffers reuse the x slice's shared memory.
-    const size_t epilogue_shared =
-        epilogue.kind == SmallGemmEpilogue::kHeads ? sizeof(float) * kWarps * epilogue.heads.head_dim : 0;
-    const auto shared_bytes = [&](int chunks) {
-        return std::max(sizeof(__half) * rows * (chunks * kPackRows + 8), epilogue_shared);
-    };
-    const auto swapped_kernel = rows > 8 ? gptq4_gemm_swapped_kernel<2, false>
-                                : finish  ? gptq4_gemm_swapped_kernel<1, true>
-                                          : gptq4_gemm_swapped_kernel<1, false>;
-    int per_sm = 0;
-    if (swapped)
-        QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, swapped_kernel, kWarps * 32,
-                                                                     shared_bytes(max_chunks_per_block)));
-    else
-        QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, gptq4_gemm_small_kernel<2>,
-                                                                     kWarps * 32, shared_bytes(max_chunks_per_block)));
-    const int resident = std::max(1, per_sm) * std::max(sm_count, 1);
-    int chunks_per_block = max_chunks_per_block;
-    for (int c = 1; c < max_chunks_per_block; ++c) {
-        if (blocks_x * ((max_chunks + c - 1) / c) <= resident) {
-            chunks_per_block = c;
-            break;
-        }
+    sm_count = std::max(sm_count, 1);
+    int chunks_per_block = 1;
+    if (swapped) {
+        // (The epilogue's head buffers, 8 warps x head_dim floats, fit in the weight stages.)
+        const auto kernel = rows > 8 ? gptq4_gemm_swapped_kernel<2, false>
+                            : finish ? gptq4_gemm_swapped_kernel<1, true>
+                                     : gptq4_gemm_swapped_kernel<1, false>;
+        const auto shared_bytes = [rows](int c) { return swap_shared_bytes(rows, c); };
+        // Every launch of these kernels fits in what 16 rows and the most chunks take.
+        QATTN_TRY(one_wave(kernel, shared_bytes, swap_shared_bytes(16, kSwapMaxChunks), kSwapMaxChunks, blocks_x,
+                           max_chunks, sm_count, &chunks_per_block));
+        const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
+        return launch_pdl("gptq4_gemm_swapped", kernel, grid, kWarps * 32, shared_bytes(chunks_per_block), stream,
+                          batch, x, x_stride, rows, acc, acc_stride, chunks_per_block, epilogue);
     }
+    // The x slice stays under the 48 KB default.
+    const int max_by_shared = std::max(1, ((48 << 10) / (2 * rows) - 8) / kPackRows);
+    const auto shared_bytes = [rows](int c) { return sizeof(__half) * rows * (c * kPackRows + 8); };
+    const int max_per_block = std::min(kMaxChunksPerBlock, max_by_shared);
+    QATTN_TRY(one_wave(gptq4_gemm_small_kernel<2>, shared_bytes, shared_bytes(max_per_block), max_per_block, blocks_x,
+                       max_chunks, sm_count, &chunks_per_block));
     const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
-    const size_t shared = shared_bytes(chunks_per_block);
-    if (swapped)
-        return launch_pdl("gptq4_gemm_swapped", swapped_kernel, grid, kWarps * 32, shared, stream, batch, x, x_stride,
-                          rows, acc, acc_stride, chunks_per_block, epilogue);
-    return launch_pdl("gptq4_gemm_small", gptq4_gemm_small_kernel<2>, grid, kWarps * 32, shared, stream, batch, x,
-                      x_stride, rows, acc, acc_stride, chunks_per_block);
+    return launch_pdl("gptq4_gemm_small", gptq4_gemm_small_kernel<2>, grid, kWarps * 32,
+                      shared_bytes(chunks_per_block), stream, batch, x, x_stride, rows, acc, acc_stride,
+                      chunks_per_block);
 }
 
 }  // namespace qattn::cuda
