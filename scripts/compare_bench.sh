@@ -26,7 +26,7 @@ for round in $(seq "$ROUNDS"); do
         src=$([[ $side == base ]] && echo "$BASE" || echo .)
         echo "== round $round: $side"
         QATTN_LIBRARY="$PWD/build-$side/libqattn.so" PYTHONPATH="$src/bindings/python" \
-            python3 -m qattn bench --cases "$CASES" --json "$OUT/$side-$round.json" --plot "$OUT/$side-$round.png" \
+            python3 -m qattn bench --cases "$CASES" --json "$OUT/$side-$round.json" --plot /tmp/compare.png \
             >"$OUT/$side-$round.log" 2>&1
         grep -E "^(D1|D16|70B|P2k)|projections" "$OUT/$side-$round.log"
     done

@@ -118,7 +118,17 @@ qattn_status CudaQMatrix::pack_gptq4(const QMatrixHostWeights& w) {
                 half_bits_of(1024.0f + static_cast<float>(unpack(w.qzeros + g * (N / 8), n, 4) + offset));
         }
 
+    std::vector<uint16_t> chunk_scale_zero(static_cast<size_t>(chunks * N * 2));
+    std::vector<uint32_t> mixed_chunks(static_cast<size_t>((chunks + 31) / 32), 0u);
+    for (int64_t c = 0; c < chunks; ++c) {
+        const int32_t first = step_group[c * 8];
+        std::copy_n(scale_zero.begin() + first * N * 2, N * 2, chunk_scale_zero.begin() + c * N * 2);
+        if (step_group[c * 8 + 7] != first) mixed_chunks[c / 32] |= 1u << (c % 32);
+    }
+
     QATTN_TRY(qpack_buf_.upload(qpack.data(), sizeof(uint32_t) * qpack.size()));
+    QATTN_TRY(chunk_scale_zero_buf_.upload(chunk_scale_zero.data(), sizeof(uint16_t) * chunk_scale_zero.size()));
+    QATTN_TRY(mixed_chunks_buf_.upload(mixed_chunks.data(), sizeof(uint32_t) * mixed_chunks.size()));
     QATTN_TRY(scale_zero_buf_.upload(scale_zero.data(), sizeof(uint16_t) * scale_zero.size()));
     QATTN_TRY(perm_buf_.upload(perm.data(), sizeof(int32_t) * perm.size()));
     QATTN_TRY(step_group_buf_.upload(step_group.data(), sizeof(int32_t) * step_group.size()));
@@ -126,6 +136,8 @@ qattn_status CudaQMatrix::pack_gptq4(const QMatrixHostWeights& w) {
     packed_.scale_zero = scale_zero_buf_.get<__half2>();
     packed_.perm = perm_buf_.get<int32_t>();
     packed_.step_group = step_group_buf_.get<int32_t>();
+    packed_.chunk_scale_zero = chunk_scale_zero_buf_.get<__half2>();
+    packed_.mixed_chunks = mixed_chunks_buf_.get<uint32_t>();
     packed_.chunks = static_cast<int>(chunks);
     perm_host_ = std::move(perm);
     return QATTN_SUCCESS;

@@ -26,6 +26,11 @@ struct PackedGptq4 {
     const __half2* scale_zero = nullptr;  // [G][N]: (scale, 1024 + zero), see gptq_gemm_small.cu
     const int32_t* perm = nullptr;    // [chunks * 128]: input feature of each packed row, -1 for padding
     const int32_t* step_group = nullptr;  // [chunks * 8]: group of each 16-row MMA step
+    // [chunks][N]: scale_zero of each chunk's first group, so a kernel reads a
+    // chunk's scales without first reading its group; and bit c of
+    // mixed_chunks[c / 32]: chunk c spans several groups.
+    const __half2* chunk_scale_zero = nullptr;
+    const uint32_t* mixed_chunks = nullptr;
     int chunks = 0;                   // packed rows / 128
 };
 
@@ -56,7 +61,7 @@ private:
 
     QMatrixInfo info_;
     DeviceBuffer dense_, bias_;
-    DeviceBuffer qpack_buf_, scale_zero_buf_, perm_buf_, step_group_buf_;
+    DeviceBuffer qpack_buf_, scale_zero_buf_, perm_buf_, step_group_buf_, chunk_scale_zero_buf_, mixed_chunks_buf_;
     PackedGptq4 packed_;
     std::vector<int32_t> perm_host_;
 };

@@ -313,38 +313,24 @@ constexpr int kSwapStages = 4;
 constexpr int kSwapMaxChunks = 16;
 constexpr int kSwapColumns = kWarps * 16;  // output columns of a block
 
-// Shared memory of the swapped kernel, in this order (sizes in swap_shared_bytes).
+// Shared memory of the swapped kernel: the warps' stages, then x [rows][stride].
 struct SwapStage {
-    uint4 q[2][32];  // one chunk of the warp's tiles a and b, by lane
+    uint4 q[2][32];      // one chunk of the warp's tiles a and b, by lane
+    __half2 sz[2][32];   // the chunk's scale and zero of each lane's columns a and b
 };
-struct SwapShared {
-    SwapStage* stages;    // [kWarps][kSwapStages]
-    __half2* scale_zero;  // [chunks][kSwapColumns]: each chunk's first group, the block's columns
-    int* mixed;           // [kSwapMaxChunks]: chunk spans several groups
-    __half* x;            // [rows][stride]
-};
-
-__host__ __device__ constexpr size_t swap_x_offset(int chunks) {
-    return sizeof(SwapStage) * kWarps * kSwapStages + sizeof(__half2) * kSwapColumns * chunks +
-           sizeof(int) * kSwapMaxChunks;
-}
+constexpr size_t kSwapStagesBytes = sizeof(SwapStage) * kWarps * kSwapStages;
 
 size_t swap_shared_bytes(int rows, int chunks) {
-    return swap_x_offset(chunks) + sizeof(__half) * rows * (chunks * kPackRows + 8);
-}
-
-__device__ __forceinline__ SwapShared swap_shared(unsigned char* base, int chunks) {
-    SwapShared s;
-    s.stages = reinterpret_cast<SwapStage*>(base);
-    s.scale_zero = reinterpret_cast<__half2*>(base + sizeof(SwapStage) * kWarps * kSwapStages);
-    s.mixed = reinterpret_cast<int*>(s.scale_zero + kSwapColumns * chunks);
-    s.x = reinterpret_cast<__half*>(base + swap_x_offset(chunks));
-    return s;
+    return kSwapStagesBytes + sizeof(__half) * rows * (chunks * kPackRows + 8);
 }
 
 __device__ __forceinline__ void cp_async16(void* shared, const void* global) {
     const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* shared, const void* global) {
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(address), "l"(global) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int PENDING>
@@ -482,7 +468,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
                               int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
     extern __shared__ __align__(16) unsigned char shared_base[];
-    const SwapShared sh = swap_shared(shared_base, chunks_per_block);
+    SwapStage* const all_stages = reinterpret_cast<SwapStage*>(shared_base);
+    __half* const xs = reinterpret_cast<__half*>(shared_base + kSwapStagesBytes);  // rows 8..15 of a step / 16
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
 
@@ -504,11 +491,15 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     const size_t chunk_stride = static_cast<size_t>(P.n_tiles) * 32;
     const uint4* qa_ptr = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + tile_a) * 32 + lane;
     const uint4* qb_ptr = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + tile_b) * 32 + lane;
-    SwapStage* stages = sh.stages + warp * kSwapStages;
+    const __half2* sza_ptr = P.w.chunk_scale_zero + static_cast<size_t>(chunk0) * N + column_a;
+    const __half2* szb_ptr = P.w.chunk_scale_zero + static_cast<size_t>(chunk0) * N + column_b;
+    SwapStage* const stages = all_stages + warp * kSwapStages;
     const auto fetch = [&](int u) {
         SwapStage& stage = stages[u % kSwapStages];
         cp_async16(&stage.q[0][lane], qa_ptr + u * chunk_stride);
         cp_async16(&stage.q[1][lane], qb_ptr + u * chunk_stride);
+        cp_async4(&stage.sz[0][lane], sza_ptr + static_cast<size_t>(u) * N);
+        cp_async4(&stage.sz[1][lane], szb_ptr + static_cast<size_t>(u) * N);
     };
 
     // Everything before the wait reads only constant data (weights, scales,
@@ -518,20 +509,18 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         if (active && u < chunks) fetch(u);
         cp_async_commit();
     }
-    // Scale and zero of each chunk's first group for the block's columns.
-    const int block_column0 = block_in_problem * kSwapColumns;
-    for (int i = threadIdx.x; i < chunks * kSwapColumns; i += blockDim.x) {
-        const int u = i / kSwapColumns, column = block_column0 + i - u * kSwapColumns;
-        const int first = P.w.step_group[(chunk0 + u) * 8];
-        if (column < N) sh.scale_zero[i] = P.w.scale_zero[static_cast<size_t>(first) * N + column];
-        if (i - u * kSwapColumns == 0) sh.mixed[u] = first != P.w.step_group[(chunk0 + u) * 8 + 7];
-    }
+    // Bit u: chunk chunk0 + u spans several groups (a block has at most 16 chunks: two words).
+    const uint32_t* mixed_words = P.w.mixed_chunks + chunk0 / 32;
+    const uint64_t mixed_pair = mixed_words[0] | (chunk0 / 32 + 1 < (P.w.chunks + 31) / 32
+                                                      ? static_cast<uint64_t>(mixed_words[1]) << 32
+                                                      : 0);
+    const uint32_t mixed = static_cast<uint32_t>(mixed_pair >> (chunk0 % 32));
     int src[(kSwapMaxChunks * kPackRows + kWarps * 32 - 1) / (kWarps * 32)];
     load_perm(src, P, chunk0, span);
 
     wait_for_producers();
     allow_dependents();
-    stage_x_swapped(sh.x, stride, P, src, x, x_stride, rows, chunk0, span);
+    stage_x_swapped(xs, stride, P, src, x, x_stride, rows, chunk0, span);
     __syncthreads();
 
     if (active) {
@@ -542,18 +531,16 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
             const int r = n * 8 + (lane & 7);
-            x_row[n] = sh.x + (r < rows ? r : 0) * stride + (lane >> 3) * 8;
+            x_row[n] = xs + (r < rows ? r : 0) * stride + (lane >> 3) * 8;
         }
-        const int local_a = column_a - block_column0, local_b = column_b - block_column0;
         float c[NT][4] = {};
 #pragma unroll 1
         for (int u = 0; u < chunks; ++u) {
             cp_async_wait<kSwapStages - 1>();  // chunk u has landed (one group per chunk, in order)
             const SwapStage& stage = stages[u % kSwapStages];
             const uint4 qa = stage.q[0][lane], qb = stage.q[1][lane];
-            const __half2 sza = sh.scale_zero[u * kSwapColumns + local_a];
-            const __half2 szb = sh.scale_zero[u * kSwapColumns + local_b];
-            if (sh.mixed[u])
+            const __half2 sza = stage.sz[0][lane], szb = stage.sz[1][lane];
+            if (mixed & (1u << u))
                 chunk_mma_swapped<NT, false>(c, qa, qb, sza, szb, x_row, u * kPackRows, P.w, chunk0 + u, N,
                                              column_a, column_b);
             else
