@@ -303,12 +303,17 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
 // divided by 16 when staged. ONE_GROUP chunks subtract the zero only (exact
 // small integers) and apply the scale once per chunk in fp32; chunks spanning
 // several groups scale in fp16 per step.
-// The weights stream through shared memory: each warp keeps kSwapStages
-// chunks of its two n-tiles in flight with cp.async (each lane copies the 16
-// bytes of each tile that it alone reads back, so no barrier orders them) and
-// computes one while the others land. A block can so walk up to
-// kSwapMaxChunks chunks without holding them in registers, and the grid is
-// sized to one resident wave with every SM streaming all the time.
+// Two ways to keep the weights in flight. In registers: each lane issues the
+// loads of all the block's chunks (kSwapChunks: 8 loads of 16 bytes at one x
+// tile; two x tiles need the registers of half of them) before anything else,
+// the lowest latency when the grid of such blocks is about one wave. Streamed
+// (K slices too long for that, e.g. 70B shapes): each warp keeps kSwapStages
+// chunks of its two n-tiles in flight in shared memory with cp.async (each lane
+// copies the 16 bytes of each tile that it alone reads back, so no barrier
+// orders them) and computes one while the others land, so a block walks up to
+// kSwapMaxChunks chunks and the grid stays one resident wave.
+template <int NT>
+constexpr int kSwapChunks = NT == 1 ? 4 : 2;
 constexpr int kSwapStages = 4;
 constexpr int kSwapMaxChunks = 16;
 constexpr int kSwapColumns = kWarps * 16;  // output columns of a block
@@ -320,8 +325,8 @@ struct SwapStage {
 };
 constexpr size_t kSwapStagesBytes = sizeof(SwapStage) * kWarps * kSwapStages;
 
-size_t swap_shared_bytes(int rows, int chunks) {
-    return kSwapStagesBytes + sizeof(__half) * rows * (chunks * kPackRows + 8);
+size_t swap_shared_bytes(bool streamed, int rows, int chunks) {
+    return (streamed ? kSwapStagesBytes : 0) + sizeof(__half) * rows * (chunks * kPackRows + 8);
 }
 
 __device__ __forceinline__ void cp_async16(void* shared, const void* global) {
@@ -462,14 +467,17 @@ __device__ __forceinline__ void finish_columns(const SmallGemmEpilogue& ep, cons
 }
 
 // FINISH: the kernel also runs the epilogue (a variant of its own, so that the
-// kernel without it keeps its register allocation and schedule).
-template <int NT, bool FINISH>
+// kernel without it keeps its register allocation and schedule). STREAMED:
+// weights through shared memory, else registers (see kSwapChunks).
+template <int NT, bool FINISH, bool STREAMED>
 __global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
                               int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
+    constexpr int kMaxChunks = STREAMED ? kSwapMaxChunks : kSwapChunks<NT>;
     extern __shared__ __align__(16) unsigned char shared_base[];
     SwapStage* const all_stages = reinterpret_cast<SwapStage*>(shared_base);
-    __half* const xs = reinterpret_cast<__half*>(shared_base + kSwapStagesBytes);  // rows 8..15 of a step / 16
+    // x [rows][stride], rows 8..15 of each step / 16, after the stages.
+    __half* const xs = reinterpret_cast<__half*>(shared_base + (STREAMED ? kSwapStagesBytes : 0));
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
 
@@ -493,6 +501,9 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     const uint4* qb_ptr = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + tile_b) * 32 + lane;
     const __half2* sza_ptr = P.w.chunk_scale_zero + static_cast<size_t>(chunk0) * N + column_a;
     const __half2* szb_ptr = P.w.chunk_scale_zero + static_cast<size_t>(chunk0) * N + column_b;
+
+    // Everything up to the wait reads only constant data (weights, scales,
+    // groups, perm), so it overlaps the kernel that writes x (programmatic launch).
     SwapStage* const stages = all_stages + warp * kSwapStages;
     const auto fetch = [&](int u) {
         SwapStage& stage = stages[u % kSwapStages];
@@ -501,21 +512,30 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         cp_async4(&stage.sz[0][lane], sza_ptr + static_cast<size_t>(u) * N);
         cp_async4(&stage.sz[1][lane], szb_ptr + static_cast<size_t>(u) * N);
     };
-
-    // Everything before the wait reads only constant data (weights, scales,
-    // groups, perm), so it overlaps the kernel that writes x (programmatic launch).
+    uint4 qa[STREAMED ? 1 : kMaxChunks], qb[STREAMED ? 1 : kMaxChunks];
+    __half2 sza[STREAMED ? 1 : kMaxChunks], szb[STREAMED ? 1 : kMaxChunks];
+    if constexpr (STREAMED) {
 #pragma unroll
-    for (int u = 0; u < kSwapStages; ++u) {
-        if (active && u < chunks) fetch(u);
-        cp_async_commit();
+        for (int u = 0; u < kSwapStages; ++u) {
+            if (active && u < chunks) fetch(u);
+            cp_async_commit();
+        }
+    } else {
+#pragma unroll
+        for (int u = 0; u < kMaxChunks; ++u) {
+            if (active && u < chunks) {
+                qa[u] = load_streaming(qa_ptr + u * chunk_stride);
+                qb[u] = load_streaming(qb_ptr + u * chunk_stride);
+                sza[u] = sza_ptr[static_cast<size_t>(u) * N];
+                szb[u] = szb_ptr[static_cast<size_t>(u) * N];
+            }
+        }
     }
-    // Bit u: chunk chunk0 + u spans several groups (a block has at most 16 chunks: two words).
-    const uint32_t* mixed_words = P.w.mixed_chunks + chunk0 / 32;
-    const uint64_t mixed_pair = mixed_words[0] | (chunk0 / 32 + 1 < (P.w.chunks + 31) / 32
-                                                      ? static_cast<uint64_t>(mixed_words[1]) << 32
-                                                      : 0);
-    const uint32_t mixed = static_cast<uint32_t>(mixed_pair >> (chunk0 % 32));
-    int src[(kSwapMaxChunks * kPackRows + kWarps * 32 - 1) / (kWarps * 32)];
+    // Bit u: chunk chunk0 + u spans several groups (at most 16 chunks: two words).
+    const int shift = chunk0 % 32;
+    uint32_t mixed = P.w.mixed_chunks[chunk0 / 32] >> shift;
+    if (shift + chunks > 32) mixed |= P.w.mixed_chunks[chunk0 / 32 + 1] << (32 - shift);
+    int src[(kMaxChunks * kPackRows + kWarps * 32 - 1) / (kWarps * 32)];
     load_perm(src, P, chunk0, span);
 
     wait_for_producers();
@@ -534,21 +554,28 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
             x_row[n] = xs + (r < rows ? r : 0) * stride + (lane >> 3) * 8;
         }
         float c[NT][4] = {};
-#pragma unroll 1
-        for (int u = 0; u < chunks; ++u) {
-            cp_async_wait<kSwapStages - 1>();  // chunk u has landed (one group per chunk, in order)
-            const SwapStage& stage = stages[u % kSwapStages];
-            const uint4 qa = stage.q[0][lane], qb = stage.q[1][lane];
-            const __half2 sza = stage.sz[0][lane], szb = stage.sz[1][lane];
+        const auto compute = [&](int u, const uint4& wa, const uint4& wb, __half2 sa, __half2 sb) {
             if (mixed & (1u << u))
-                chunk_mma_swapped<NT, false>(c, qa, qb, sza, szb, x_row, u * kPackRows, P.w, chunk0 + u, N,
-                                             column_a, column_b);
+                chunk_mma_swapped<NT, false>(c, wa, wb, sa, sb, x_row, u * kPackRows, P.w, chunk0 + u, N, column_a,
+                                             column_b);
             else
-                chunk_mma_swapped<NT, true>(c, qa, qb, sza, szb, x_row, u * kPackRows, P.w, chunk0 + u, N,
-                                            column_a, column_b);
-            // The stage just read is refilled only now, after its values were used.
-            if (u + kSwapStages < chunks) fetch(u + kSwapStages);
-            cp_async_commit();
+                chunk_mma_swapped<NT, true>(c, wa, wb, sa, sb, x_row, u * kPackRows, P.w, chunk0 + u, N, column_a,
+                                            column_b);
+        };
+        if constexpr (STREAMED) {
+#pragma unroll 1
+            for (int u = 0; u < chunks; ++u) {
+                cp_async_wait<kSwapStages - 1>();  // chunk u has landed (one group per chunk, in order)
+                const SwapStage& stage = stages[u % kSwapStages];
+                compute(u, stage.q[0][lane], stage.q[1][lane], stage.sz[0][lane], stage.sz[1][lane]);
+                // The stage just read is refilled only now, after its values were used.
+                if (u + kSwapStages < chunks) fetch(u + kSwapStages);
+                cp_async_commit();
+            }
+        } else {
+#pragma unroll
+            for (int u = 0; u < kMaxChunks; ++u)
+                if (u < chunks) compute(u, qa[u], qb[u], sza[u], szb[u]);
         }
 
         const int out_a = P.col_offset + column_a, out_b = P.col_offset + column_b;
@@ -565,6 +592,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
             }
         }
     }
+    // The epilogue's head buffers (8 warps x head_dim floats) reuse the x slice,
+    // or the stages: at one row of a register-variant block the slice holds less.
     if (FINISH)
         finish_columns(epilogue, P, block_in_problem, (P.w.chunks + chunks_per_block - 1) / chunks_per_block, rows,
                        reinterpret_cast<float*>(shared_base));
@@ -657,13 +686,33 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     sm_count = std::max(sm_count, 1);
     int chunks_per_block = 1;
     if (swapped) {
-        // (The epilogue's head buffers, 8 warps x head_dim floats, fit in the weight stages.)
-        const auto kernel = rows > 8 ? gptq4_gemm_swapped_kernel<2, false>
-                            : finish ? gptq4_gemm_swapped_kernel<1, true>
-                                     : gptq4_gemm_swapped_kernel<1, false>;
-        const auto shared_bytes = [rows](int c) { return swap_shared_bytes(rows, c); };
-        // Every launch of these kernels fits in what 16 rows and the most chunks take.
-        QATTN_TRY(one_wave(kernel, shared_bytes, swap_shared_bytes(16, kSwapMaxChunks), kSwapMaxChunks, blocks_x,
+        const auto pick = [&](bool streamed) {
+            return rows > 8 ? (streamed ? gptq4_gemm_swapped_kernel<2, false, true> : gptq4_gemm_swapped_kernel<2, false, false>)
+                   : finish ? (streamed ? gptq4_gemm_swapped_kernel<1, true, true> : gptq4_gemm_swapped_kernel<1, true, false>)
+                            : (streamed ? gptq4_gemm_swapped_kernel<1, false, true> : gptq4_gemm_swapped_kernel<1, false, false>);
+        };
+        // Registers while the grid takes at most two waves (measured best at
+        // Llama-3-8B decode), else streamed; the epilogue's head buffers need
+        // kWarps * head_dim floats of either.
+        const size_t epilogue_shared =
+            epilogue.kind == SmallGemmEpilogue::kHeads ? sizeof(float) * kWarps * epilogue.heads.head_dim : 0;
+        const int register_chunks = rows > 8 ? kSwapChunks<2> : kSwapChunks<1>;
+        int per_sm = 0;
+        const auto register_shared = [&](int c) {
+            return std::max(swap_shared_bytes(false, rows, c), epilogue_shared);
+        };
+        QATTN_TRY(blocks_per_sm(pick(false), register_shared(register_chunks), register_shared(register_chunks),
+                                &per_sm));
+        const bool streamed = static_cast<int64_t>(blocks_x) * ((max_chunks + register_chunks - 1) / register_chunks) >
+                              int64_t(2) * per_sm * sm_count;
+        const auto kernel = pick(streamed);
+        const auto shared_bytes = [&](int c) {
+            return streamed ? swap_shared_bytes(true, rows, c) : register_shared(c);
+        };
+        // Every launch of a kernel fits in what 16 rows and its most chunks take.
+        const size_t max_shared = streamed ? swap_shared_bytes(true, 16, kSwapMaxChunks)
+                                           : std::max(swap_shared_bytes(false, 16, kSwapChunks<1>), epilogue_shared);
+        QATTN_TRY(one_wave(kernel, shared_bytes, max_shared, streamed ? kSwapMaxChunks : register_chunks, blocks_x,
                            max_chunks, sm_count, &chunks_per_block));
         const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
         return launch_pdl("gptq4_gemm_swapped", kernel, grid, kWarps * 32, shared_bytes(chunks_per_block), stream,
