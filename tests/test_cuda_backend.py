@@ -175,6 +175,32 @@ def test_decode_epilogue_in_gemm_over_repeated_calls(head_dim, heads, kv_heads, 
         pair.check(rows, 1, gen, past_len=100 * step + rows)
 
 
+@pytest.mark.parametrize("rows", [1, 8, 16, 40])
+@pytest.mark.parametrize("input_norm", [None, "rms"])
+def test_inputs_read_in_place_or_gathered(rows, input_norm, gen):
+    # Without act-order the packed row order is the input order, so the
+    # projections read x and attn_out where they lie, but only when they are
+    # aligned for 16-byte loads; one element off, they must be gathered instead.
+    pair = Pair(Spec(weights="gptq4", input_norm=input_norm, max_rows=40, biases=True), gen)
+    x, attn = pair.inputs(rows, 1, gen)
+    ref_q = pair.forward1("cpu", x, past_len=3)
+    ref_y = pair.forward2("cpu", x, attn)
+    for offset in (0, 1):
+        xs = torch.empty(x.numel() + 8, dtype=x.dtype, device=CUDA)
+        xo = xs[offset:offset + x.numel()].view(x.shape)
+        xo.copy_(x)
+        attns = torch.empty(attn.numel() + 8, dtype=attn.dtype, device=CUDA)
+        ao = attns[offset:offset + attn.numel()].view(attn.shape)
+        ao.copy_(attn)
+        sin, cos = pair.tables["cuda"]
+        out = pair.layers["cuda"].forward1(xo, sin=sin, cos=cos, past_len=3)
+        y = pair.layers["cuda"].forward2(xo.clone(), ao)
+        torch.cuda.synchronize()
+        for name, o, r in zip("qkv", out, ref_q):
+            assert rel_err(o, r) < TOL, "%s, offset %d" % (name, offset)
+        assert rel_err(y.cpu().double() - x.double(), ref_y.double() - x.double()) < TOL, "offset %d" % offset
+
+
 @pytest.mark.parametrize("batch,q_len", [(1, 1), (8, 4), (3, 40)])
 def test_uneven_shapes_pad_groups(batch, q_len, gen):
     # K = 200 is not a multiple of 128 and group 6 holds only 8 rows: the packed

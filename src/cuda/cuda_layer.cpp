@@ -257,16 +257,21 @@ private:
         if (!m.packed()) return gemm_xwT(blas_, rows, N, K, x, ldx, m.dense(), c, ldc, 0.0f);
         const int packed_rows = static_cast<int>(m.packed_rows());
         const PackedGptq4& w = m.packed_gptq();
-        if (gathered_order_ != order_[p]) {
-            QATTN_TRY(stage_gathered(x, ldx, rows, K, p, s));
-            gathered_order_ = order_[p];
+        const __half* xg = x;  // x in packed row order, row stride ldg
+        int ldg = ldx;
+        if (!m.identity_order()) {
+            if (gathered_order_ != order_[p]) {
+                QATTN_TRY(stage_gathered(x, ldx, rows, K, p, s));
+                gathered_order_ = order_[p];
+            }
+            xg = gathered_.get<__half>();
+            ldg = packed_rows;
         }
         const int slice = static_cast<int>(std::min<int64_t>(N, dequant_elements_ / packed_rows / 8 * 8));
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
             QATTN_TRY(launch_dequantize_gptq4(w, N, n0, count, dequant_.get<__half>(), s));
-            QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, gathered_.get<__half>(), packed_rows,
-                               dequant_.get<__half>(), c + n0, ldc, 0.0f));
+            QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, dequant_.get<__half>(), c + n0, ldc, 0.0f));
         }
         return QATTN_SUCCESS;
     }
@@ -297,6 +302,10 @@ private:
         return launch_stage_rows(st, s);
     }
 
+    // The small-row kernel reads x in packed order with 16-byte loads; a caller's
+    // buffer in input order serves as that only when aligned for them.
+    static bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
     // Up to this many rows the small-row kernel gathers x through perm itself
     // (scattered loads, repeated by every block of a K slice) rather than pay a
     // staging launch; beyond, or when the input norm runs anyway, x is staged.
@@ -306,13 +315,15 @@ private:
         const int rows = call.rows, H = info_.hidden_size;
         const bool small_rows = rows <= kSmallRows;
         // The staging of x (norm, fp32 -> fp16) also gathers it into the packed row
-        // order of the first packed matrix; x in input order is written only where
-        // something reads it: dense matrices, LoRA, a packed matrix with another
-        // row order, or the small-row kernel gathering for itself.
+        // order of the first packed matrix that has one; x in input order is
+        // written only where something reads it: dense matrices, packed ones in
+        // input order (no act-order), LoRA, a packed matrix with another row
+        // order, or the small-row kernel gathering for itself.
         int gather_for = -1;
         bool need_plain = false;
         for (int p = 0; p < 3; ++p) {
-            if (!proj_[p]->packed() || (gather_for >= 0 && order_[p] != gather_for))
+            const CudaQMatrix& m = *proj_[p];
+            if (!m.packed() || m.identity_order() || (gather_for >= 0 && order_[p] != gather_for))
                 need_plain = true;
             else if (gather_for < 0)
                 gather_for = p;
@@ -355,7 +366,9 @@ private:
             if (m.packed() && small_rows)
                 small[small_count++] = SmallGemmProblem{
                     m.packed_gptq(), static_cast<int>(m.out_features() / 8), column_[p],
-                    gathered_order_ == order_[p] ? gathered_.get<__half>() : nullptr};
+                    m.identity_order() && aligned16(x) ? x
+                    : gathered_order_ == order_[p]     ? gathered_.get<__half>()
+                                                       : nullptr};
             any_lora = any_lora || !(*call.loras)[p].empty();
         }
         SmallGemmEpilogue finish;
@@ -422,8 +435,8 @@ private:
         SmallGemmEpilogue finish;
         gathered_order_ = -1;
         if (m.packed() && rows <= kSmallRows) {
-            const __half* xg = nullptr;
-            if (rows > kGatherInKernelRows) {
+            const __half* xg = m.identity_order() && aligned16(attn) ? attn : nullptr;
+            if (!xg && rows > kGatherInKernelRows) {
                 QATTN_TRY(stage_gathered(attn, K, rows, K, 3, s));
                 xg = gathered_.get<__half>();
             }

@@ -139,6 +139,8 @@ qattn_status CudaQMatrix::pack_gptq4(const QMatrixHostWeights& w) {
     packed_.chunk_scale_zero = chunk_scale_zero_buf_.get<__half2>();
     packed_.mixed_chunks = mixed_chunks_buf_.get<uint32_t>();
     packed_.chunks = static_cast<int>(chunks);
+    identity_order_ = static_cast<int64_t>(perm.size()) == info_.in_features;
+    for (size_t j = 0; identity_order_ && j < perm.size(); ++j) identity_order_ = perm[j] == static_cast<int32_t>(j);
     perm_host_ = std::move(perm);
     return QATTN_SUCCESS;
 }

@@ -52,6 +52,10 @@ public:
         return packed() && other.packed() && perm_host_ == other.perm_host_;
     }
     const __half* bias() const { return bias_.get<__half>(); }    // [N] or null
+    // Packed row j is input feature j for every j < K (no act-order, K and the
+    // groups multiples of 128 and 16): x in input order is already in packed
+    // order, and nothing needs gathering.
+    bool identity_order() const { return identity_order_; }
 
 private:
     explicit CudaQMatrix(const QMatrixInfo& info) : info_(info) {}
@@ -60,6 +64,7 @@ private:
     qattn_status pack_gptq4(const QMatrixHostWeights& w);
 
     QMatrixInfo info_;
+    bool identity_order_ = false;
     DeviceBuffer dense_, bias_;
     DeviceBuffer qpack_buf_, scale_zero_buf_, perm_buf_, step_group_buf_, chunk_scale_zero_buf_, mixed_chunks_buf_;
     PackedGptq4 packed_;

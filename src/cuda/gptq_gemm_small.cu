@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
 // several groups scale in fp16 per step.
 // Two ways to keep the weights in flight. In registers: each lane issues the
 // loads of all the block's chunks (kSwapChunks: 8 loads of 16 bytes at one x
-// tile; two x tiles need the registers of half of them) before anything else,
+// tile; two x tiles need more registers: 6) before anything else,
 // the lowest latency when the grid of such blocks is about one wave. Streamed
 // (K slices too long for that, e.g. 70B shapes): each warp keeps kSwapStages
 // chunks of its two n-tiles in flight in shared memory with cp.async (each lane
@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
 // orders them) and computes one while the others land, so a block walks up to
 // kSwapMaxChunks chunks and the grid stays one resident wave.
 template <int NT>
-constexpr int kSwapChunks = NT == 1 ? 4 : 2;
+constexpr int kSwapChunks = NT == 1 ? 4 : 3;
 constexpr int kSwapStages = 4;
 constexpr int kSwapMaxChunks = 16;
 constexpr int kSwapColumns = kWarps * 16;  // output columns of a block
@@ -643,18 +643,35 @@ qattn_status blocks_per_sm(Kernel kernel, size_t shared, size_t max_shared, int*
     return QATTN_SUCCESS;
 }
 
-// The fewest chunks per block (the most blocks: the most SMs streaming) such
-// that the whole grid is resident at once.
+// Chunks per block. one_wave: the fewest (the most blocks: the most SMs
+// streaming) such that the whole grid is resident at once (else the most).
+// Otherwise the fewest waves times chunks per block (a block's time grows with
+// its chunks; a partly filled wave costs as much as a full one), fewer waves
+// on a tie: at Llama-3-8B decode that picks 4 chunks (one wave) at one row, 2
+// (two full waves) for 16 rows of Q|K|V and 3 (one wave) for 16 rows of O,
+// each the fastest measured.
 template <typename Kernel, typename SharedBytes>
-qattn_status one_wave(Kernel kernel, SharedBytes shared_bytes, size_t max_shared, int max_per_block, int blocks_x,
-                      int max_chunks, int sm_count, int* chunks_per_block) {
+qattn_status plan_chunks(Kernel kernel, SharedBytes shared_bytes, size_t max_shared, int max_per_block,
+                         bool one_wave, int blocks_x, int max_chunks, int sm_count, int* chunks_per_block) {
     *chunks_per_block = max_per_block;
+    int64_t best_work = -1, best_waves = 0;
     for (int c = 1; c <= max_per_block; ++c) {
         int per_sm = 0;
         QATTN_TRY(blocks_per_sm(kernel, shared_bytes(c), max_shared, &per_sm));
-        if (static_cast<int64_t>(blocks_x) * ((max_chunks + c - 1) / c) <= int64_t(per_sm) * sm_count) {
+        const int64_t resident = int64_t(std::max(per_sm, 1)) * sm_count;
+        const int64_t blocks = static_cast<int64_t>(blocks_x) * ((max_chunks + c - 1) / c);
+        if (one_wave) {
+            if (blocks <= resident) {
+                *chunks_per_block = c;
+                break;
+            }
+            continue;
+        }
+        const int64_t waves = (blocks + resident - 1) / resident, work = waves * c;
+        if (best_work < 0 || work < best_work || (work == best_work && waves < best_waves)) {
+            best_work = work;
+            best_waves = waves;
             *chunks_per_block = c;
-            break;
         }
     }
     return QATTN_SUCCESS;
@@ -712,8 +729,8 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         // Every launch of a kernel fits in what 16 rows and its most chunks take.
         const size_t max_shared = streamed ? swap_shared_bytes(true, 16, kSwapMaxChunks)
                                            : std::max(swap_shared_bytes(false, 16, kSwapChunks<1>), epilogue_shared);
-        QATTN_TRY(one_wave(kernel, shared_bytes, max_shared, streamed ? kSwapMaxChunks : register_chunks, blocks_x,
-                           max_chunks, sm_count, &chunks_per_block));
+        QATTN_TRY(plan_chunks(kernel, shared_bytes, max_shared, streamed ? kSwapMaxChunks : register_chunks, streamed,
+                              blocks_x, max_chunks, sm_count, &chunks_per_block));
         const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
         return launch_pdl("gptq4_gemm_swapped", kernel, grid, kWarps * 32, shared_bytes(chunks_per_block), stream,
                           batch, x, x_stride, rows, acc, acc_stride, chunks_per_block, epilogue);
@@ -722,8 +739,8 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     const int max_by_shared = std::max(1, ((48 << 10) / (2 * rows) - 8) / kPackRows);
     const auto shared_bytes = [rows](int c) { return sizeof(__half) * rows * (c * kPackRows + 8); };
     const int max_per_block = std::min(kMaxChunksPerBlock, max_by_shared);
-    QATTN_TRY(one_wave(gptq4_gemm_small_kernel<2>, shared_bytes, shared_bytes(max_per_block), max_per_block, blocks_x,
-                       max_chunks, sm_count, &chunks_per_block));
+    QATTN_TRY(plan_chunks(gptq4_gemm_small_kernel<2>, shared_bytes, shared_bytes(max_per_block), max_per_block, true,
+                          blocks_x, max_chunks, sm_count, &chunks_per_block));
     const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
     return launch_pdl("gptq4_gemm_small", gptq4_gemm_small_kernel<2>, grid, kWarps * 32,
                       shared_bytes(chunks_per_block), stream, batch, x, x_stride, rows, acc, acc_stride,
