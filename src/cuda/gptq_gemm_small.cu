@@ -304,16 +304,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
 // small integers) and apply the scale once per chunk in fp32; chunks spanning
 // several groups scale in fp16 per step.
 // Two ways to keep the weights in flight. In registers: each lane issues the
-// loads of all the block's chunks (kSwapChunks: 8 loads of 16 bytes at one x
-// tile; two x tiles need more registers: 6) before anything else,
+// loads of all the block's chunks (CHUNKS: up to 4, 8 loads of 16 bytes, at
+// one x tile; two x tiles take 2, or 3 with a few spills) before anything else,
 // the lowest latency when the grid of such blocks is about one wave. Streamed
 // (K slices too long for that, e.g. 70B shapes): each warp keeps kSwapStages
 // chunks of its two n-tiles in flight in shared memory with cp.async (each lane
 // copies the 16 bytes of each tile that it alone reads back, so no barrier
 // orders them) and computes one while the others land, so a block walks up to
 // kSwapMaxChunks chunks and the grid stays one resident wave.
-template <int NT>
-constexpr int kSwapChunks = NT == 1 ? 4 : 3;
 constexpr int kSwapStages = 4;
 constexpr int kSwapMaxChunks = 16;
 constexpr int kSwapColumns = kWarps * 16;  // output columns of a block
@@ -468,12 +466,12 @@ __device__ __forceinline__ void finish_columns(const SmallGemmEpilogue& ep, cons
 
 // FINISH: the kernel also runs the epilogue (a variant of its own, so that the
 // kernel without it keeps its register allocation and schedule). STREAMED:
-// weights through shared memory, else registers (see kSwapChunks).
-template <int NT, bool FINISH, bool STREAMED>
+// weights through shared memory, else registers, CHUNKS at most.
+template <int NT, bool FINISH, bool STREAMED, int CHUNKS>
 __global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
                               int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
-    constexpr int kMaxChunks = STREAMED ? kSwapMaxChunks : kSwapChunks<NT>;
+    constexpr int kMaxChunks = STREAMED ? kSwapMaxChunks : CHUNKS;
     extern __shared__ __align__(16) unsigned char shared_base[];
     SwapStage* const all_stages = reinterpret_cast<SwapStage*>(shared_base);
     // x [rows][stride], rows 8..15 of each step / 16, after the stages.
@@ -703,34 +701,43 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     sm_count = std::max(sm_count, 1);
     int chunks_per_block = 1;
     if (swapped) {
-        const auto pick = [&](bool streamed) {
-            return rows > 8 ? (streamed ? gptq4_gemm_swapped_kernel<2, false, true> : gptq4_gemm_swapped_kernel<2, false, false>)
-                   : finish ? (streamed ? gptq4_gemm_swapped_kernel<1, true, true> : gptq4_gemm_swapped_kernel<1, true, false>)
-                            : (streamed ? gptq4_gemm_swapped_kernel<1, false, true> : gptq4_gemm_swapped_kernel<1, false, false>);
+        // The register variants: up to 4 chunks at one x tile (finishing the
+        // phase or not); 3 or, with fewer registers, 2 at two x tiles.
+        const auto registers = [&](int chunks) {
+            return rows > 8 ? (chunks > 2 ? gptq4_gemm_swapped_kernel<2, false, false, 3>
+                                          : gptq4_gemm_swapped_kernel<2, false, false, 2>)
+                   : finish ? gptq4_gemm_swapped_kernel<1, true, false, 4>
+                            : gptq4_gemm_swapped_kernel<1, false, false, 4>;
         };
+        const auto streamed_kernel = rows > 8 ? gptq4_gemm_swapped_kernel<2, false, true, 0>
+                                     : finish ? gptq4_gemm_swapped_kernel<1, true, true, 0>
+                                              : gptq4_gemm_swapped_kernel<1, false, true, 0>;
         // Registers while the grid takes at most two waves (measured best at
         // Llama-3-8B decode), else streamed; the epilogue's head buffers need
         // kWarps * head_dim floats of either.
         const size_t epilogue_shared =
             epilogue.kind == SmallGemmEpilogue::kHeads ? sizeof(float) * kWarps * epilogue.heads.head_dim : 0;
-        const int register_chunks = rows > 8 ? kSwapChunks<2> : kSwapChunks<1>;
-        int per_sm = 0;
+        const int register_chunks = rows > 8 ? 3 : 4;
         const auto register_shared = [&](int c) {
             return std::max(swap_shared_bytes(false, rows, c), epilogue_shared);
         };
-        QATTN_TRY(blocks_per_sm(pick(false), register_shared(register_chunks), register_shared(register_chunks),
+        // Every launch of a kernel fits in what 16 rows and its most chunks take.
+        const size_t register_max_shared = std::max(swap_shared_bytes(false, 16, 4), epilogue_shared);
+        int per_sm = 0;
+        QATTN_TRY(blocks_per_sm(registers(register_chunks), register_shared(register_chunks), register_max_shared,
                                 &per_sm));
         const bool streamed = static_cast<int64_t>(blocks_x) * ((max_chunks + register_chunks - 1) / register_chunks) >
                               int64_t(2) * per_sm * sm_count;
-        const auto kernel = pick(streamed);
         const auto shared_bytes = [&](int c) {
             return streamed ? swap_shared_bytes(true, rows, c) : register_shared(c);
         };
-        // Every launch of a kernel fits in what 16 rows and its most chunks take.
-        const size_t max_shared = streamed ? swap_shared_bytes(true, 16, kSwapMaxChunks)
-                                           : std::max(swap_shared_bytes(false, 16, kSwapChunks<1>), epilogue_shared);
-        QATTN_TRY(plan_chunks(kernel, shared_bytes, max_shared, streamed ? kSwapMaxChunks : register_chunks, streamed,
-                              blocks_x, max_chunks, sm_count, &chunks_per_block));
+        if (streamed)
+            QATTN_TRY(plan_chunks(streamed_kernel, shared_bytes, swap_shared_bytes(true, 16, kSwapMaxChunks),
+                                  kSwapMaxChunks, true, blocks_x, max_chunks, sm_count, &chunks_per_block));
+        else
+            QATTN_TRY(plan_chunks(registers(register_chunks), shared_bytes, register_max_shared, register_chunks,
+                                  false, blocks_x, max_chunks, sm_count, &chunks_per_block));
+        const auto kernel = streamed ? streamed_kernel : registers(chunks_per_block);
         const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
         return launch_pdl("gptq4_gemm_swapped", kernel, grid, kWarps * 32, shared_bytes(chunks_per_block), stream,
                           batch, x, x_stride, rows, acc, acc_stride, chunks_per_block, epilogue);
