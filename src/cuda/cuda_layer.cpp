@@ -72,31 +72,13 @@ public:
     }
 
     qattn_status forward1(const Forward1Call& call, void* stream) override {
-        DeviceGuard guard;
-        QATTN_TRY(guard.enter(info_.device));
-        const auto s = static_cast<cudaStream_t>(stream);
-        bool capturing = false;
-        QATTN_TRY(stream_is_capturing(s, &capturing));
-        if (!capturing) QATTN_TRY(check_stream(s));
-        if (!graphs_ || capturing) return run(s, [&](cudaStream_t cs) { return forward1_body(call, cs); });
-        const auto record = [&](cudaStream_t cs) {
-            return run(cs, [&](cudaStream_t c) { return forward1_body(call, c); });
-        };
-        return graphs_->run(graph_key(1, call.batch, call.q_len, *call.loras), record, s);
+        return dispatch(1, call.batch, call.q_len, *call.loras, stream,
+                        [&](cudaStream_t s) { return forward1_body(call, s); });
     }
 
     qattn_status forward2(const Forward2Call& call, void* stream) override {
-        DeviceGuard guard;
-        QATTN_TRY(guard.enter(info_.device));
-        const auto s = static_cast<cudaStream_t>(stream);
-        bool capturing = false;
-        QATTN_TRY(stream_is_capturing(s, &capturing));
-        if (!capturing) QATTN_TRY(check_stream(s));
-        if (!graphs_ || capturing) return run(s, [&](cudaStream_t cs) { return forward2_body(call, cs); });
-        const auto record = [&](cudaStream_t cs) {
-            return run(cs, [&](cudaStream_t c) { return forward2_body(call, c); });
-        };
-        return graphs_->run(graph_key(2, call.batch, call.q_len, *call.loras), record, s);
+        return dispatch(2, call.batch, call.q_len, *call.loras, stream,
+                        [&](cudaStream_t s) { return forward2_body(call, s); });
     }
 
     qattn_status set_loras(const std::vector<LoraSpec>& specs) override {
@@ -219,6 +201,22 @@ private:
             key.insert(key.end(), list.begin(), list.end());
         }
         return key;
+    }
+
+    // A phase on the layer's device: straight onto the caller's stream when it
+    // is capturing (its graph takes the kernels) or graphs are off, else
+    // through the layer's graph for this shape.
+    template <typename Body>
+    qattn_status dispatch(int phase, int batch, int q_len, const ActiveLoras& loras, void* stream, Body&& body) {
+        DeviceGuard guard;
+        QATTN_TRY(guard.enter(info_.device));
+        const auto s = static_cast<cudaStream_t>(stream);
+        bool capturing = false;
+        QATTN_TRY(stream_is_capturing(s, &capturing));
+        if (!capturing) QATTN_TRY(check_stream(s));
+        if (!graphs_ || capturing) return run(s, body);
+        const auto record = [&](cudaStream_t cs) { return run(cs, body); };
+        return graphs_->run(graph_key(phase, batch, q_len, loras), record, s);
     }
 
     // The accumulators and the GEMM's arrival counters are zero between calls
