@@ -301,6 +301,35 @@ def test_graphs_follow_new_pointers_and_positions(weights, gen):
             assert rel_err(o, r) < TOL
 
 
+@pytest.mark.parametrize("weights", ["gptq4", "gptq4_act"])
+def test_prefill_rows_in_graphs(weights, gen):
+    # Beyond 32 rows the first dequantization runs on a second stream beside the
+    # staging of x (forked and joined inside the call): in the layer's own
+    # graphs, in a caller's capture and eagerly, call after call.
+    pair = Pair(Spec(weights=weights, max_rows=96, head_norm="rms", use_graphs=True), gen)
+    for step in range(3):
+        pair.check(2, 48, gen, past_len=step)
+    layer, sin, cos = pair.layers["cuda"], *pair.tables["cuda"]
+    x, attn = pair.inputs(3, 32, gen)
+    xc, ac = x.to(CUDA), attn.to(CUDA)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer.forward1(xc, sin=sin, cos=cos, past_len=5)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q, k, v = layer.forward1(xc, sin=sin, cos=cos, past_len=5)
+        y = layer.forward2(xc, ac)
+    xc.copy_(x.to(CUDA))
+    graph.replay()
+    torch.cuda.synchronize()
+    for o, r in zip((q, k, v), pair.forward1("cpu", x, past_len=5)):
+        assert rel_err(o, r) < TOL
+    y_ref = pair.forward2("cpu", x, attn)
+    assert rel_err(y.cpu().double() - x.double(), y_ref.double() - x.double()) < TOL
+
+
 @pytest.mark.parametrize("use_graphs", [False, True])
 def test_capture_in_torch_cuda_graph(use_graphs, gen):
     pair = Pair(Spec(weights="gptq4_act", max_rows=16, post_norm="rms", use_graphs=use_graphs), gen)

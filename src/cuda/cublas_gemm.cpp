@@ -4,12 +4,26 @@
 
 namespace qattn::cuda {
 
-qattn_status gemm_xwT(cublasHandle_t handle, int R, int N, int K, const __half* x, int ldx, const __half* w,
-                      float* c, int ldc, float beta) {
+namespace {
+
+qattn_status gemm(cublasHandle_t handle, int R, int N, int K, const __half* x, int ldx, const __half* w, void* c,
+                  cudaDataType c_type, int ldc, float beta) {
     const float one = 1.0f;
     QATTN_CUBLAS_TRY(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, N, R, K, &one, w, CUDA_R_16F, K, x, CUDA_R_16F,
-                                  ldx, &beta, c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+                                  ldx, &beta, c, c_type, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return QATTN_SUCCESS;
+}
+
+}  // namespace
+
+qattn_status gemm_xwT(cublasHandle_t handle, int R, int N, int K, const __half* x, int ldx, const __half* w,
+                      float* c, int ldc, float beta) {
+    return gemm(handle, R, N, K, x, ldx, w, c, CUDA_R_32F, ldc, beta);
+}
+
+qattn_status gemm_xwT(cublasHandle_t handle, int R, int N, int K, const __half* x, int ldx, const __half* w,
+                      __half* c, int ldc, float beta) {
+    return gemm(handle, R, N, K, x, ldx, w, c, CUDA_R_16F, ldc, beta);
 }
 
 qattn_status lora_add(cublasHandle_t handle, int R, int K, int rank, int N, const __half* x, int ldx,

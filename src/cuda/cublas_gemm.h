@@ -9,9 +9,11 @@
 namespace qattn::cuda {
 
 // c[r, n] (ldc) = beta * c + sum_k x[r, k] * w[n, k]; w is [N, K] (nn.Linear layout),
-// x is [R, K] with row stride ldx, c fp32.
+// x is [R, K] with row stride ldx, c fp32 or fp16 (the fp32 sums rounded once).
 qattn_status gemm_xwT(cublasHandle_t handle, int R, int N, int K, const __half* x, int ldx, const __half* w,
                       float* c, int ldc, float beta);
+qattn_status gemm_xwT(cublasHandle_t handle, int R, int N, int K, const __half* x, int ldx, const __half* w,
+                      __half* c, int ldc, float beta);
 
 // One LoRA adapter: c[r, :] (fp32, ldc) += ((x . a) . b)[r, :]; a fp16 [K, rank],
 // b fp16 [rank, N], the intermediate x . a in fp16 scratch [R, rank].

@@ -69,6 +69,9 @@ public:
         if (guard.enter(info_.device) != QATTN_SUCCESS) return;
         graphs_.reset();
         if (blas_) cublasDestroy(blas_);
+        if (fork_) cudaEventDestroy(fork_);
+        if (join_) cudaEventDestroy(join_);
+        if (side_) cudaStreamDestroy(side_);
     }
 
     qattn_status forward1(const Forward1Call& call, void* stream) override {
@@ -159,6 +162,7 @@ private:
         if (info_.input_norm.enabled() || info_.residual_fp32)
             QATTN_TRY(normed_.allocate(sizeof(__half) * rows * info_.hidden_size));
         QATTN_TRY(acc_qkv_.allocate(sizeof(float) * rows * qkv_width_));
+        if (info_.max_rows > kSmallRows) QATTN_TRY(acc16_.allocate(sizeof(__half) * rows * qkv_width_));
         QATTN_TRY(acc_o_.allocate(sizeof(float) * rows * info_.hidden_size));
         QATTN_TRY(error_flag_.allocate(sizeof(int)));
         counters_o_ = small_gemm_counters(qkv_width_);
@@ -183,6 +187,11 @@ private:
         QATTN_TRY(dequant_.allocate(sizeof(__half) * need));
         QATTN_TRY(gathered_.allocate(sizeof(__half) * gathered));
         dequant_elements_ = need;
+        if (need > 0) {
+            QATTN_CUDA_TRY(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
+            QATTN_CUDA_TRY(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+            QATTN_CUDA_TRY(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
+        }
 
         QATTN_CUBLAS_TRY(cublasCreate(&blas_));
         QATTN_TRY(workspace_.allocate(kCublasWorkspaceBytes));
@@ -231,6 +240,7 @@ private:
             dirty_ = false;
         }
         blas_stream_bound_ = false;
+        dequantized_ahead_ = -1;
         const qattn_status status = body(s);
         if (status != QATTN_SUCCESS) dirty_ = true;
         return status;
@@ -245,10 +255,11 @@ private:
         return QATTN_SUCCESS;
     }
 
-    // c[r, 0:N] = x . W for a matrix not taken by the small-row kernel. Packed
-    // weights multiply x gathered into their packed row order (gathered_), which
-    // the input staging may already have written for this order.
-    qattn_status project_large(int p, const __half* x, int ldx, int rows, float* c, int ldc, cudaStream_t s) {
+    // c[r, 0:N] = x . W (c fp32 or fp16) for a matrix not taken by the small-row
+    // kernel. Packed weights multiply x gathered into their packed row order
+    // (gathered_), which the input staging may already have written for this order.
+    template <typename T>
+    qattn_status project_large(int p, const __half* x, int ldx, int rows, T* c, int ldc, cudaStream_t s) {
         const CudaQMatrix& m = *proj_[p];
         QATTN_TRY(bind_blas(s));
         const int K = static_cast<int>(m.in_features()), N = static_cast<int>(m.out_features());
@@ -265,12 +276,38 @@ private:
             xg = gathered_.get<__half>();
             ldg = packed_rows;
         }
-        const int slice = static_cast<int>(std::min<int64_t>(N, dequant_elements_ / packed_rows / 8 * 8));
+        const int slice = dequant_slice(m);
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
-            QATTN_TRY(launch_dequantize_gptq4(w, N, n0, count, dequant_.get<__half>(), s));
+            if (n0 == 0 && dequantized_ahead_ == p) {
+                QATTN_CUDA_TRY(cudaStreamWaitEvent(s, join_, 0));
+                dequantized_ahead_ = -1;
+            } else {
+                QATTN_TRY(launch_dequantize_gptq4(w, N, n0, count, dequant_.get<__half>(), s));
+            }
             QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, dequant_.get<__half>(), c + n0, ldc, 0.0f));
         }
+        return QATTN_SUCCESS;
+    }
+
+    // Columns of a packed matrix dequantized at a time (the scratch's bound).
+    int dequant_slice(const CudaQMatrix& m) const {
+        return static_cast<int>(std::min<int64_t>(m.out_features(), dequant_elements_ / m.packed_rows() / 8 * 8));
+    }
+
+    // The large-row path's first dequantization (the first slice of matrix p)
+    // runs on a second stream while this one stages x: neither reads what the
+    // other writes, and the fork comes after everything queued before (the last
+    // call's GEMMs that read the scratch). project_large joins it.
+    qattn_status dequantize_ahead(int p, cudaStream_t s) {
+        const CudaQMatrix& m = *proj_[p];
+        if (!m.packed()) return QATTN_SUCCESS;
+        QATTN_CUDA_TRY(cudaEventRecord(fork_, s));
+        QATTN_CUDA_TRY(cudaStreamWaitEvent(side_, fork_, 0));
+        QATTN_TRY(launch_dequantize_gptq4(m.packed_gptq(), static_cast<int>(m.out_features()), 0, dequant_slice(m),
+                                          dequant_.get<__half>(), side_));
+        QATTN_CUDA_TRY(cudaEventRecord(join_, side_));
+        dequantized_ahead_ = p;
         return QATTN_SUCCESS;
     }
 
@@ -330,6 +367,7 @@ private:
         const bool stage_gather =
             gather_for >= 0 && (!small_rows || normed_.get() || rows > kGatherInKernelRows);
         gathered_order_ = -1;
+        if (!small_rows) QATTN_TRY(dequantize_ahead(0, s));
         const __half* x = static_cast<const __half*>(call.x);
         if (normed_.get()) {
             StageRowsParams st;
@@ -355,10 +393,16 @@ private:
         if (stage_gather) gathered_order_ = gather_for;
 
         float* acc = acc_qkv_.get<float>();
-        const HeadEpilogueParams e = head_epilogue(call, acc);
+        bool any_lora = false;
+        for (int p = 0; p < 3; ++p) any_lora = any_lora || !(*call.loras)[p].empty();
+        // Beyond the small-row path and without LoRA, Q|K|V leave cuBLAS in fp16
+        // (its fp32 sums rounded once, as the outputs will be): half the bytes to
+        // write and for the epilogue to read back.
+        __half* acc16 = !small_rows && !any_lora ? acc16_.get<__half>() : nullptr;
+        HeadEpilogueParams e = head_epilogue(call, acc);
+        e.acc16 = acc16;
         SmallGemmProblem small[3];
         int small_count = 0;
-        bool any_lora = false;
         for (int p = 0; p < 3; ++p) {
             const CudaQMatrix& m = *proj_[p];
             if (m.packed() && small_rows)
@@ -367,7 +411,6 @@ private:
                     m.identity_order() && aligned16(x) ? x
                     : gathered_order_ == order_[p]     ? gathered_.get<__half>()
                                                        : nullptr};
-            any_lora = any_lora || !(*call.loras)[p].empty();
         }
         SmallGemmEpilogue finish;
         if (small_count == 3 && !any_lora && rows <= kSmallGemmFusedRows && small_gemm_can_finish_heads(e)) {
@@ -377,7 +420,9 @@ private:
         }
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish, s));
         for (int p = 0; p < 3; ++p) {
-            if (!(proj_[p]->packed() && small_rows))
+            if (acc16)
+                QATTN_TRY(project_large(p, x, H, rows, acc16 + column_[p], qkv_width_, s));
+            else if (!(proj_[p]->packed() && small_rows))
                 QATTN_TRY(project_large(p, x, H, rows, acc + column_[p], qkv_width_, s));
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
@@ -446,6 +491,7 @@ private:
             const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0, xg};
             QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, finish, s));
         } else {
+            if (!m.identity_order()) QATTN_TRY(dequantize_ahead(3, s));  // beside the gather of attn_out
             QATTN_TRY(project_large(3, attn, K, rows, acc, H, s));
         }
         QATTN_TRY(add_loras(QATTN_PROJ_O, loras, attn, K, rows, acc, H, s));
@@ -458,7 +504,7 @@ private:
     int qkv_width_ = 0;
     int sm_count_ = 1;
     DeviceNorm input_norm_, q_norm_, k_norm_, post_norm_;
-    DeviceBuffer normed_, acc_qkv_, acc_o_, error_flag_, dequant_, gathered_, workspace_, lora_scratch_;
+    DeviceBuffer normed_, acc_qkv_, acc16_, acc_o_, error_flag_, dequant_, gathered_, workspace_, lora_scratch_;
     // The small-row GEMM's arrival counters: forward1's, then forward2's from counters_o_.
     DeviceBuffer counters_;
     int counters_o_ = 0;
@@ -473,6 +519,11 @@ private:
     bool blas_stream_bound_ = false;
     bool dirty_ = false;
     std::unique_ptr<GraphCache> graphs_;
+    // The second stream of dequantize_ahead, its fork and join events, and the
+    // matrix whose first slice it has queued (-1: none).
+    cudaStream_t side_ = nullptr;
+    cudaEvent_t fork_ = nullptr, join_ = nullptr;
+    int dequantized_ahead_ = -1;
 };
 
 }  // namespace

@@ -24,9 +24,10 @@ __device__ __forceinline__ void load_vec_l2(const float* p, float (&v)[V]) {
 
 // One (row, head) of the fused Q|K|V accumulator, by one warp: bias, head norm,
 // RoPE, fp16 out (k and v also or only into their KV-cache slot), and the
-// accumulator zeroed where split-K atomics will add into it next call. buf: D floats of shared memory owned by this warp. All global
-// loads (accumulator, bias, position, sin/cos) are issued before the first use,
-// so the warp waits out about one memory latency, not three.
+// accumulator zeroed where split-K atomics will add into it next call. buf: D
+// floats of shared memory owned by this warp. All global loads (accumulator,
+// bias, position, sin/cos) are issued before the first use, so the warp waits
+// out about one memory latency, not three.
 // MAX_D: head_dim bound that sizes the register arrays.
 template <int V, int MAX_D>
 __device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row, int h, float* buf) {
@@ -50,14 +51,18 @@ __device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row
         position = (p.past_lens ? p.past_lens[sequence] : p.past_len) + (row - sequence * p.q_len);
     }
     const int64_t slot = proj > 0 && p.kv_slots ? p.kv_slots[row] : -1;
-    float* acc = p.acc + static_cast<size_t>(row) * p.acc_stride + h * D;
+    const size_t at = static_cast<size_t>(row) * p.acc_stride + h * D;
+    float* acc = p.acc16 ? nullptr : p.acc + at;
     const __half* bias = p.bias[proj] ? p.bias[proj] + head * D : nullptr;
     float v[kChunks][V];
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
         const int i = (lane + 32 * c) * V;
         if (i >= D) break;
-        load_vec_l2<V>(acc + i, v[c]);
+        if (acc)
+            load_vec_l2<V>(acc + i, v[c]);
+        else
+            load_vec<V>(p.acc16 + at + i, v[c]);
         if (bias) {
             float b[V];
             load_vec<V>(bias + i, b);
@@ -82,7 +87,7 @@ __device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row
 
     // Only the small-row kernel accumulates with atomics, and only into rows
     // below kSmallRows; larger calls overwrite their rows, so zeroing stops there.
-    const bool zero = row < kSmallRows;
+    const bool zero = acc && row < kSmallRows;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
         const int i = (lane + 32 * c) * V;

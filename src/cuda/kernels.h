@@ -59,6 +59,9 @@ qattn_status launch_dequantize_gptq4(const PackedGptq4& w, int N, int n_begin, i
 // next call's split-K atomics start from zero).
 struct HeadEpilogueParams {
     float* acc = nullptr;
+    // Or the projections already rounded to fp16 (the large-row path without
+    // LoRA: half the bytes to write and read back), same stride; not zeroed.
+    const __half* acc16 = nullptr;
     int acc_stride = 0;
     int rows = 0, q_len = 1;
     int num_heads = 0, num_kv_heads = 0, head_dim = 0;
