@@ -344,6 +344,9 @@ def test_lora_errors(small, device, gen):
     expect_raise(INVALID, "LoRA ids must be int32", layer.forward1, x, sin=sin, cos=cos, loras=[1.5])
     expect_raise(INVALID, "LoRA ids must be int32", layer.forward2, x, attn, loras=5)
     layer.forward1(x, sin=sin, cos=cos, loras=[1])
+    # As in set_loras, True is not adapter 1, also right after [1] was accepted.
+    expect_raise(INVALID, "LoRA ids must be int32", layer.forward1, x, sin=sin, cos=cos, loras=[True])
+    expect_raise(INVALID, "LoRA ids must be int32", layer.forward2, x, attn, loras=(True,))
     # A failed set_loras leaves the previous set in place.
     expect_raise(INVALID, "two entries", layer.set_loras, [qattn.LoRA(2, "q", a, b), qattn.LoRA(2, "q", a, b)])
     layer.forward2(x, attn, loras=[1])

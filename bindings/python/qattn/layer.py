@@ -196,9 +196,12 @@ class Layer:
             a.lora_ids, a.num_lora_ids = None, 0
             return
         try:
-            ids = tuple(map(operator.index, loras))
+            raw = loras if loras.__class__ is tuple else tuple(loras)
+            ids = tuple(map(operator.index, raw))
         except TypeError:  # not iterable, or a float id that int() would truncate onto another id
             raise invalid("LoRA ids must be int32, got %r" % (loras,)) from None
+        if any(i.__class__ is bool for i in raw):  # as set_loras: True is not adapter 1
+            raise invalid("LoRA ids must be int32, got %r" % (loras,))
         if not ids:
             a.lora_ids, a.num_lora_ids = None, 0
         else:
