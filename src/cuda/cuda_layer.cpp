@@ -161,8 +161,11 @@ private:
         const size_t rows = static_cast<size_t>(info_.max_rows);
         if (info_.input_norm.enabled() || info_.residual_fp32)
             QATTN_TRY(normed_.allocate(sizeof(__half) * rows * info_.hidden_size));
-        QATTN_TRY(acc_qkv_.allocate(sizeof(float) * rows * qkv_width_));
-        if (info_.max_rows > kSmallRows) QATTN_TRY(acc16_.allocate(sizeof(__half) * rows * qkv_width_));
+        // The large-row path's fp16 Q|K|V sums share this buffer, after the
+        // first kSmallRows rows (the small-row atomics' rows, which must stay
+        // zero): for max_rows >= 64 that costs no memory.
+        const size_t acc_rows = rows > kSmallRows ? std::max(rows, kSmallRows + (rows + 1) / 2) : rows;
+        QATTN_TRY(acc_qkv_.allocate(sizeof(float) * acc_rows * qkv_width_));
         QATTN_TRY(acc_o_.allocate(sizeof(float) * rows * info_.hidden_size));
         QATTN_TRY(error_flag_.allocate(sizeof(int)));
         counters_o_ = small_gemm_counters(qkv_width_);
@@ -398,7 +401,9 @@ private:
         // Beyond the small-row path and without LoRA, Q|K|V leave cuBLAS in fp16
         // (its fp32 sums rounded once, as the outputs will be): half the bytes to
         // write and for the epilogue to read back.
-        __half* acc16 = !small_rows && !any_lora ? acc16_.get<__half>() : nullptr;
+        __half* acc16 =
+            !small_rows && !any_lora ? reinterpret_cast<__half*>(acc + static_cast<size_t>(kSmallRows) * qkv_width_)
+                                     : nullptr;
         HeadEpilogueParams e = head_epilogue(call, acc);
         e.acc16 = acc16;
         SmallGemmProblem small[3];
@@ -504,7 +509,7 @@ private:
     int qkv_width_ = 0;
     int sm_count_ = 1;
     DeviceNorm input_norm_, q_norm_, k_norm_, post_norm_;
-    DeviceBuffer normed_, acc_qkv_, acc16_, acc_o_, error_flag_, dequant_, gathered_, workspace_, lora_scratch_;
+    DeviceBuffer normed_, acc_qkv_, acc_o_, error_flag_, dequant_, gathered_, workspace_, lora_scratch_;
     // The small-row GEMM's arrival counters: forward1's, then forward2's from counters_o_.
     DeviceBuffer counters_;
     int counters_o_ = 0;
