@@ -46,10 +46,12 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset_one=True, 
     return scales.cpu().double()[g] * (q - z[g]).double()
 
 
-def random_gptq(k, n, *, bits=4, group_size=128, act_order=False, zero_offset_one=True, generator=None):
+def random_gptq(k, n, *, bits=4, group_size=128, act_order=False, zero_offset_one=True, generator=None,
+                g_idx=None):
     """Random GPTQ tensors (CPU) and their float64 dequantized W [K, N], built from the
     unpacked values (not from the packed words). Scales are chosen so that x @ W keeps
-    the scale of x. Under act-order, g_idx is a random permutation of the group ids."""
+    the scale of x. Under act-order, g_idx is a random permutation of the group ids,
+    unless one is given (matrices of one input quantized together share theirs)."""
     maxq = (1 << bits) - 1
     groups = (k + group_size - 1) // group_size
     q = torch.randint(0, maxq + 1, (k, n), generator=generator)
@@ -57,9 +59,10 @@ def random_gptq(k, n, *, bits=4, group_size=128, act_order=False, zero_offset_on
     low = 1 if zero_offset_one else 0
     z = torch.randint(low, maxq + 1, (groups, n), generator=generator)
     scales = ((torch.rand(groups, n, generator=generator) + 0.5) * (2.0 / (maxq * k**0.5))).half()
-    g_idx = torch.arange(k) // group_size
-    if act_order:
-        g_idx = g_idx[torch.randperm(k, generator=generator)]
+    if g_idx is None:
+        g_idx = torch.arange(k) // group_size
+        if act_order:
+            g_idx = g_idx[torch.randperm(k, generator=generator)]
     w = scales.double()[g_idx] * (q - z[g_idx]).double()
     stored_z = z - 1 if zero_offset_one else z
     return {

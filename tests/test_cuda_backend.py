@@ -36,7 +36,8 @@ class Spec:
     heads: int = 4
     kv_heads: int = 2
     head_dim: int = 64
-    weights: str = "gptq4"  # "dense", "gptq4", "gptq4_act", "gptq4_noidx", "gptq4_z0", "gptq4_g32", "gptq8"
+    # "dense", "gptq4", "gptq4_act", "gptq4_act_shared", "gptq4_noidx", "gptq4_z0", "gptq4_g32", "gptq8"
+    weights: str = "gptq4"
     input_norm: Optional[str] = "rms"  # None, "rms", "layer", "layer_bias"
     head_norm: Optional[str] = None  # None, "rms", "layer_bias_per_head"
     rope: Optional[str] = "neox"
@@ -54,6 +55,7 @@ def _gptq_options(kind):
     return {
         "gptq4": dict(bits=4, group_size=64),
         "gptq4_act": dict(bits=4, group_size=64, act_order=True),
+        "gptq4_act_shared": dict(bits=4, group_size=64, act_order=True),
         "gptq4_noidx": dict(bits=4, group_size=64),
         "gptq4_z0": dict(bits=4, group_size=128, act_order=True, zero_offset_one=False),
         "gptq4_g32": dict(bits=4, group_size=32, act_order=True),
@@ -68,6 +70,9 @@ class Pair:
         self.spec = spec
         H, NH, NKV, D = spec.hidden, spec.heads, spec.kv_heads, spec.head_dim
         mats = {"cpu": {}, "cuda": {}}
+        # gptq4_act_shared: q, k and v share one act-order g_idx, as in GPTQ
+        # checkpoints (one input, quantized together): one packed row order.
+        shared_g_idx = None
         for name, (k, n) in {"q": (H, NH * D), "k": (H, NKV * D), "v": (H, NKV * D), "o": (NH * D, H)}.items():
             bias = (0.5 * torch.randn(n, generator=gen)).half() if spec.biases else None
             if spec.weights == "dense":
@@ -75,7 +80,10 @@ class Pair:
                 for dev in ("cpu", "cuda"):
                     mats[dev][name] = qattn.QMatrix.dense(w.to(dev), None if bias is None else bias.to(dev))
             else:
-                g = quant.random_gptq(k, n, generator=gen, **_gptq_options(spec.weights))
+                g = quant.random_gptq(k, n, generator=gen, **_gptq_options(spec.weights),
+                                      g_idx=shared_g_idx if name in ("k", "v") else None)
+                if spec.weights == "gptq4_act_shared" and name == "q":
+                    shared_g_idx = g["g_idx"]
                 g_idx = None if spec.weights == "gptq4_noidx" else g["g_idx"]
                 for dev in ("cpu", "cuda"):
                     mats[dev][name] = qattn.QMatrix.gptq(
@@ -148,7 +156,7 @@ def _per_head(kind):
     return kind is not None and "per_head" in kind
 
 
-WEIGHTS = ["dense", "gptq4", "gptq4_act", "gptq4_noidx", "gptq4_z0", "gptq4_g32", "gptq8"]
+WEIGHTS = ["dense", "gptq4", "gptq4_act", "gptq4_act_shared", "gptq4_noidx", "gptq4_z0", "gptq4_g32", "gptq8"]
 ROWS = [(1, 1), (3, 1), (8, 1), (12, 1), (16, 1), (4, 8), (2, 50), (1, 600)]  # 1, 3, 8, 12, 16, 32, 100, 600 rows
 
 
@@ -252,7 +260,7 @@ def _adapters(pair, gen, layout):
     return out
 
 
-@pytest.mark.parametrize("weights", ["dense", "gptq4_act"])
+@pytest.mark.parametrize("weights", ["dense", "gptq4_act", "gptq4_act_shared"])
 @pytest.mark.parametrize("batch,q_len", [(1, 1), (16, 1), (2, 50)])
 def test_lora_matches_cpu(weights, batch, q_len, gen):
     pair = Pair(Spec(weights=weights, max_rows=100, post_norm="rms", head_norm="rms"), gen)
@@ -301,11 +309,13 @@ def test_graphs_follow_new_pointers_and_positions(weights, gen):
             assert rel_err(o, r) < TOL
 
 
-@pytest.mark.parametrize("weights", ["gptq4", "gptq4_act"])
+@pytest.mark.parametrize("weights", ["gptq4", "gptq4_act", "gptq4_act_shared"])
 def test_prefill_rows_in_graphs(weights, gen):
-    # Beyond 32 rows the first dequantization runs on a second stream beside the
-    # staging of x (forked and joined inside the call): in the layer's own
-    # graphs, in a caller's capture and eagerly, call after call.
+    # Beyond 32 rows the first dequantization (or, for Q|K|V of one row order,
+    # all of Q|K|V for one GEMM) runs on a second stream beside the staging of x
+    # (forked and joined inside the call), and forward2 without bias, post-norm
+    # or LoRA has cuBLAS add O to x: in the layer's own graphs, in a caller's
+    # capture and eagerly, call after call.
     pair = Pair(Spec(weights=weights, max_rows=96, head_norm="rms", use_graphs=True), gen)
     for step in range(3):
         pair.check(2, 48, gen, past_len=step)

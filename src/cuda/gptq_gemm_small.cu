@@ -597,8 +597,6 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
                        reinterpret_cast<float*>(shared_base));
 }
 
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 }  // namespace
 
 int small_gemm_counters(int columns) { return columns / kSwapColumns + kMaxProblems; }
@@ -608,7 +606,7 @@ bool small_gemm_can_finish_heads(const HeadEpilogueParams& p) {
 }
 
 bool small_gemm_can_finish_residual(const ResidualEpilogueParams& p) {
-    return p.post_norm.type == QATTN_NORM_NONE && p.width % 4 == 0 && aligned(p.x, p.x_fp32 ? 16 : 8);
+    return p.post_norm.type == QATTN_NORM_NONE && p.width % 4 == 0 && is_aligned(p.x, p.x_fp32 ? 16 : 8);
 }
 
 namespace {

@@ -27,13 +27,11 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogue
     finish_head<V, MAX_D>(p, row, task - row * heads, head_buffers + warp * p.head_dim);
 }
 
-bool aligned8(const void* p) { return reinterpret_cast<uintptr_t>(p) % 8 == 0; }
-
 }  // namespace
 
 bool head_outputs_aligned8(const HeadEpilogueParams& p) {
-    return aligned8(p.out[0]) && aligned8(p.out[1]) && aligned8(p.out[2]) && aligned8(p.cache[0]) &&
-           aligned8(p.cache[1]);
+    return is_aligned(p.out[0], 8) && is_aligned(p.out[1], 8) && is_aligned(p.out[2], 8) &&
+           is_aligned(p.cache[0], 8) && is_aligned(p.cache[1], 8);
 }
 
 qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stream) {

@@ -7,7 +7,13 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
+#include <cstdint>
+
 namespace qattn::cuda {
+
+// Whether p is aligned for accesses of `bytes` bytes (the kernels' vector widths).
+inline bool is_aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // A norm's parameters as kernels read them (weights in device memory).
 struct NormParams {
