@@ -5,8 +5,12 @@
 # script. Logs go to $OUT (or ./gpu_check_out), one file per stage (at most 8,
 # what the device tool brings back); a summary is printed last.
 #
-#   scripts/gpu_check.sh [stage ...]    stages: build pytest gtest sanitizer bench timing
-#                                       (default: all but timing)
+#   scripts/gpu_check.sh [stage ...]    stages: build pytest gtest sanitizer bench timing ab
+#                                       (default: all but timing and ab)
+#
+# ab: A/B timing of this build against the source tree in $QATTN_AB_BASE (e.g.
+# `git archive OLD | tar -x -C .base`, carried), scripts/compare_bench.sh with
+# cases $QATTN_AB_CASES (default D1,D16,P2k,70B), two rounds, logs in $OUT/ab.
 #
 # GoogleTest sources: .deps/googletest when present (carried to machines without
 # them; copy /usr/src/googletest there), else the system package.
@@ -111,6 +115,12 @@ fi
 if want timing; then
     run timing 500 python3 scripts/cuda_timing.py --profile
     SUMMARY+=("timing: exit $? (table below)")
+fi
+
+if want ab; then
+    run ab 600 env QATTN_NEW_BUILD="$PWD/$BUILD" OUT="$OUT/ab" bash scripts/compare_bench.sh \
+        "${QATTN_AB_BASE:-.base}" "${QATTN_AB_CASES:-D1,D16,P2k,70B}" 2
+    SUMMARY+=("ab: exit $? (ab.log)")
 fi
 
 note "summary (card: ${CARD:-none}, commit: $COMMIT)"
