@@ -311,9 +311,8 @@ def test_graphs_follow_new_pointers_and_positions(weights, gen):
 
 @pytest.mark.parametrize("weights", ["gptq4", "gptq4_act", "gptq4_act_shared"])
 def test_prefill_rows_in_graphs(weights, gen):
-    # Beyond 32 rows the first dequantization (or, for Q|K|V of one row order,
-    # all of Q|K|V for one GEMM) runs on a second stream beside the staging of x
-    # (forked and joined inside the call), and forward2 without bias, post-norm
+    # Beyond 32 rows the first dequantization runs on a second stream beside the
+    # staging of x (forked and joined inside the call), and forward2 without bias, post-norm
     # or LoRA has cuBLAS add O to x: in the layer's own graphs, in a caller's
     # capture and eagerly, call after call.
     pair = Pair(Spec(weights=weights, max_rows=96, head_norm="rms", use_graphs=True), gen)

@@ -3,8 +3,7 @@
 //   row order of the GPTQ matrices, one kernel]  ->  Q|K|V into one fp32
 //   accumulator (packed GPTQ 4-bit and <= 32 rows: one tensor-core launch for all
 //   three; otherwise cuBLAS, with packed weights dequantized a bounded slice of
-//   columns at a time against the gathered x, or Q|K|V dequantized side by side
-//   for one GEMM over all their columns)  ->  LoRA
+//   columns at a time against the gathered x)  ->  LoRA
 //   (two cuBLAS GEMMs per adapter, accumulating into the same buffer)  ->  one
 //   epilogue kernel: bias, head norms, RoPE, fp16 q/k/v, and the accumulator
 //   rows that split-K atomics use zeroed again.
@@ -27,9 +26,6 @@ namespace {
 constexpr size_t kCublasWorkspaceBytes = size_t(8) << 20;
 // Bound on the fp16 scratch that the large-row path dequantizes into (32 MiB).
 constexpr int64_t kDequantScratchElements = int64_t(16) << 20;
-// Q|K|V of one packed row order are dequantized side by side for one GEMM when
-// all of them fit this (48 MiB: Llama-3-8B's 4096 x 6144); else slice by slice.
-constexpr int64_t kQkvScratchElements = int64_t(24) << 20;
 
 struct Adapter {
     qattn_proj proj = QATTN_PROJ_Q;
@@ -193,10 +189,6 @@ private:
             need = std::max(need, std::min(rows_packed * m->out_features(),
                                            std::max(kDequantScratchElements, 8 * rows_packed)));
         }
-        const CudaQMatrix& q = *proj_[0];
-        qkv_one_gemm_ = info_.max_rows > kSmallRows && q.packed() && proj_[1]->packed() && proj_[2]->packed() &&
-                        order_[1] == 0 && order_[2] == 0 && q.packed_rows() * qkv_width_ <= kQkvScratchElements;
-        if (qkv_one_gemm_) need = std::max(need, q.packed_rows() * qkv_width_);
         QATTN_TRY(dequant_.allocate(sizeof(__half) * need));
         QATTN_TRY(gathered_.allocate(sizeof(__half) * gathered));
         dequant_elements_ = need;
@@ -268,26 +260,9 @@ private:
         return QATTN_SUCCESS;
     }
 
-    // x in the packed row order of matrix p (row stride *ldg): x itself when that
-    // is the input order, else gathered_, which the input staging may already
-    // have written for this order.
-    qattn_status packed_input(int p, const __half* x, int ldx, int rows, cudaStream_t s, const __half** xg,
-                              int* ldg) {
-        const CudaQMatrix& m = *proj_[p];
-        *xg = x;
-        *ldg = ldx;
-        if (m.identity_order()) return QATTN_SUCCESS;
-        if (gathered_order_ != order_[p]) {
-            QATTN_TRY(stage_gathered(x, ldx, rows, static_cast<int>(m.in_features()), p, s));
-            gathered_order_ = order_[p];
-        }
-        *xg = gathered_.get<__half>();
-        *ldg = static_cast<int>(m.packed_rows());
-        return QATTN_SUCCESS;
-    }
-
     // c[r, 0:N] = x . W + beta * c (c fp32 or fp16) for a matrix not taken by the
-    // small-row kernel; packed weights a dequantized slice of columns at a time.
+    // small-row kernel. Packed weights multiply x gathered into their packed row
+    // order (gathered_), which the input staging may already have written for this order.
     template <typename T>
     qattn_status project_large(int p, const __half* x, int ldx, int rows, T* c, int ldc, cudaStream_t s,
                                float beta = 0.0f) {
@@ -295,9 +270,18 @@ private:
         QATTN_TRY(bind_blas(s));
         const int K = static_cast<int>(m.in_features()), N = static_cast<int>(m.out_features());
         if (!m.packed()) return gemm_xwT(blas_, rows, N, K, x, ldx, m.dense(), c, ldc, beta);
-        const __half* xg = nullptr;
-        int ldg = 0;
-        QATTN_TRY(packed_input(p, x, ldx, rows, s, &xg, &ldg));
+        const int packed_rows = static_cast<int>(m.packed_rows());
+        const PackedGptq4& w = m.packed_gptq();
+        const __half* xg = x;  // x in packed row order, row stride ldg
+        int ldg = ldx;
+        if (!m.identity_order()) {
+            if (gathered_order_ != order_[p]) {
+                QATTN_TRY(stage_gathered(x, ldx, rows, K, p, s));
+                gathered_order_ = order_[p];
+            }
+            xg = gathered_.get<__half>();
+            ldg = packed_rows;
+        }
         const int slice = dequant_slice(m);
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
@@ -305,26 +289,11 @@ private:
                 QATTN_CUDA_TRY(cudaStreamWaitEvent(s, join_, 0));
                 dequantized_ahead_ = -1;
             } else {
-                QATTN_TRY(launch_dequantize_gptq4(m.packed_gptq(), N, n0, count, dequant_.get<__half>(), s));
+                QATTN_TRY(launch_dequantize_gptq4(w, N, n0, count, dequant_.get<__half>(), s));
             }
-            QATTN_TRY(gemm_xwT(blas_, rows, count, static_cast<int>(m.packed_rows()), xg, ldg,
-                               dequant_.get<__half>(), c + n0, ldc, beta));
+            QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, dequant_.get<__half>(), c + n0, ldc, beta));
         }
         return QATTN_SUCCESS;
-    }
-
-    // c[r, 0:qkv_width] = Q|K|V of x in one GEMM (qkv_one_gemm_): dequantize_ahead
-    // wrote their columns side by side in the scratch.
-    template <typename T>
-    qattn_status project_qkv_large(const __half* x, int ldx, int rows, T* c, cudaStream_t s) {
-        QATTN_TRY(bind_blas(s));
-        const __half* xg = nullptr;
-        int ldg = 0;
-        QATTN_TRY(packed_input(0, x, ldx, rows, s, &xg, &ldg));
-        QATTN_CUDA_TRY(cudaStreamWaitEvent(s, join_, 0));
-        dequantized_ahead_ = -1;
-        return gemm_xwT(blas_, rows, qkv_width_, static_cast<int>(proj_[0]->packed_rows()), xg, ldg,
-                        dequant_.get<__half>(), c, qkv_width_, 0.0f);
     }
 
     // Columns of a packed matrix dequantized at a time (the scratch's bound).
@@ -332,22 +301,17 @@ private:
         return static_cast<int>(std::min<int64_t>(m.out_features(), dequant_elements_ / m.packed_rows() / 8 * 8));
     }
 
-    // The large-row path's first dequantization runs on a second stream while
-    // this one stages x: the first slice of matrix p or, for Q with
-    // qkv_one_gemm_, all of Q|K|V side by side. Neither stream reads what the
+    // The large-row path's first dequantization (the first slice of matrix p)
+    // runs on a second stream while this one stages x: neither reads what the
     // other writes, and the fork comes after everything queued before (the last
-    // call's GEMMs that read the scratch). project_large or project_qkv_large joins it.
+    // call's GEMMs that read the scratch). project_large joins it.
     qattn_status dequantize_ahead(int p, cudaStream_t s) {
-        if (!proj_[p]->packed()) return QATTN_SUCCESS;
+        const CudaQMatrix& m = *proj_[p];
+        if (!m.packed()) return QATTN_SUCCESS;
         QATTN_CUDA_TRY(cudaEventRecord(fork_, s));
         QATTN_CUDA_TRY(cudaStreamWaitEvent(side_, fork_, 0));
-        const bool all_qkv = p == 0 && qkv_one_gemm_;
-        for (int i = p; i <= (all_qkv ? 2 : p); ++i) {
-            const CudaQMatrix& m = *proj_[i];
-            const int N = static_cast<int>(m.out_features());
-            __half* out = dequant_.get<__half>() + (all_qkv ? column_[i] * m.packed_rows() : 0);
-            QATTN_TRY(launch_dequantize_gptq4(m.packed_gptq(), N, 0, all_qkv ? N : dequant_slice(m), out, side_));
-        }
+        QATTN_TRY(launch_dequantize_gptq4(m.packed_gptq(), static_cast<int>(m.out_features()), 0, dequant_slice(m),
+                                          dequant_.get<__half>(), side_));
         QATTN_CUDA_TRY(cudaEventRecord(join_, side_));
         dequantized_ahead_ = p;
         return QATTN_SUCCESS;
@@ -459,13 +423,10 @@ private:
             finish.heads = e;
         }
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish, s));
-        const bool one_gemm = qkv_one_gemm_ && !small_rows;
-        if (one_gemm)
-            QATTN_TRY(acc16 ? project_qkv_large(x, H, rows, acc16, s) : project_qkv_large(x, H, rows, acc, s));
         for (int p = 0; p < 3; ++p) {
-            if (acc16 && !one_gemm)
+            if (acc16)
                 QATTN_TRY(project_large(p, x, H, rows, acc16 + column_[p], qkv_width_, s));
-            else if (!acc16 && !one_gemm && !(proj_[p]->packed() && small_rows))
+            else if (!(proj_[p]->packed() && small_rows))
                 QATTN_TRY(project_large(p, x, H, rows, acc + column_[p], qkv_width_, s));
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
@@ -560,9 +521,6 @@ private:
     DeviceBuffer counters_;
     int counters_o_ = 0;
     int64_t dequant_elements_ = 0;
-    // Beyond the small-row path Q|K|V run as one GEMM (one packed row order, and
-    // the scratch holds all their columns).
-    bool qkv_one_gemm_ = false;
     // order_[p]: the first projection with the same packed row order as p (p
     // itself if none; dense: p). gathered_order_: the order gathered_ holds in
     // this call, -1 for none.
