@@ -237,11 +237,13 @@ FEATURES = {
 }
 
 
+# 2, 100 and 300 rows: the small-row path, then the large-row path with the head
+# epilogue's kernel per (row, head) and, from 256 rows, its kernel per row.
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 @pytest.mark.parametrize("weights", ["dense", "gptq4_act"])
-@pytest.mark.parametrize("batch,q_len", [(2, 1), (2, 50)])
+@pytest.mark.parametrize("batch,q_len", [(2, 1), (2, 50), (3, 100)])
 def test_features_match_cpu(feature, weights, batch, q_len, gen):
-    spec = Spec(weights=weights, max_rows=100, **FEATURES[feature])
+    spec = Spec(weights=weights, max_rows=batch * q_len, **FEATURES[feature])
     Pair(spec, gen).check(batch, q_len, gen, past_len=7)
 
 
@@ -402,14 +404,17 @@ def test_two_layers_on_two_streams(gen):
 
 
 @pytest.mark.parametrize("use_graphs", [False, True])
-def test_out_of_range_past_lens_are_flagged(use_graphs, gen):
-    spec = Spec(weights="gptq4_act", max_rows=16, max_seq_len=256, use_graphs=use_graphs)
+@pytest.mark.parametrize("q_len", [2, 80])  # 8 rows, and 320 (the head epilogue's kernel per row)
+def test_out_of_range_past_lens_are_flagged(use_graphs, q_len, gen):
+    max_seq_len = 256 if q_len == 2 else 512
+    spec = Spec(weights="gptq4_act", max_rows=4 * q_len, max_seq_len=max_seq_len, use_graphs=use_graphs)
     pair = Pair(spec, gen)
     layer = pair.layers["cuda"]
-    batch, q_len = 4, 2
+    batch = 4
     x, _ = pair.inputs(batch, q_len, gen)
     good = torch.tensor([0, 10, 100, 254], dtype=torch.int32)
-    bad = torch.tensor([0, 10, 255, -3], dtype=torch.int32)  # rows of sequences 2 and 3 leave [0, 256)
+    # Rows of sequences 2 and 3 leave [0, max_seq_len).
+    bad = torch.tensor([0, 10, max_seq_len - 1, -3], dtype=torch.int32)
     q_ref, k_ref, v_ref = pair.forward1("cpu", x, past_lens=good)
     guard = 4  # elements past the outputs, to see that nothing is written there
     bufs = [torch.full((batch * q_len * h * spec.head_dim + guard,), 7.0, dtype=torch.float16, device=CUDA)
