@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A/B timing on the GPU machine: builds this tree and a baseline source tree
-# (e.g. `git archive OLD | tar -x -C .base`, carried to the machine) side by side
+# (e.g. `git archive OLD | tar -x -C .base && echo OLD >.base/.commit`, carried to
+# the machine; .commit names it in the JSON) side by side
 # for sm_90, then runs `python -m qattn bench` on each in turn, ROUNDS times, so
 # both see the same card, clocks and neighbours. Logs and JSON go to $OUT.
 #
@@ -32,7 +33,9 @@ for round in $(seq "$ROUNDS"); do
         src=$([[ $side == base ]] && echo "$BASE" || echo .)
         echo "== round $round: $side"
         lib=$([[ $side == base ]] && echo "$PWD/build-base" || echo "$NEW_BUILD")/libqattn.so
-        QATTN_LIBRARY="$lib" PYTHONPATH="$src/bindings/python" \
+        commit=${QATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
+        [[ $side == base ]] && commit=$(cat "$BASE/.commit" 2>/dev/null || echo "unknown ($BASE)")
+        QATTN_COMMIT="$commit" QATTN_LIBRARY="$lib" PYTHONPATH="$src/bindings/python" \
             python3 -m qattn bench --cases "$CASES" --json "$OUT/$side-$round.json" --plot /tmp/compare.png \
             >"$OUT/$side-$round.log" 2>&1
         grep -E "^(D1|D16|70B|P2k)|projections" "$OUT/$side-$round.log"

@@ -9,8 +9,12 @@
 #                                       (default: all but timing and ab)
 #
 # ab: A/B timing of this build against the source tree in $QATTN_AB_BASE (e.g.
-# `git archive OLD | tar -x -C .base`, carried), scripts/compare_bench.sh with
-# cases $QATTN_AB_CASES (default D1,D16,P2k,70B), two rounds, logs in $OUT/ab.
+# `git archive OLD | tar -x -C .base && echo OLD >.base/.commit`, carried),
+# scripts/compare_bench.sh with cases $QATTN_AB_CASES (default D1,D16,P2k,70B),
+# two rounds, logs in $OUT/ab.
+#
+# QATTN_COMMIT=<hash> names the tree in the logs and the bench's JSON: the copy
+# of .git on the GPU machine can be older than the working tree sent there.
 #
 # GoogleTest sources: .deps/googletest when present (carried to machines without
 # them; copy /usr/src/googletest there), else the system package.
@@ -42,6 +46,7 @@ run() {
 
 CARD=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1)
 COMMIT=${QATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export QATTN_COMMIT=$COMMIT  # the bench's JSON names it too
 note "card: ${CARD:-none}; commit: $COMMIT; date: $(date -u +%FT%TZ)"
 
 # The GPU machine has no network: Python packages it lacks travel as wheels in

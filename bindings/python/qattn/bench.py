@@ -949,6 +949,9 @@ def write_plot(path, sweep, device_name, tiny, out):
 
 
 def _git_commit():
+    # QATTN_COMMIT names the tree where git cannot: a copied tree, or a .git older than it.
+    if os.environ.get("QATTN_COMMIT"):
+        return os.environ["QATTN_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
