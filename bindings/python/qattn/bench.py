@@ -602,7 +602,7 @@ class Settings:
     tiny: bool
     iters: int
     warmup: int
-    layers: int
+    layers: Optional[int]  # None: layers_to_cycle
     gqa: bool
     l2_bytes: Optional[int]
 
@@ -623,14 +623,36 @@ def _timed(clock, settings, fn, per, graphs, label, notes):
     return eager, graph
 
 
-def l2_notes(shape, case, layers, l2_bytes, full):
+def timed_parts(case):
+    """The parts of the block a case times alone: forward1, forward2 and the
+    block for the plain cases; the block only for paged and sweep cases."""
+    return ("f1", "f2", "block") if not case.paged and not case.name.startswith("sweep") else ("block",)
+
+
+# Each timed loop moves at least this many times the L2, so that a layer's data
+# has left L2 when the loop comes back to it; and at least this many layers.
+L2_CYCLES = 3
+LEAST_LAYERS = 8
+
+
+def layers_to_cycle(shape, cases, l2_bytes):
+    """Distinct layers the cases of one shape cycle: LEAST_LAYERS, or more where
+    the smallest part they time would move under L2_CYCLES x the L2 with that few
+    (8B shape: forward2 at one row moves 8.7 MB a layer, so an H100's 50 MB takes
+    18 layers and an H200's 63 MB 22)."""
+    if not l2_bytes:
+        return LEAST_LAYERS
+    smallest = min(traffic(shape, c)["bytes"][part] for c in cases for part in timed_parts(c))
+    return max(LEAST_LAYERS, math.ceil(L2_CYCLES * l2_bytes / smallest))
+
+
+def l2_notes(shape, case, layers, l2_bytes):
     """Where the bytes cycled through one timed loop are under twice the L2 size,
     part of each layer's data may still be in L2 when the loop comes back to it."""
     if not l2_bytes:
         return []
     notes = []
-    parts = ("f1", "f2", "block") if full else ("block",)
-    for part in parts:
+    for part in timed_parts(case):
         footprint = traffic(shape, case)["bytes"][part] * layers
         if footprint < 2 * l2_bytes:
             notes.append("qattn %s cycles %.0f MB through a %.0f MB L2 (< 2x): some reads may hit L2; "
@@ -642,9 +664,11 @@ def make_attention(case, shape, settings, data):
     return PagedAttention(data.backend) if case.paged else Attention(case, shape, settings.gqa)
 
 
-def measure_case(model, case, settings, clock, full):
-    """Per-layer times of one case, notes, and (paged cases) the page size and
-    attention backend. `full` adds forward1 and forward2 alone."""
+def measure_case(model, case, settings, clock):
+    """Per-layer times of one case (timed_parts: the block, and forward1 and
+    forward2 alone where it says so), notes, and (paged cases) the page size and
+    attention backend."""
+    full = "f1" in timed_parts(case)
     gen = torch.Generator(device=settings.device)
     gen.manual_seed(zlib.crc32(repr(case.key()).encode()))
     n = len(model.layers)
@@ -684,7 +708,7 @@ def measure_case(model, case, settings, clock, full):
     info = {}
     if case.paged:
         info = measure_public_forward(model, case, settings, clock, data, pairs, times, notes)
-    notes += l2_notes(model.shape, case, n, settings.l2_bytes, full)
+    notes += l2_notes(model.shape, case, n, settings.l2_bytes)
     for i, layer in enumerate(model.layers):
         try:
             layer.check_device_errors()
@@ -979,8 +1003,9 @@ def parse_args(argv):
     p.add_argument("--plot", default="bench.png", help="where to save the batch-size plot (default bench.png)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (cpu needs --tiny)")
     p.add_argument("--layers", type=int, default=None,
-                   help="distinct layers (weights, inputs, KV caches) cycled in each timed loop "
-                        "(default 8; --tiny 2)")
+                   help="distinct layers (weights, inputs, KV caches) cycled in each timed loop (default: "
+                        "at least %d, and enough that each loop moves %dx the L2; --tiny 2)"
+                        % (LEAST_LAYERS, L2_CYCLES))
     p.add_argument("--tiny", action="store_true",
                    help="small shapes and few layers: runs every code path quickly (timings mean nothing)")
     args = p.parse_args(argv)
@@ -1021,7 +1046,7 @@ def main(argv=None):
         device=dev, tiny=args.tiny,
         iters=args.iters if args.iters is not None else (3 if args.tiny else 100),
         warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 10),
-        layers=args.layers if args.layers is not None else (2 if args.tiny else 8),
+        layers=args.layers if args.layers is not None else (2 if args.tiny else None),
         gqa=sdpa_supports_gqa(dev),
         l2_bytes=getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", None) if dev.type == "cuda" else None,
     )
@@ -1034,10 +1059,10 @@ def main(argv=None):
     started = time.perf_counter()
 
     print("qattn %s (%s) from %s" % (qattn.version(), qattn.build_info(), qattn.library_path()), file=out)
-    print("device: %s%s; torch %s; SDPA GQA: %s; %d layers cycled; %d iterations after %d warm-up"
+    print("device: %s%s; torch %s; SDPA GQA: %s; %s layers cycled; %d iterations after %d warm-up"
           % (device_name, "" if not settings.l2_bytes else " (L2 %.0f MB)" % (settings.l2_bytes / 1e6),
              torch.__version__, "enable_gqa" if settings.gqa else "expanded K/V",
-             settings.layers, settings.iters, settings.warmup), file=out)
+             settings.layers or "%dx-the-L2" % L2_CYCLES, settings.iters, settings.warmup), file=out)
     if args.tiny:
         print("--tiny: small shapes; the timings below say nothing about performance", file=out)
     if dev.type == "cpu":
@@ -1049,6 +1074,7 @@ def main(argv=None):
 
     results, sweep_results, acc, notes = [], [], {}, []
     measured = {}
+    layers_cycled = {}
     by_shape = {}
     for c in selected + sweep_selected:
         by_shape.setdefault(c.shape, []).append(c)
@@ -1057,9 +1083,11 @@ def main(argv=None):
         if not group:
             continue
         shape = shapes[shape_name]
+        layers = settings.layers or layers_to_cycle(shape, group, settings.l2_bytes)
+        layers_cycled[shape_name] = layers
         t0 = time.perf_counter()
         try:
-            model = Model(shape, settings.layers, max(c.rows for c in group), max(c.kv_len for c in group), dev,
+            model = Model(shape, layers, max(c.rows for c in group), max(c.kv_len for c in group), dev,
                           seed=7 if shape_name == "8B" else 70)
             clock.sync()
         except Exception as e:
@@ -1071,7 +1099,7 @@ def main(argv=None):
                 entry["floor"], entry["traffic"] = case_floors(shape, c, floors)
                 (sweep_results if c.name.startswith("sweep") else results).append(entry)
             continue
-        print("built %d %s layers in %.1f s" % (settings.layers, shape_name, time.perf_counter() - t0), file=out)
+        print("built %d %s layers in %.1f s" % (layers, shape_name, time.perf_counter() - t0), file=out)
         for c in group:
             if c.name in ACCURACY_CASES:
                 try:
@@ -1088,8 +1116,7 @@ def main(argv=None):
             else:
                 t0 = time.perf_counter()
                 try:
-                    entry["time"], entry["notes"], info = measure_case(model, c, settings, clock,
-                                                                       full=not is_sweep and not c.paged)
+                    entry["time"], entry["notes"], info = measure_case(model, c, settings, clock)
                     if c.paged:
                         entry["paged_cache"] = info
                     measured[c.key()] = entry["time"]
@@ -1149,7 +1176,7 @@ def main(argv=None):
         "qattn_build_info": qattn.build_info(),
         "git_commit": _git_commit(),
         "tiny": args.tiny,
-        "settings": {"iters": settings.iters, "warmup": settings.warmup, "layers_cycled": settings.layers,
+        "settings": {"iters": settings.iters, "warmup": settings.warmup, "layers_cycled": layers_cycled,
                      "sdpa_gqa": settings.gqa, "l2_bytes": settings.l2_bytes},
         "shapes": {k: dataclasses.asdict(v) for k, v in shapes.items()},
         "floors": dataclasses.asdict(floors),
