@@ -8,7 +8,8 @@
 #   scripts/compare_bench.sh BASE_DIR [CASES] [ROUNDS]     (CASES default D1,D16,70B)
 #
 # QATTN_NEW_BUILD: a build folder of this tree made already (gpu_check.sh's), used
-# instead of building this tree again.
+# instead of building this tree again. Both sides cycle the same number of layers,
+# QATTN_AB_LAYERS (default 22: each loop 3x an H200's L2 at one decode row).
 set -u
 cd "$(dirname "$0")/.."
 BASE=$1
@@ -36,7 +37,8 @@ for round in $(seq "$ROUNDS"); do
         commit=${QATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}
         [[ $side == base ]] && commit=$(cat "$BASE/.commit" 2>/dev/null || echo "unknown ($BASE)")
         QATTN_COMMIT="$commit" QATTN_LIBRARY="$lib" PYTHONPATH="$src/bindings/python" \
-            python3 -m qattn bench --cases "$CASES" --json "$OUT/$side-$round.json" --plot /tmp/compare.png \
+            python3 -m qattn bench --cases "$CASES" --layers "${QATTN_AB_LAYERS:-22}" \
+            --json "$OUT/$side-$round.json" --plot /tmp/compare.png \
             >"$OUT/$side-$round.log" 2>&1
         grep -E "^(D1|D16|70B|P2k)|projections" "$OUT/$side-$round.log"
     done

@@ -43,7 +43,7 @@ def test_tiny_run_on_the_cpu(tmp_path, capsys):
     bench.main(["--device", "cpu", "--tiny", "--cases", "D1,D1-paged", "--json", str(out),
                 "--plot", str(tmp_path / "bench.png")])
     printed = capsys.readouterr().out
-    assert "2 layers cycled" in printed and "results written to" in printed
+    assert "layers cycled: 2;" in printed and "built 2 8B layers" in printed and "results written to" in printed
     report = json.loads(out.read_text())
     assert report["settings"]["layers_cycled"] == {"8B": 2}
     by_name = {c["name"]: c for c in report["cases"]}

@@ -1059,10 +1059,11 @@ def main(argv=None):
     started = time.perf_counter()
 
     print("qattn %s (%s) from %s" % (qattn.version(), qattn.build_info(), qattn.library_path()), file=out)
-    print("device: %s%s; torch %s; SDPA GQA: %s; %s layers cycled; %d iterations after %d warm-up"
+    print("device: %s%s; torch %s; SDPA GQA: %s; layers cycled: %s; %d iterations after %d warm-up"
           % (device_name, "" if not settings.l2_bytes else " (L2 %.0f MB)" % (settings.l2_bytes / 1e6),
              torch.__version__, "enable_gqa" if settings.gqa else "expanded K/V",
-             settings.layers or "%dx-the-L2" % L2_CYCLES, settings.iters, settings.warmup), file=out)
+             settings.layers or "at least %d, a loop moving %dx the L2" % (LEAST_LAYERS, L2_CYCLES),
+             settings.iters, settings.warmup), file=out)
     if args.tiny:
         print("--tiny: small shapes; the timings below say nothing about performance", file=out)
     if dev.type == "cpu":
