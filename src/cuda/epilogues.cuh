@@ -54,43 +54,58 @@ __device__ __forceinline__ int head_projection(const HeadEpilogueParams& p, int 
     return *head = h - p.num_heads - p.num_kv_heads, 2;
 }
 
-// One (row, head) of the fused Q|K|V accumulator, by one warp: bias, head norm,
-// RoPE, fp16 out (k and v also or only into their KV-cache slot), and the
-// accumulator zeroed where split-K atomics will add into it next call. buf: D
-// floats of shared memory owned by this warp; r: the row's head_row (rotate and
-// slot asked for at least where this head needs them). All global loads
-// (accumulator, bias, sin/cos) are issued before the first use, so the warp
-// waits out about one memory latency.
+// One head vector of the fused Q|K|V row in a warp's registers, bias added: what
+// finish_head reads from global memory before its first use, apart, so that a
+// warp can load its next head while it finishes this one.
 // MAX_D: head_dim bound that sizes the register arrays.
 template <int V, int MAX_D>
-__device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row, int h, float* buf,
-                                            const HeadRow& r) {
-    constexpr int kChunks = MAX_D / (32 * V);  // lane accesses per head vector, at most
+struct HeadValues {
+    static constexpr int kChunks = MAX_D / (32 * V);  // lane accesses per head vector, at most
+    float v[kChunks][V];
+};
+
+template <int V, int MAX_D>
+__device__ __forceinline__ void load_head(const HeadEpilogueParams& p, int row, int h, HeadValues<V, MAX_D>& out) {
+    const int lane = threadIdx.x & 31;
+    const int D = p.head_dim;
+    int head = 0;
+    const int proj = head_projection(p, h, &head);
+    const size_t at = static_cast<size_t>(row) * p.acc_stride + h * D;
+    const __half* bias = p.bias[proj] ? p.bias[proj] + head * D : nullptr;
+#pragma unroll
+    for (int c = 0; c < HeadValues<V, MAX_D>::kChunks; ++c) {
+        const int i = (lane + 32 * c) * V;
+        if (i >= D) break;
+        if (p.acc16)
+            load_vec<V>(p.acc16 + at + i, out.v[c]);
+        else
+            load_vec_l2<V>(p.acc + at + i, out.v[c]);
+        if (bias) {
+            float b[V];
+            load_vec<V>(bias + i, b);
+#pragma unroll
+            for (int u = 0; u < V; ++u) out.v[c][u] += b[u];
+        }
+    }
+}
+
+// One (row, head) of the fused Q|K|V accumulator, by one warp, from its loaded
+// values: head norm, RoPE, fp16 out (k and v also or only into their KV-cache
+// slot), and the accumulator zeroed where split-K atomics will add into it next
+// call. buf: D floats of shared memory owned by this warp; r: the row's head_row
+// (rotate and slot asked for at least where this head needs them).
+template <int V, int MAX_D>
+__device__ __forceinline__ void finish_loaded_head(const HeadEpilogueParams& p, int row, int h, float* buf,
+                                                   const HeadRow& r, const HeadValues<V, MAX_D>& in) {
+    constexpr int kChunks = HeadValues<V, MAX_D>::kChunks;
     constexpr int kPairChunks = (MAX_D / 2 + 31) / 32;
     const int lane = threadIdx.x & 31;
     const int D = p.head_dim;
     int head = 0;
     const int proj = head_projection(p, h, &head);
     const bool rotate = proj < 2 && p.rope != QATTN_ROPE_NONE;
-    const size_t at = static_cast<size_t>(row) * p.acc_stride + h * D;
-    float* acc = p.acc16 ? nullptr : p.acc + at;
-    const __half* bias = p.bias[proj] ? p.bias[proj] + head * D : nullptr;
-    float v[kChunks][V];
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
-        const int i = (lane + 32 * c) * V;
-        if (i >= D) break;
-        if (acc)
-            load_vec_l2<V>(acc + i, v[c]);
-        else
-            load_vec<V>(p.acc16 + at + i, v[c]);
-        if (bias) {
-            float b[V];
-            load_vec<V>(bias + i, b);
-#pragma unroll
-            for (int u = 0; u < V; ++u) v[c][u] += b[u];
-        }
-    }
+    float* acc = p.acc16 ? nullptr : p.acc + static_cast<size_t>(row) * p.acc_stride + h * D;
+    const auto& v = in.v;
     const bool in_range = r.in_range;
     const int pairs = p.rotary_dim / 2;
     float cs[kPairChunks], sn[kPairChunks];
@@ -180,12 +195,17 @@ __device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row
     __syncwarp();
 }
 
-// The same where nothing is shared: the head reads its row's position and slot itself.
+// Both steps for one (row, head), the head reading its row's position and slot
+// itself. All its global loads (accumulator, bias, position, then sin/cos) are
+// issued before the first use, so the warp waits out about two memory latencies.
 template <int V, int MAX_D>
 __device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row, int h, float* buf) {
     int head = 0;
     const int proj = head_projection(p, h, &head);
-    finish_head<V, MAX_D>(p, row, h, buf, head_row(p, row, proj < 2 && p.rope != QATTN_ROPE_NONE, proj > 0));
+    const HeadRow r = head_row(p, row, proj < 2 && p.rope != QATTN_ROPE_NONE, proj > 0);
+    HeadValues<V, MAX_D> in;
+    load_head<V, MAX_D>(p, row, h, in);
+    finish_loaded_head<V, MAX_D>(p, row, h, buf, r, in);
 }
 
 // x[V elements] = x + y (or y without a residual), y the O projection (+ bias)

@@ -29,18 +29,22 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogue
 }
 
 // Beyond kRowKernelRows rows: one block per row. The row's position, KV slot
-// and sin/cos rows are read once, into shared memory, for all its heads; the
-// warps then walk the heads. (The per-task kernel above reads them again for
-// every head: a chain of dependent loads per warp, measured at 43 us for the
-// 48 MB of a 2048-row Llama-3-8B call on the H200, 3.5x their bytes.)
+// and sin/cos rows are read once, into shared memory, for all its heads; each
+// warp then walks its heads (warp, warp + 8, ...) with the next head's loads in
+// flight while it finishes one. (The per-task kernel above reads position and
+// tables again for every head: a chain of dependent loads per warp, measured at
+// 43 us for the 48 MB of a 2048-row Llama-3-8B call on the H200, 3.8x their bytes.)
 template <int V, int MAX_D>
 __global__ void __launch_bounds__(kWarps * 32) head_epilogue_rows_kernel(HeadEpilogueParams p) {
     extern __shared__ float shared[];  // kWarps head buffers [head_dim] (16-byte accesses), then cos, sin [pairs]
     const int pairs = p.rotary_dim / 2, row = blockIdx.x, warp = threadIdx.x >> 5;
-    float* buffers = shared;
+    float* buf = shared + warp * p.head_dim;
     float* cos_row = shared + kWarps * p.head_dim;
     float* sin_row = cos_row + pairs;
+    const int heads = p.num_heads + 2 * p.num_kv_heads;
     wait_for_producers();
+    HeadValues<V, MAX_D> even, odd;  // heads warp + 16 i and warp + 16 i + 8: registers, no runtime index
+    if (warp < heads) load_head<V, MAX_D>(p, row, warp, even);
     HeadRow r = head_row(p, row, p.rope != QATTN_ROPE_NONE, true);
     if (r.cos) {
         for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
@@ -51,8 +55,13 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_rows_kernel(HeadEpi
         r.sin = sin_row;
     }
     __syncthreads();
-    const int heads = p.num_heads + 2 * p.num_kv_heads;
-    for (int h = warp; h < heads; h += kWarps) finish_head<V, MAX_D>(p, row, h, buffers + warp * p.head_dim, r);
+    for (int h = warp; h < heads; h += 2 * kWarps) {
+        if (h + kWarps < heads) load_head<V, MAX_D>(p, row, h + kWarps, odd);
+        finish_loaded_head<V, MAX_D>(p, row, h, buf, r, even);
+        if (h + kWarps >= heads) break;
+        if (h + 2 * kWarps < heads) load_head<V, MAX_D>(p, row, h + 2 * kWarps, even);
+        finish_loaded_head<V, MAX_D>(p, row, h + kWarps, buf, r, odd);
+    }
 }
 
 constexpr int kRowKernelRows = 256;  // below, its blocks (one a row) would leave SMs idle
