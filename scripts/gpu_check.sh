@@ -5,13 +5,18 @@
 # script. Logs go to $OUT (or ./gpu_check_out), one file per stage (at most 8,
 # what the device tool brings back); a summary is printed last.
 #
-#   scripts/gpu_check.sh [stage ...]    stages: build pytest gtest sanitizer bench timing ab
-#                                       (default: all but timing and ab)
+#   scripts/gpu_check.sh [stage ...]    stages: build pytest gtest sanitizer bench timing ab exp
+#                                       (default: all but timing, ab and exp)
 #
 # ab: A/B timing of this build against the source tree in $QATTN_AB_BASE (e.g.
 # `git archive OLD | tar -x -C .base && echo OLD >.base/.commit`, carried),
 # scripts/compare_bench.sh with cases $QATTN_AB_CASES (default D1,D16,P2k,70B),
 # two rounds, logs in $OUT/ab.
+# exp: candidate trees, every folder in .exp (made like .base, carried): each
+# is built with its tests, which run on CUDA (its CUDA test files, $QATTN_EXP_TESTS,
+# and its GoogleTest binary); then all of them, this build and .base (if there)
+# are timed as in ab. Logs in $OUT/exp. Several changes that never ran on a GPU
+# are judged in one call of the device tool this way.
 #
 # QATTN_COMMIT=<hash> names the tree in the logs and the bench's JSON: the copy
 # of .git on the GPU machine can be older than the working tree sent there.
@@ -124,8 +129,44 @@ fi
 
 if want ab; then
     run ab 600 env QATTN_NEW_BUILD="$PWD/$BUILD" OUT="$OUT/ab" bash scripts/compare_bench.sh \
-        "${QATTN_AB_BASE:-.base}" "${QATTN_AB_CASES:-D1,D16,P2k,70B}" 2
+        "${QATTN_AB_CASES:-D1,D16,P2k,70B}" 2 "${QATTN_AB_BASE:-.base}" .
     SUMMARY+=("ab: exit $? (ab.log)")
+fi
+
+if want exp; then
+    EXP_TESTS=${QATTN_EXP_TESTS:-"test_cuda_backend.py test_forward.py test_block.py test_lora.py \
+test_kv_destination.py test_hf_parity.py"}
+    mkdir -p "$OUT/exp"
+    trees=()
+    for tree in .exp/*/; do
+        tree=${tree%/}
+        [[ -f $tree/CMakeLists.txt ]] || continue
+        name=$(basename "$tree")
+        GTEST_ARGS=()
+        [[ -d .deps/googletest ]] && GTEST_ARGS=(-DQATTN_GTEST_SOURCE_DIR="$PWD/.deps/googletest")
+        if ! run "exp-$name-build" 600 bash -c 'cmake -S "$0" -B "$0/build-ab" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+            -DQATTN_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DQATTN_BUILD_TESTS=ON "${@:2}" && \
+            cmake --build "$0/build-ab" -j "$1" --clean-first' "$tree" "$JOBS" "${GTEST_ARGS[@]}"; then
+            SUMMARY+=("exp $name ($(cat "$tree/.commit" 2>/dev/null)): build FAILED")
+            continue
+        fi
+        files=()
+        for f in $EXP_TESTS; do files+=("$tree/tests/$f"); done
+        run "exp-$name-pytest" 900 env QATTN_LIBRARY="$PWD/$tree/build-ab/libqattn.so" \
+            PYTHONPATH="$PWD/$tree/bindings/python${PYTHONPATH:+:$PYTHONPATH}" \
+            python3 -m pytest "${files[@]}" -q -rs -p no:cacheprovider
+        run "exp-$name-gtest" 600 "$tree/build-ab/cpp_tests/qattn_tests"
+        SUMMARY+=("exp $name ($(cat "$tree/.commit" 2>/dev/null)): pytest: $(grep -E \
+            '(passed|failed|error).* in [0-9.]+s' "$OUT/exp-$name-pytest.log" | tail -n 1); gtest: $(grep -E \
+            '^\[  (PASSED|FAILED)  \]' "$OUT/exp-$name-gtest.log" | tr '\n' ' ')")
+        mv "$OUT"/exp-"$name"-*.log "$OUT/exp/"
+        trees+=("$tree")
+    done
+    base=()
+    [[ -f .base/CMakeLists.txt ]] && base=(.base)
+    run exp-bench 600 env QATTN_NEW_BUILD="$PWD/$BUILD" OUT="$OUT/exp" bash scripts/compare_bench.sh \
+        "${QATTN_AB_CASES:-D1,D16,P2k,70B}" 2 "${base[@]}" . "${trees[@]}"
+    SUMMARY+=("exp bench: exit $? (exp-bench.log)")
 fi
 
 note "summary (card: ${CARD:-none}, commit: $COMMIT)"
