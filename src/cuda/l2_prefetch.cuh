@@ -19,8 +19,15 @@ __device__ __forceinline__ void prefetch_to_l2(const L2Prefetch& p, int part, in
         const size_t end = min(min(units, (part + 1) * per_part), begin + per_lane);
         if (begin < end) {
             const char* at = static_cast<const char*>(p.region[r]) + begin * 16;
-            asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(at), "r"(static_cast<uint32_t>((end - begin) * 16))
-                         : "memory");
+            // evict_last: the caller's attention may stream more than the L2 holds
+            // (a long KV cache) before forward2 reads these; forward2's plain loads
+            // set the lines back to the normal priority.
+            asm volatile(
+                "{\n\t.reg .b64 policy;\n\t"
+                "createpolicy.fractional.L2::evict_last.b64 policy, 1.0;\n\t"
+                "cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, policy;\n\t}" ::"l"(at),
+                "r"(static_cast<uint32_t>((end - begin) * 16))
+                : "memory");
         }
     }
 #else
