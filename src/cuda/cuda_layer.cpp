@@ -405,16 +405,6 @@ private:
                                      : nullptr;
         HeadEpilogueParams e = head_epilogue(call, acc);
         e.acc16 = acc16;
-        // forward2 of these rows takes the small-row path too, reading O's
-        // packed weights after the caller's attention: those bytes may move now.
-        if (small_rows && proj_[3]->packed()) {
-            const PackedGptq4& o = proj_[3]->packed_gptq();
-            const size_t columns = static_cast<size_t>(proj_[3]->out_features());
-            e.prefetch.region[0] = o.qpack;
-            e.prefetch.bytes[0] = static_cast<size_t>(proj_[3]->packed_rows()) * columns / 2;
-            e.prefetch.region[1] = o.chunk_scale_zero;
-            e.prefetch.bytes[1] = static_cast<size_t>(o.chunks) * columns * sizeof(__half2);
-        }
         SmallGemmProblem small[3];
         int small_count = 0;
         for (int p = 0; p < 3; ++p) {

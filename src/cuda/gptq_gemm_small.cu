@@ -19,7 +19,6 @@
 // kernel and no block waits for the whole grid.
 #include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
-#include "cuda/l2_prefetch.cuh"
 #include "cuda/pdl.cuh"
 
 #include <algorithm>
@@ -435,8 +434,6 @@ __device__ __forceinline__ void finish_columns(const SmallGemmEpilogue& ep, cons
     const int count = min(kSwapColumns, P.n_tiles * 8 - block_in_problem * kSwapColumns);
     if (ep.kind == SmallGemmEpilogue::kHeads) {
         const HeadEpilogueParams& p = ep.heads;
-        // This column range's weights are all read: the next phase's may move now.
-        if (threadIdx.x < 32) prefetch_to_l2(p.prefetch, blockIdx.x, gridDim.x);
         const int warp = threadIdx.x >> 5, D = p.head_dim, heads = count / D, head0 = first / D;
         for (int task = warp; task < rows * heads; task += kWarps) {
             const int row = task / heads;

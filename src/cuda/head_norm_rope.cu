@@ -6,7 +6,6 @@
 // where head_dim allows.
 #include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
-#include "cuda/l2_prefetch.cuh"
 #include "cuda/pdl.cuh"
 
 namespace qattn::cuda {
@@ -24,8 +23,6 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogue
     const int task = blockIdx.x * kWarps + warp;
     if (task >= p.rows * heads) return;
     wait_for_producers();
-    // The projections are done (HBM is free), so the next phase's weights may move.
-    if (warp == 0) prefetch_to_l2(p.prefetch, blockIdx.x, gridDim.x);
     const int row = task / heads;
     finish_head<V, MAX_D>(p, row, task - row * heads, head_buffers + warp * p.head_dim);
 }

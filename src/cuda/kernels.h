@@ -59,15 +59,6 @@ struct SmallGemmProblem {
 qattn_status launch_dequantize_gptq4(const PackedGptq4& w, int N, int n_begin, int n_count, __half* out,
                                      cudaStream_t stream);
 
-// Device memory that the L2 is asked to fetch ahead of use: forward1 names the
-// packed O weights, which forward2 reads after the caller's attention, so they
-// move from HBM while the attention runs (at decode it leaves HBM mostly idle).
-// Issued by the end of forward1 (l2_prefetch.cuh); a hint, it changes no value.
-struct L2Prefetch {
-    const void* region[2] = {};  // 16-byte aligned
-    size_t bytes[2] = {};
-};
-
 // head_norm_rope.cu: reads the fused Q|K|V fp32 accumulator, adds the biases,
 // applies head norms and RoPE, writes fp16 q, k, v (k and v also or only into
 // KV-cache slots), and zeroes the accumulator rows it read below kSmallRows (the
@@ -94,7 +85,6 @@ struct HeadEpilogueParams {
     const int32_t* kv_slots = nullptr;  // [rows], or null
     int64_t num_kv_slots = 0;
     int* error_flag = nullptr;  // set to 1 when a row's position or KV slot is out of range
-    L2Prefetch prefetch;        // fetched once the projections are done, or nothing
 };
 // Whether every destination of the head epilogue is 8-byte aligned (4 halves a lane access).
 bool head_outputs_aligned8(const HeadEpilogueParams& p);
