@@ -218,6 +218,19 @@ def test_uneven_shapes_pad_groups(batch, q_len, gen):
     Pair(spec, gen).check(batch, q_len, gen, past_len=5)
 
 
+@pytest.mark.parametrize("weights", ["gptq4", "gptq4_act"])
+def test_large_matrices_dequantized_in_slices(weights, gen):
+    # The large-row path dequantizes a packed matrix a bounded slice of columns
+    # at a time into its scratch (16 Mi elements): Q (4096 x 8192) and O (8192 x
+    # 4096) take several slices each, K and V one. Two calls in a row: the
+    # second one's first slice must not overwrite what the first one's last GEMM
+    # still reads.
+    spec = Spec(hidden=4096, heads=64, kv_heads=8, head_dim=128, weights=weights, max_rows=40)
+    pair = Pair(spec, gen)
+    for step in range(2):
+        pair.check(1, 40, gen, past_len=11 * step)
+
+
 FEATURES = {
     "layer_norm_bias": dict(input_norm="layer_bias"),
     "no_input_norm": dict(input_norm=None),
