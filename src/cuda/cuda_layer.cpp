@@ -24,8 +24,7 @@ namespace qattn::cuda {
 namespace {
 
 constexpr size_t kCublasWorkspaceBytes = size_t(8) << 20;
-// Bound on the fp16 scratch that the large-row path dequantizes into (32 MiB):
-// two halves, so that one slice is dequantized while the GEMM reads the other.
+// Bound on the fp16 scratch that the large-row path dequantizes into (32 MiB).
 constexpr int64_t kDequantScratchElements = int64_t(16) << 20;
 
 struct Adapter {
@@ -72,8 +71,8 @@ public:
         if (guard.enter(info_.device) != QATTN_SUCCESS) return;
         graphs_.reset();
         if (blas_) cublasDestroy(blas_);
-        for (cudaEvent_t e : {fork_, dequantized_[0], dequantized_[1], read_[0], read_[1]})
-            if (e) cudaEventDestroy(e);
+        if (fork_) cudaEventDestroy(fork_);
+        if (join_) cudaEventDestroy(join_);
         if (side_) cudaStreamDestroy(side_);
     }
 
@@ -179,24 +178,24 @@ private:
         QATTN_CUDA_TRY(cudaMemset(error_flag_.get(), 0, sizeof(int)));
 
         // The large-row path of packed matrices dequantizes whole columns (all
-        // packed rows); a slice of columns is bounded by half of
-        // kDequantScratchElements. x is gathered into packed row order beside it.
-        int64_t half = 0, gathered = 0;
+        // packed rows); a slice of columns is bounded by kDequantScratchElements.
+        // x is gathered into packed row order beside it.
+        int64_t need = 0, gathered = 0;
         for (const CudaQMatrix* m : proj_) {
             if (!m->packed()) continue;
             const int64_t rows_packed = m->packed_rows();
             gathered = std::max(gathered, rows_packed * info_.max_rows);
             if (info_.max_rows <= kSmallRows) continue;
-            half = std::max(half, std::min(rows_packed * m->out_features(),
-                                           std::max(kDequantScratchElements / 2, 8 * rows_packed)));
+            need = std::max(need, std::min(rows_packed * m->out_features(),
+                                           std::max(kDequantScratchElements, 8 * rows_packed)));
         }
-        QATTN_TRY(dequant_.allocate(sizeof(__half) * 2 * half));
+        QATTN_TRY(dequant_.allocate(sizeof(__half) * need));
         QATTN_TRY(gathered_.allocate(sizeof(__half) * gathered));
-        half_elements_ = half;
-        if (half > 0) {
+        dequant_elements_ = need;
+        if (need > 0) {
             QATTN_CUDA_TRY(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
-            for (cudaEvent_t* e : {&fork_, &dequantized_[0], &dequantized_[1], &read_[0], &read_[1]})
-                QATTN_CUDA_TRY(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+            QATTN_CUDA_TRY(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+            QATTN_CUDA_TRY(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
         }
 
         QATTN_CUBLAS_TRY(cublasCreate(&blas_));
@@ -246,9 +245,7 @@ private:
             dirty_ = false;
         }
         blas_stream_bound_ = false;
-        forked_ = false;
-        next_half_ = 0;
-        half_read_[0] = half_read_[1] = false;
+        dequantized_ahead_ = -1;
         const qattn_status status = body(s);
         if (status != QATTN_SUCCESS) dirty_ = true;
         return status;
@@ -286,40 +283,37 @@ private:
             ldg = packed_rows;
         }
         const int slice = dequant_slice(m);
-        QATTN_TRY(fork_side(s));
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
-            const int h = next_half_;
-            next_half_ ^= 1;
-            __half* weights = dequant_.get<__half>() + h * half_elements_;
-            if (half_read_[h]) QATTN_CUDA_TRY(cudaStreamWaitEvent(side_, read_[h], 0));
-            QATTN_TRY(launch_dequantize_gptq4(w, N, n0, count, weights, side_));
-            QATTN_CUDA_TRY(cudaEventRecord(dequantized_[h], side_));
-            QATTN_CUDA_TRY(cudaStreamWaitEvent(s, dequantized_[h], 0));
-            QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, weights, c + n0, ldc, beta));
-            QATTN_CUDA_TRY(cudaEventRecord(read_[h], s));
-            half_read_[h] = true;
+            if (n0 == 0 && dequantized_ahead_ == p) {
+                QATTN_CUDA_TRY(cudaStreamWaitEvent(s, join_, 0));
+                dequantized_ahead_ = -1;
+            } else {
+                QATTN_TRY(launch_dequantize_gptq4(w, N, n0, count, dequant_.get<__half>(), s));
+            }
+            QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, dequant_.get<__half>(), c + n0, ldc, beta));
         }
         return QATTN_SUCCESS;
     }
 
-    // Columns of a packed matrix dequantized at a time (half the scratch's bound).
+    // Columns of a packed matrix dequantized at a time (the scratch's bound).
     int dequant_slice(const CudaQMatrix& m) const {
-        return static_cast<int>(std::min<int64_t>(m.out_features(), half_elements_ / m.packed_rows() / 8 * 8));
+        return static_cast<int>(std::min<int64_t>(m.out_features(), dequant_elements_ / m.packed_rows() / 8 * 8));
     }
 
-    // The large-row path dequantizes on the layer's second stream, into the two
-    // halves of the scratch in turn, each slice waiting only for the GEMM that
-    // last read its half: so a slice is dequantized while the previous one is
-    // multiplied, and the first while this stream stages x. The fork orders the
-    // second stream after everything queued here before (the last call's GEMMs
-    // that read the scratch); every dequantization is joined by the GEMM that
-    // reads it, so a call (or a stream capture) ends with nothing left there.
-    qattn_status fork_side(cudaStream_t s) {
-        if (forked_ || !side_) return QATTN_SUCCESS;
+    // The large-row path's first dequantization (the first slice of matrix p)
+    // runs on a second stream while this one stages x: neither reads what the
+    // other writes, and the fork comes after everything queued before (the last
+    // call's GEMMs that read the scratch). project_large joins it.
+    qattn_status dequantize_ahead(int p, cudaStream_t s) {
+        const CudaQMatrix& m = *proj_[p];
+        if (!m.packed()) return QATTN_SUCCESS;
         QATTN_CUDA_TRY(cudaEventRecord(fork_, s));
         QATTN_CUDA_TRY(cudaStreamWaitEvent(side_, fork_, 0));
-        forked_ = true;
+        QATTN_TRY(launch_dequantize_gptq4(m.packed_gptq(), static_cast<int>(m.out_features()), 0, dequant_slice(m),
+                                          dequant_.get<__half>(), side_));
+        QATTN_CUDA_TRY(cudaEventRecord(join_, side_));
+        dequantized_ahead_ = p;
         return QATTN_SUCCESS;
     }
 
@@ -375,10 +369,7 @@ private:
         const bool stage_gather =
             gather_for >= 0 && (!small_rows || normed_.get() || rows > kGatherInKernelRows);
         gathered_order_ = -1;
-        // Before the staging, so that the first slice is dequantized beside it. Only
-        // where something is dequantized: a stream capture must join every fork.
-        if (!small_rows && (proj_[0]->packed() || proj_[1]->packed() || proj_[2]->packed()))
-            QATTN_TRY(fork_side(s));
+        if (!small_rows) QATTN_TRY(dequantize_ahead(0, s));
         const __half* x = static_cast<const __half*>(call.x);
         if (normed_.get()) {
             StageRowsParams st;
@@ -504,7 +495,7 @@ private:
             const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0, xg};
             QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, finish, s));
         } else {
-            if (m.packed()) QATTN_TRY(fork_side(s));  // before the gather of attn_out: the first slice beside it
+            if (!m.identity_order()) QATTN_TRY(dequantize_ahead(3, s));  // beside the gather of attn_out
             // With nothing between the projection and the residual, cuBLAS adds it
             // to x itself (beta = 1; its fp32 sums rounded once, as the epilogue
             // would): no fp32 accumulator round trip and no epilogue kernel.
@@ -529,7 +520,7 @@ private:
     // The small-row GEMM's arrival counters: forward1's, then forward2's from counters_o_.
     DeviceBuffer counters_;
     int counters_o_ = 0;
-    int64_t half_elements_ = 0;
+    int64_t dequant_elements_ = 0;
     // order_[p]: the first projection with the same packed row order as p (p
     // itself if none; dense: p). gathered_order_: the order gathered_ holds in
     // this call, -1 for none.
@@ -540,15 +531,11 @@ private:
     bool blas_stream_bound_ = false;
     bool dirty_ = false;
     std::unique_ptr<GraphCache> graphs_;
-    // The second stream of the large-row path (fork_side), its fork event, and
-    // per half of the dequantization scratch: its slice is written (dequantized_),
-    // the GEMM reading it is done (read_); in this call: whether that GEMM is
-    // queued (half_read_), the half the next slice takes, whether forked.
+    // The second stream of dequantize_ahead, its fork and join events, and the
+    // matrix whose first slice it has queued (-1: none).
     cudaStream_t side_ = nullptr;
-    cudaEvent_t fork_ = nullptr, dequantized_[2] = {}, read_[2] = {};
-    bool half_read_[2] = {};
-    int next_half_ = 0;
-    bool forked_ = false;
+    cudaEvent_t fork_ = nullptr, join_ = nullptr;
+    int dequantized_ahead_ = -1;
 };
 
 }  // namespace
