@@ -250,7 +250,8 @@ FEATURES = {
 }
 
 
-# 2, 100 and 300 rows: the small-row path, then the large-row path at two sizes.
+# 2, 100 and 300 rows: the small-row path, then the large-row path with the head
+# epilogue's kernel per (row, head) and, from 256 rows, its kernel per row.
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 @pytest.mark.parametrize("weights", ["dense", "gptq4_act"])
 @pytest.mark.parametrize("batch,q_len", [(2, 1), (2, 50), (3, 100)])
@@ -416,7 +417,7 @@ def test_two_layers_on_two_streams(gen):
 
 
 @pytest.mark.parametrize("use_graphs", [False, True])
-@pytest.mark.parametrize("q_len", [2, 80])  # 8 rows (small-row path), 320 (large-row path)
+@pytest.mark.parametrize("q_len", [2, 80])  # 8 rows, and 320 (the head epilogue's kernel per row)
 def test_out_of_range_past_lens_are_flagged(use_graphs, q_len, gen):
     max_seq_len = 256 if q_len == 2 else 512
     spec = Spec(weights="gptq4_act", max_rows=4 * q_len, max_seq_len=max_seq_len, use_graphs=use_graphs)
