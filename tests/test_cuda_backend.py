@@ -171,9 +171,10 @@ def test_projections_match_cpu(weights, batch, q_len, gen):
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("residual_fp32", [False, True])
 def test_decode_epilogue_in_gemm_over_repeated_calls(head_dim, heads, kv_heads, rows, residual_fp32, gen):
-    # Up to 8 rows the GEMM's last block per column range runs the epilogue and
-    # resets its arrival counter: every call of a sequence must be right, not
-    # only the first (16 rows: the separate kernels). Head dims that divide the
+    # Up to 16 rows the GEMM finishes the phase: its split-K blocks as a thread
+    # block cluster (sm_90), or up to 8 rows the last block per column range,
+    # which resets its arrival counter (beyond: the separate kernels). Every call
+    # of a sequence must be right, not only the first. Head dims that divide the
     # 128-column range (one head, four, two, with a range holding only half its
     # columns for 3 KV heads of 64) and one that does not (96: separate kernel).
     spec = Spec(hidden=256, heads=heads, kv_heads=kv_heads, head_dim=head_dim, weights="gptq4_act",

@@ -92,11 +92,13 @@ __device__ __forceinline__ void load_head(const HeadEpilogueParams& p, int row, 
 // One (row, head) of the fused Q|K|V accumulator, by one warp, from its loaded
 // values: head norm, RoPE, fp16 out (k and v also or only into their KV-cache
 // slot), and the accumulator zeroed where split-K atomics will add into it next
-// call. buf: D floats of shared memory owned by this warp; r: the row's head_row
-// (rotate and slot asked for at least where this head needs them).
+// call (zero_acc: the values came from it). buf: D floats of shared memory owned
+// by this warp; r: the row's head_row (rotate and slot asked for at least where
+// this head needs them).
 template <int V, int MAX_D>
 __device__ __forceinline__ void finish_loaded_head(const HeadEpilogueParams& p, int row, int h, float* buf,
-                                                   const HeadRow& r, const HeadValues<V, MAX_D>& in) {
+                                                   const HeadRow& r, const HeadValues<V, MAX_D>& in,
+                                                   bool zero_acc = true) {
     constexpr int kChunks = HeadValues<V, MAX_D>::kChunks;
     constexpr int kPairChunks = (MAX_D / 2 + 31) / 32;
     const int lane = threadIdx.x & 31;
@@ -121,7 +123,7 @@ __device__ __forceinline__ void finish_loaded_head(const HeadEpilogueParams& p, 
 
     // Only the small-row kernel accumulates with atomics, and only into rows
     // below kSmallRows; larger calls overwrite their rows, so zeroing stops there.
-    const bool zero = acc && row < kSmallRows;
+    const bool zero = zero_acc && acc && row < kSmallRows;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
         const int i = (lane + 32 * c) * V;
