@@ -231,6 +231,19 @@ def test_large_matrices_dequantized_in_slices(weights, gen):
         pair.check(1, 40, gen, past_len=11 * step)
 
 
+def test_decode_with_weights_streamed_through_shared_memory(gen):
+    # Llama-3-70B-like widths (K = 8192: 64 chunks a column): the register
+    # variant of the swapped kernel would take more than two waves, so the
+    # weights stream through a cp.async pipeline in shared memory instead, with
+    # one x tile (1 row) and two (16 rows). Two calls each: the accumulators and
+    # counters must be clean again after each.
+    spec = Spec(hidden=8192, heads=64, kv_heads=8, head_dim=128, weights="gptq4_act", max_rows=16)
+    pair = Pair(spec, gen)
+    for rows in (1, 16):
+        for step in range(2):
+            pair.check(rows, 1, gen, past_len=5 + step)
+
+
 FEATURES = {
     "layer_norm_bias": dict(input_norm="layer_bias"),
     "no_input_norm": dict(input_norm=None),
