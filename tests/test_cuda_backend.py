@@ -171,9 +171,10 @@ def test_projections_match_cpu(weights, batch, q_len, gen):
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize("residual_fp32", [False, True])
 def test_decode_epilogue_in_gemm_over_repeated_calls(head_dim, heads, kv_heads, rows, residual_fp32, gen):
-    # Up to 8 rows the GEMM's last block per column range runs the epilogue and
-    # resets its arrival counter: every call of a sequence must be right, not
-    # only the first (16 rows: the separate kernels). Head dims that divide the
+    # Up to 16 rows the GEMM finishes the phase: its split-K blocks as a thread
+    # block cluster (sm_90), or up to 8 rows the last block per column range,
+    # which resets its arrival counter (beyond: the separate kernels). Every call
+    # of a sequence must be right, not only the first. Head dims that divide the
     # 128-column range (one head, four, two, with a range holding only half its
     # columns for 3 KV heads of 64) and one that does not (96: separate kernel).
     spec = Spec(hidden=256, heads=heads, kv_heads=kv_heads, head_dim=head_dim, weights="gptq4_act",
@@ -263,7 +264,8 @@ FEATURES = {
 }
 
 
-# 2, 100 and 300 rows: the small-row path, then the large-row path at two sizes.
+# 2, 100 and 300 rows: the small-row path, then the large-row path with the head
+# epilogue's kernel per (row, head) and, from 256 rows, its kernel per row.
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 @pytest.mark.parametrize("weights", ["dense", "gptq4_act"])
 @pytest.mark.parametrize("batch,q_len", [(2, 1), (2, 50), (3, 100)])
@@ -429,7 +431,7 @@ def test_two_layers_on_two_streams(gen):
 
 
 @pytest.mark.parametrize("use_graphs", [False, True])
-@pytest.mark.parametrize("q_len", [2, 80])  # 8 rows (small-row path), 320 (large-row path)
+@pytest.mark.parametrize("q_len", [2, 80])  # 8 rows, and 320 (the head epilogue's kernel per row)
 def test_out_of_range_past_lens_are_flagged(use_graphs, q_len, gen):
     max_seq_len = 256 if q_len == 2 else 512
     spec = Spec(weights="gptq4_act", max_rows=4 * q_len, max_seq_len=max_seq_len, use_graphs=use_graphs)

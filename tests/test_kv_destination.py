@@ -20,8 +20,8 @@ def _caches(num_slots, device):
             torch.full(shape, -GUARD, dtype=torch.float16, device=device))
 
 
-# Up to 300 rows: on CUDA the head epilogue in the GEMM, then its own kernel at
-# small and at large row counts.
+# Up to 300 rows: on CUDA the head epilogue in the GEMM, its kernel per (row,
+# head) and, from 256 rows, its kernel per row.
 @pytest.mark.parametrize("batch,q_len", [(1, 1), (3, 1), (8, 1), (16, 1), (2, 5), (2, 150)])
 def test_rows_land_in_their_slots(device, gen, batch, q_len):
     spec = dataclasses.replace(SPEC, max_rows=max(SPEC.max_rows, batch * q_len),

@@ -417,12 +417,14 @@ private:
                                                        : nullptr};
         }
         SmallGemmEpilogue finish;
-        if (small_count == 3 && !any_lora && rows <= kSmallGemmFusedRows && small_gemm_can_finish_heads(e)) {
+        if (small_count == 3 && !any_lora && rows <= kSmallGemmFinishRows && small_gemm_can_finish_heads(e)) {
             finish.kind = SmallGemmEpilogue::kHeads;
             finish.counters = counters_.get<int>();
             finish.heads = e;
         }
-        QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish, s));
+        bool finished = false;
+        QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish,
+                                          &finished, s));
         for (int p = 0; p < 3; ++p) {
             if (acc16)
                 QATTN_TRY(project_large(p, x, H, rows, acc16 + column_[p], qkv_width_, s));
@@ -431,7 +433,7 @@ private:
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
         }
-        return finish.kind == SmallGemmEpilogue::kNone ? launch_head_epilogue(e, s) : QATTN_SUCCESS;
+        return finished ? QATTN_SUCCESS : launch_head_epilogue(e, s);
     }
 
     HeadEpilogueParams head_epilogue(const Forward1Call& call, float* acc) const {
@@ -480,6 +482,7 @@ private:
         e.has_residual = info_.has_residual;
         const std::vector<int>& loras = (*call.loras)[QATTN_PROJ_O];
         SmallGemmEpilogue finish;
+        bool finished = false;
         gathered_order_ = -1;
         if (m.packed() && rows <= kSmallRows) {
             const __half* xg = m.identity_order() && is_aligned(attn, 16) ? attn : nullptr;
@@ -487,13 +490,13 @@ private:
                 QATTN_TRY(stage_gathered(attn, K, rows, K, 3, s));
                 xg = gathered_.get<__half>();
             }
-            if (loras.empty() && rows <= kSmallGemmFusedRows && small_gemm_can_finish_residual(e)) {
+            if (loras.empty() && rows <= kSmallGemmFinishRows && small_gemm_can_finish_residual(e)) {
                 finish.kind = SmallGemmEpilogue::kResidual;
                 finish.counters = counters_.get<int>() + counters_o_;
                 finish.residual = e;
             }
             const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0, xg};
-            QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, finish, s));
+            QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, finish, &finished, s));
         } else {
             if (!m.identity_order()) QATTN_TRY(dequantize_ahead(3, s));  // beside the gather of attn_out
             // With nothing between the projection and the residual, cuBLAS adds it
@@ -507,7 +510,7 @@ private:
             QATTN_TRY(project_large(3, attn, K, rows, acc, H, s));
         }
         QATTN_TRY(add_loras(QATTN_PROJ_O, loras, attn, K, rows, acc, H, s));
-        return finish.kind == SmallGemmEpilogue::kNone ? launch_residual_epilogue(e, s) : QATTN_SUCCESS;
+        return finished ? QATTN_SUCCESS : launch_residual_epilogue(e, s);
     }
 
     LayerInfo info_;

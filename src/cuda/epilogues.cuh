@@ -22,72 +22,108 @@ __device__ __forceinline__ void load_vec_l2(const float* p, float (&v)[V]) {
     }
 }
 
-// One (row, head) of the fused Q|K|V accumulator, by one warp: bias, head norm,
-// RoPE, fp16 out (k and v also or only into their KV-cache slot), and the
-// accumulator zeroed where split-K atomics will add into it next call. buf: D
-// floats of shared memory owned by this warp. All global loads (accumulator,
-// bias, position, sin/cos) are issued before the first use, so the warp waits
-// out about one memory latency, not three.
-// MAX_D: head_dim bound that sizes the register arrays.
-template <int V, int MAX_D>
-__device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row, int h, float* buf) {
-    constexpr int kChunks = MAX_D / (32 * V);  // lane accesses per head vector, at most
-    constexpr int kPairChunks = (MAX_D / 2 + 31) / 32;
-    const int lane = threadIdx.x & 31;
-    const int D = p.head_dim;
-    int proj, head;
-    if (h < p.num_heads) {
-        proj = 0, head = h;
-    } else if (h < p.num_heads + p.num_kv_heads) {
-        proj = 1, head = h - p.num_heads;
-    } else {
-        proj = 2, head = h - p.num_heads - p.num_kv_heads;
-    }
-    const bool rotate = proj < 2 && p.rope != QATTN_ROPE_NONE;
+// What the heads of one row share: its position (RoPE; in_range: inside the
+// tables), its KV-cache slot (-1 without kv_slots) and its rows of the sin/cos
+// tables (in global or shared memory; null when not rotated).
+struct HeadRow {
+    bool in_range = true;
+    int64_t slot = -1;
+    const float* sin = nullptr;
+    const float* cos = nullptr;
+};
 
-    int position = 0;
+__device__ __forceinline__ HeadRow head_row(const HeadEpilogueParams& p, int row, bool rotate, bool slot) {
+    HeadRow r;
     if (rotate) {
         const int sequence = row / p.q_len;
-        position = (p.past_lens ? p.past_lens[sequence] : p.past_len) + (row - sequence * p.q_len);
+        const int position = (p.past_lens ? p.past_lens[sequence] : p.past_len) + (row - sequence * p.q_len);
+        r.in_range = position >= 0 && position < p.max_positions;
+        if (r.in_range) {
+            r.sin = p.sin + static_cast<size_t>(position) * (p.rotary_dim / 2);
+            r.cos = p.cos + static_cast<size_t>(position) * (p.rotary_dim / 2);
+        }
     }
-    const int64_t slot = proj > 0 && p.kv_slots ? p.kv_slots[row] : -1;
-    const size_t at = static_cast<size_t>(row) * p.acc_stride + h * D;
-    float* acc = p.acc16 ? nullptr : p.acc + at;
-    const __half* bias = p.bias[proj] ? p.bias[proj] + head * D : nullptr;
+    if (slot && p.kv_slots) r.slot = p.kv_slots[row];
+    return r;
+}
+
+// Which projection head h of the fused Q|K|V row belongs to, and its index there.
+__device__ __forceinline__ int head_projection(const HeadEpilogueParams& p, int h, int* head) {
+    if (h < p.num_heads) return *head = h, 0;
+    if (h < p.num_heads + p.num_kv_heads) return *head = h - p.num_heads, 1;
+    return *head = h - p.num_heads - p.num_kv_heads, 2;
+}
+
+// One head vector of the fused Q|K|V row in a warp's registers, bias added: what
+// finish_head reads from global memory before its first use, apart, so that a
+// warp can load its next head while it finishes this one.
+// MAX_D: head_dim bound that sizes the register arrays.
+template <int V, int MAX_D>
+struct HeadValues {
+    static constexpr int kChunks = MAX_D / (32 * V);  // lane accesses per head vector, at most
     float v[kChunks][V];
+};
+
+template <int V, int MAX_D>
+__device__ __forceinline__ void load_head(const HeadEpilogueParams& p, int row, int h, HeadValues<V, MAX_D>& out) {
+    const int lane = threadIdx.x & 31;
+    const int D = p.head_dim;
+    int head = 0;
+    const int proj = head_projection(p, h, &head);
+    const size_t at = static_cast<size_t>(row) * p.acc_stride + h * D;
+    const __half* bias = p.bias[proj] ? p.bias[proj] + head * D : nullptr;
 #pragma unroll
-    for (int c = 0; c < kChunks; ++c) {
+    for (int c = 0; c < HeadValues<V, MAX_D>::kChunks; ++c) {
         const int i = (lane + 32 * c) * V;
         if (i >= D) break;
-        if (acc)
-            load_vec_l2<V>(acc + i, v[c]);
+        if (p.acc16)
+            load_vec<V>(p.acc16 + at + i, out.v[c]);
         else
-            load_vec<V>(p.acc16 + at + i, v[c]);
+            load_vec_l2<V>(p.acc + at + i, out.v[c]);
         if (bias) {
             float b[V];
             load_vec<V>(bias + i, b);
 #pragma unroll
-            for (int u = 0; u < V; ++u) v[c][u] += b[u];
+            for (int u = 0; u < V; ++u) out.v[c][u] += b[u];
         }
     }
-    const bool in_range = position >= 0 && position < p.max_positions;
+}
+
+// One (row, head) of the fused Q|K|V accumulator, by one warp, from its loaded
+// values: head norm, RoPE, fp16 out (k and v also or only into their KV-cache
+// slot), and the accumulator zeroed where split-K atomics will add into it next
+// call (zero_acc: the values came from it). buf: D floats of shared memory owned
+// by this warp; r: the row's head_row (rotate and slot asked for at least where
+// this head needs them).
+template <int V, int MAX_D>
+__device__ __forceinline__ void finish_loaded_head(const HeadEpilogueParams& p, int row, int h, float* buf,
+                                                   const HeadRow& r, const HeadValues<V, MAX_D>& in,
+                                                   bool zero_acc = true) {
+    constexpr int kChunks = HeadValues<V, MAX_D>::kChunks;
+    constexpr int kPairChunks = (MAX_D / 2 + 31) / 32;
+    const int lane = threadIdx.x & 31;
+    const int D = p.head_dim;
+    int head = 0;
+    const int proj = head_projection(p, h, &head);
+    const bool rotate = proj < 2 && p.rope != QATTN_ROPE_NONE;
+    float* acc = p.acc16 ? nullptr : p.acc + static_cast<size_t>(row) * p.acc_stride + h * D;
+    const auto& v = in.v;
+    const bool in_range = r.in_range;
     const int pairs = p.rotary_dim / 2;
     float cs[kPairChunks], sn[kPairChunks];
     if (rotate && in_range) {
-        const float* sin_row = p.sin + static_cast<size_t>(position) * pairs;
-        const float* cos_row = p.cos + static_cast<size_t>(position) * pairs;
 #pragma unroll
         for (int c = 0; c < kPairChunks; ++c) {
             const int i = lane + 32 * c;
             if (i >= pairs) break;
-            cs[c] = cos_row[i];
-            sn[c] = sin_row[i];
+            cs[c] = r.cos[i];
+            sn[c] = r.sin[i];
         }
     }
 
     // Only the small-row kernel accumulates with atomics, and only into rows
     // below kSmallRows; larger calls overwrite their rows, so zeroing stops there.
-    const bool zero = acc && row < kSmallRows;
+    const bool zero = zero_acc && acc && row < kSmallRows;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
         const int i = (lane + 32 * c) * V;
@@ -143,8 +179,8 @@ __device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row
     __half* out = p.out[proj] ? p.out[proj] + static_cast<size_t>(row) * width + head * D : nullptr;
     __half* cached = nullptr;
     if (proj > 0 && p.kv_slots) {
-        if (slot >= 0 && slot < p.num_kv_slots)
-            cached = p.cache[proj - 1] + slot * width + head * D;
+        if (r.slot >= 0 && r.slot < p.num_kv_slots)
+            cached = p.cache[proj - 1] + r.slot * width + head * D;
         else if (lane == 0)
             atomicExch(p.error_flag, 1);  // not written to the cache; see check_device_errors
     }
@@ -159,6 +195,19 @@ __device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row
     }
     // buf is reused by this warp's next task.
     __syncwarp();
+}
+
+// Both steps for one (row, head), the head reading its row's position and slot
+// itself. All its global loads (accumulator, bias, position, then sin/cos) are
+// issued before the first use, so the warp waits out about two memory latencies.
+template <int V, int MAX_D>
+__device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row, int h, float* buf) {
+    int head = 0;
+    const int proj = head_projection(p, h, &head);
+    const HeadRow r = head_row(p, row, proj < 2 && p.rope != QATTN_ROPE_NONE, proj > 0);
+    HeadValues<V, MAX_D> in;
+    load_head<V, MAX_D>(p, row, h, in);
+    finish_loaded_head<V, MAX_D>(p, row, h, buf, r, in);
 }
 
 // x[V elements] = x + y (or y without a residual), y the O projection (+ bias)

@@ -21,6 +21,8 @@
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -327,6 +329,27 @@ size_t swap_shared_bytes(bool streamed, int rows, int chunks) {
     return (streamed ? kSwapStagesBytes : 0) + sizeof(__half) * rows * (chunks * kPackRows + 8);
 }
 
+// The cluster variant's partial sums: a block's [8 NT rows][128 columns] in its
+// shared memory, rows kPartialStride floats apart (+4: the lanes of one store,
+// rows 2t and columns g, hit distinct banks; rows stay 16-byte aligned).
+constexpr int kPartialStride = kSwapColumns + 4;
+constexpr int kMaxClusterBlocks = 16;  // the split-K blocks of a column range (non-portable above 8)
+
+__host__ __device__ constexpr size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// The cluster variant's shared memory: the stages and x as above, then the
+// partial sums, then the head epilogue's buffers (kWarps x head_dim floats).
+__host__ __device__ constexpr size_t partials_offset(bool streamed, int rows, int stride) {
+    return align16((streamed ? kSwapStagesBytes : 0) + sizeof(__half) * rows * stride);
+}
+__device__ __forceinline__ float* cluster_partials(unsigned char* base, bool streamed, int rows, int stride) {
+    return reinterpret_cast<float*>(base + partials_offset(streamed, rows, stride));
+}
+size_t cluster_shared_bytes(bool streamed, int nt, int rows, int chunks, int head_dim) {
+    return partials_offset(streamed, rows, chunks * kPackRows + 8) +
+           sizeof(float) * (nt * 8 * kPartialStride + kWarps * head_dim);
+}
+
 __device__ __forceinline__ void cp_async16(void* shared, const void* global) {
     const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global) : "memory");
@@ -464,10 +487,103 @@ __device__ __forceinline__ void finish_columns(const SmallGemmEpilogue& ep, cons
     }
 }
 
+// The phase's epilogue on the columns of this block's cluster (its split-K
+// blocks, ranks 0..gridDim.y-1): once every block's partial sums are in its
+// shared memory (the first barrier), the cluster's blocks share the epilogue's
+// work, each summing the ranks' partials of its part through distributed shared
+// memory; the second barrier keeps every block's shared memory alive until all
+// have read it.
+template <int NT>
+__device__ __forceinline__ void finish_in_cluster(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
+                                                  int block_in_problem, int rows, float* partials,
+                                                  float* head_buffers) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    const cg::cluster_group cluster = cg::this_cluster();
+    const int ranks = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+    const int first = P.col_offset + block_in_problem * kSwapColumns;
+    const int count = min(kSwapColumns, P.n_tiles * 8 - block_in_problem * kSwapColumns);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // sum[u] = the cluster's total of 4 partial sums at (row, local column c).
+    const auto sum4 = [&](int row, int c, float (&sum)[4]) {
+        sum[0] = sum[1] = sum[2] = sum[3] = 0.0f;
+#pragma unroll 4
+        for (int q = 0; q < ranks; ++q) {
+            const float4 a =
+                *reinterpret_cast<const float4*>(cluster.map_shared_rank(partials, q) + row * kPartialStride + c);
+            sum[0] += a.x, sum[1] += a.y, sum[2] += a.z, sum[3] += a.w;
+        }
+    };
+    if (ep.kind == SmallGemmEpilogue::kHeads) {
+        const HeadEpilogueParams& p = ep.heads;
+        const int D = p.head_dim, heads = count / D, head0 = first / D, tasks = rows * heads;
+        // Task (row, head) of the range per warp, spread over the blocks first.
+        // The first task's position and KV slot are read before the barrier.
+        int task = warp * ranks + rank;
+        const auto row_of = [&](int t, int* h) {
+            const int row = t / heads;
+            *h = head0 + t - row * heads;
+            int head = 0;
+            const int proj = head_projection(p, *h, &head);
+            return head_row(p, row, proj < 2 && p.rope != QATTN_ROPE_NONE, proj > 0);
+        };
+        int h = 0;
+        HeadRow r;
+        if (task < tasks) r = row_of(task, &h);
+        cluster.sync();
+        for (bool first_task = true; task < tasks; task += ranks * kWarps, first_task = false) {
+            if (!first_task) r = row_of(task, &h);
+            const int row = task / heads;
+            int head = 0;
+            const int proj = head_projection(p, h, &head);
+            const __half* bias = p.bias[proj] ? p.bias[proj] + head * D : nullptr;
+            HeadValues<4, kSwapColumns> in;
+            const int i = lane * 4;
+            if (i < D) {
+                sum4(row, (h - head0) * D + i, in.v[0]);
+                if (bias) {
+                    float b[4];
+                    load_vec<4>(bias + i, b);
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) in.v[0][u] += b[u];
+                }
+            }
+            finish_loaded_head<4, kSwapColumns>(p, row, h, head_buffers + warp * D, r, in, false);
+        }
+    } else {
+        const ResidualEpilogueParams& p = ep.residual;
+        cluster.sync();
+        const int vectors = count / 4;
+        for (int i = rank * blockDim.x + threadIdx.x; i < rows * vectors; i += ranks * blockDim.x) {
+            const int row = i / vectors, c = (i - row * vectors) * 4;
+            float y[4];
+            sum4(row, c, y);
+            const int column = first + c;
+            if (p.bias) {
+                float b[4];
+                load_vec<4>(p.bias + column, b);
+#pragma unroll
+                for (int u = 0; u < 4; ++u) y[u] += b[u];
+            }
+            const size_t at = static_cast<size_t>(row) * p.width + column;
+            if (p.x_fp32)
+                add_to_residual<float, 4>(static_cast<float*>(p.x) + at, y, p.has_residual);
+            else
+                add_to_residual<__half, 4>(static_cast<__half*>(p.x) + at, y, p.has_residual);
+        }
+    }
+    cluster.sync();
+#else
+    (void)ep, (void)P, (void)block_in_problem, (void)rows, (void)partials, (void)head_buffers;
+#endif
+}
+
 // FINISH: the kernel also runs the epilogue (a variant of its own, so that the
-// kernel without it keeps its register allocation and schedule). STREAMED:
-// weights through shared memory, else registers, CHUNKS at most.
-template <int NT, bool FINISH, bool STREAMED, int CHUNKS>
+// kernel without it keeps its register allocation and schedule): CLUSTER, in the
+// thread block cluster of the column range's split-K blocks (finish_in_cluster),
+// else by the last of them to arrive (finish_columns). STREAMED: weights through
+// shared memory, else registers, CHUNKS at most.
+template <int NT, bool FINISH, bool STREAMED, int CHUNKS, bool CLUSTER = false>
 __global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
                               int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
@@ -577,8 +693,21 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         }
 
         const int out_a = P.col_offset + column_a, out_b = P.col_offset + column_b;
+        if constexpr (CLUSTER) {
+            // Every row of the tile (those past `rows` hold finite values no one reads).
+            float* const part = cluster_partials(shared_base, STREAMED, rows, stride);
+            const int local_a = warp * 16 + g, local_b = local_a + 8;
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
+            for (int n = 0; n < NT; ++n) {
+                const int r0 = n * 8 + 2 * t;
+                part[r0 * kPartialStride + local_a] = c[n][0];
+                part[(r0 + 1) * kPartialStride + local_a] = c[n][1];
+                part[r0 * kPartialStride + local_b] = c[n][2];
+                part[(r0 + 1) * kPartialStride + local_b] = c[n][3];
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < (CLUSTER ? 0 : NT); ++n) {
             const int r0 = n * 8 + 2 * t;
             if (r0 < rows) {
                 atomicAdd(acc + static_cast<size_t>(r0) * acc_stride + out_a, c[n][0]);
@@ -590,11 +719,15 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
             }
         }
     }
-    // The epilogue's head buffers (8 warps x head_dim floats) reuse the x slice,
-    // or the stages: at one row of a register-variant block the slice holds less.
-    if (FINISH)
+    if constexpr (CLUSTER) {
+        float* const part = cluster_partials(shared_base, STREAMED, rows, stride);
+        finish_in_cluster<NT>(epilogue, P, block_in_problem, rows, part, part + NT * 8 * kPartialStride);
+    } else if (FINISH) {
+        // The epilogue's head buffers (8 warps x head_dim floats) reuse the x slice,
+        // or the stages: at one row of a register-variant block the slice holds less.
         finish_columns(epilogue, P, block_in_problem, (P.w.chunks + chunks_per_block - 1) / chunks_per_block, rows,
                        reinterpret_cast<float*>(shared_base));
+    }
 }
 
 }  // namespace
@@ -673,48 +806,105 @@ qattn_status plan_chunks(Kernel kernel, SharedBytes shared_bytes, size_t max_sha
     return QATTN_SUCCESS;
 }
 
+// Whether `kernel` runs `grid` in clusters of 1 x grid.y blocks (one a column
+// range) in no more waves than the plain grid takes (plain_waves): the most
+// clusters resident at once, from cudaOccupancyMaxActiveClusters, remembered per
+// device, kernel and shared bytes. None where the device launches no clusters.
+template <typename Kernel>
+qattn_status clusters_fit(Kernel kernel, dim3 grid, size_t shared, size_t max_shared, int64_t plain_waves,
+                          bool* fits) {
+    static std::mutex mutex;
+    static std::set<std::pair<int, const void*>> non_portable;
+    static std::map<std::tuple<int, const void*, size_t, unsigned>, int> known;
+    *fits = false;
+    int device = 0, cluster_launch = 0;
+    QATTN_CUDA_TRY(cudaGetDevice(&device));
+    QATTN_CUDA_TRY(cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device));
+    if (!cluster_launch) return QATTN_SUCCESS;
+    int per_sm = 0;  // also allows the kernel its shared memory
+    QATTN_TRY(blocks_per_sm(kernel, shared, max_shared, &per_sm));
+    const void* id = reinterpret_cast<const void*>(kernel);
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto key = std::make_tuple(device, id, shared, grid.y);
+    auto found = known.find(key);
+    if (found == known.end()) {
+        if (grid.y > 8 && non_portable.count({device, id}) == 0) {
+            QATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+            non_portable.insert({device, id});
+        }
+        cudaLaunchAttribute attribute;
+        attribute.id = cudaLaunchAttributeClusterDimension;
+        attribute.val.clusterDim.x = 1;
+        attribute.val.clusterDim.y = grid.y;
+        attribute.val.clusterDim.z = 1;
+        cudaLaunchConfig_t config = {};
+        config.gridDim = grid;
+        config.blockDim = kWarps * 32;
+        config.dynamicSmemBytes = shared;
+        config.attrs = &attribute;
+        config.numAttrs = 1;
+        int clusters = 0;
+        // A size the device cannot schedule is an answer here (no clusters), not
+        // an error; it must not linger as the thread's last CUDA error either.
+        if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+            (void)cudaGetLastError();
+            clusters = 0;
+        }
+        found = known.emplace(key, clusters).first;
+    }
+    const int clusters = found->second;
+    *fits = clusters > 0 && (static_cast<int64_t>(grid.x) + clusters - 1) / clusters <= plain_waves;
+    return QATTN_SUCCESS;
+}
+
 }  // namespace
 
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
                                      int rows, float* acc, int acc_stride, int sm_count,
-                                     const SmallGemmEpilogue& epilogue, cudaStream_t stream) {
+                                     const SmallGemmEpilogue& requested, bool* finished, cudaStream_t stream) {
+    *finished = false;
     if (count <= 0) return QATTN_SUCCESS;
-    const bool finish = epilogue.kind != SmallGemmEpilogue::kNone;
-    if (count > kMaxProblems || rows < 1 || rows > kSmallRows || (finish && rows > kSmallGemmFusedRows))
+    const bool wants_finish = requested.kind != SmallGemmEpilogue::kNone;
+    if (count > kMaxProblems || rows < 1 || rows > kSmallRows || (wants_finish && rows > kSmallGemmFinishRows))
         return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: %d problems, %d rows%s", count, rows,
-                    finish ? " with the epilogue" : "");
+                    wants_finish ? " with the epilogue" : "");
     // rows <= 16: the swapped kernel, 16 columns a warp; else 8 columns a warp.
     const bool swapped = rows <= 16;
     const int columns_per_block = swapped ? kSwapColumns : kWarps * 8;
     Batch batch{};
     batch.count = count;
     int blocks_x = 0, max_chunks = 0;
+    bool same_chunks = true;
     for (int i = 0; i < count; ++i) {
         batch.p[i] = problems[i];
         batch.block_begin[i] = blocks_x;
         blocks_x += (problems[i].n_tiles * 8 + columns_per_block - 1) / columns_per_block;
         max_chunks = std::max(max_chunks, problems[i].w.chunks);
+        same_chunks = same_chunks && problems[i].w.chunks == problems[0].w.chunks;
     }
     for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks_x;
     sm_count = std::max(sm_count, 1);
     int chunks_per_block = 1;
     if (swapped) {
+        // The plain kernels (split-K sums added with atomics) are planned first;
+        // their plan also sets the cluster variant's split-K count.
+        const bool last_block_finishes = wants_finish && rows <= kSmallGemmFusedRows;
         // The register variants: up to 4 chunks at one x tile (finishing the
         // phase or not); 3 or, with fewer registers, 2 at two x tiles.
         const auto registers = [&](int chunks) {
             return rows > 8 ? (chunks > 2 ? gptq4_gemm_swapped_kernel<2, false, false, 3>
                                           : gptq4_gemm_swapped_kernel<2, false, false, 2>)
-                   : finish ? gptq4_gemm_swapped_kernel<1, true, false, 4>
-                            : gptq4_gemm_swapped_kernel<1, false, false, 4>;
+                   : last_block_finishes ? gptq4_gemm_swapped_kernel<1, true, false, 4>
+                                         : gptq4_gemm_swapped_kernel<1, false, false, 4>;
         };
         const auto streamed_kernel = rows > 8 ? gptq4_gemm_swapped_kernel<2, false, true, 0>
-                                     : finish ? gptq4_gemm_swapped_kernel<1, true, true, 0>
-                                              : gptq4_gemm_swapped_kernel<1, false, true, 0>;
+                                     : last_block_finishes ? gptq4_gemm_swapped_kernel<1, true, true, 0>
+                                                           : gptq4_gemm_swapped_kernel<1, false, true, 0>;
         // Registers while the grid takes at most two waves (measured best at
         // Llama-3-8B decode), else streamed; the epilogue's head buffers need
         // kWarps * head_dim floats of either.
-        const size_t epilogue_shared =
-            epilogue.kind == SmallGemmEpilogue::kHeads ? sizeof(float) * kWarps * epilogue.heads.head_dim : 0;
+        const int head_dim = requested.kind == SmallGemmEpilogue::kHeads ? requested.heads.head_dim : 0;
+        const size_t epilogue_shared = last_block_finishes ? sizeof(float) * kWarps * head_dim : 0;
         const int register_chunks = rows > 8 ? 3 : 4;
         const auto register_shared = [&](int c) {
             return std::max(swap_shared_bytes(false, rows, c), epilogue_shared);
@@ -729,16 +919,50 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         const auto shared_bytes = [&](int c) {
             return streamed ? swap_shared_bytes(true, rows, c) : register_shared(c);
         };
+        const size_t max_shared = streamed ? swap_shared_bytes(true, 16, kSwapMaxChunks) : register_max_shared;
         if (streamed)
-            QATTN_TRY(plan_chunks(streamed_kernel, shared_bytes, swap_shared_bytes(true, 16, kSwapMaxChunks),
-                                  kSwapMaxChunks, true, blocks_x, max_chunks, sm_count, &chunks_per_block));
+            QATTN_TRY(plan_chunks(streamed_kernel, shared_bytes, max_shared, kSwapMaxChunks, true, blocks_x,
+                                  max_chunks, sm_count, &chunks_per_block));
         else
-            QATTN_TRY(plan_chunks(registers(register_chunks), shared_bytes, register_max_shared, register_chunks,
-                                  false, blocks_x, max_chunks, sm_count, &chunks_per_block));
+            QATTN_TRY(plan_chunks(registers(register_chunks), shared_bytes, max_shared, register_chunks, false,
+                                  blocks_x, max_chunks, sm_count, &chunks_per_block));
         const auto kernel = streamed ? streamed_kernel : registers(chunks_per_block);
         const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
-        return launch_pdl("gptq4_gemm_swapped", kernel, grid, kWarps * 32, shared_bytes(chunks_per_block), stream,
-                          batch, x, x_stride, rows, acc, acc_stride, chunks_per_block, epilogue);
+
+        // The same plan with the split-K blocks of each column range as one
+        // cluster that finishes the phase, where it runs in as few waves. Every
+        // block of a cluster must reach its barriers: all problems have the
+        // same chunks, so no block is left without a K slice.
+        if (wants_finish && same_chunks && grid.y <= kMaxClusterBlocks) {
+            const auto clustered = streamed ? (rows > 8 ? gptq4_gemm_swapped_kernel<2, true, true, 0, true>
+                                                        : gptq4_gemm_swapped_kernel<1, true, true, 0, true>)
+                                   : rows > 8 ? (chunks_per_block > 2 ? gptq4_gemm_swapped_kernel<2, true, false, 3, true>
+                                                                      : gptq4_gemm_swapped_kernel<2, true, false, 2, true>)
+                                              : gptq4_gemm_swapped_kernel<1, true, false, 4, true>;
+            const int nt = rows > 8 ? 2 : 1;
+            const size_t shared = cluster_shared_bytes(streamed, nt, rows, chunks_per_block, head_dim);
+            const size_t cluster_max_shared =
+                cluster_shared_bytes(streamed, 2, 16, streamed ? kSwapMaxChunks : register_chunks, kSwapColumns);
+            int plain_per_sm = 0;
+            QATTN_TRY(blocks_per_sm(kernel, shared_bytes(chunks_per_block), max_shared, &plain_per_sm));
+            const int64_t resident = int64_t(std::max(plain_per_sm, 1)) * sm_count;
+            const int64_t plain_waves = (int64_t(grid.x) * grid.y + resident - 1) / resident;
+            bool fits = false;
+            QATTN_TRY(clusters_fit(clustered, grid, shared, cluster_max_shared, plain_waves, &fits));
+            if (fits) {
+                QATTN_TRY(launch_pdl_clustered("gptq4_gemm_swapped (clusters)", clustered, grid, kWarps * 32, shared,
+                                               static_cast<int>(grid.y), stream, batch, x, x_stride, rows, acc,
+                                               acc_stride, chunks_per_block, requested));
+                *finished = true;
+                return QATTN_SUCCESS;
+            }
+        }
+        SmallGemmEpilogue epilogue;
+        if (last_block_finishes) epilogue = requested;
+        QATTN_TRY(launch_pdl("gptq4_gemm_swapped", kernel, grid, kWarps * 32, shared_bytes(chunks_per_block), stream,
+                             batch, x, x_stride, rows, acc, acc_stride, chunks_per_block, epilogue));
+        *finished = last_block_finishes;
+        return QATTN_SUCCESS;
     }
     // The x slice stays under the 48 KB default.
     const int max_by_shared = std::max(1, ((48 << 10) / (2 * rows) - 8) / kPackRows);

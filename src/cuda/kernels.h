@@ -103,14 +103,22 @@ struct ResidualEpilogueParams {
 };
 qattn_status launch_residual_epilogue(const ResidualEpilogueParams& p, cudaStream_t stream);
 
-// The small-row GEMM can finish the phase itself for up to kSmallGemmFusedRows
-// rows (beyond, the few last blocks would run the epilogue of many rows each,
-// slower than a kernel spread over the GPU; measured in docs/GPU_NOTES.md): the last block to add its partial sums to a column range (a counter per
-// range) runs the head epilogue (ranges hold whole heads: 128 % head_dim == 0)
-// or the residual epilogue (no post-norm: that needs whole rows) on that range,
-// which saves a kernel boundary and the wait for the whole grid. Only the
-// projections of the GEMM may feed the accumulator (no LoRA, no cuBLAS part).
+// The small-row GEMM can finish the phase itself (kHeads: bias, head norm, RoPE
+// on ranges of whole heads, 128 % head_dim == 0; kResidual: no post-norm, which
+// needs whole rows). Only the projections of the GEMM may feed the accumulator
+// (no LoRA, no cuBLAS part). Two ways, for up to kSmallGemmFinishRows rows:
+//  - its split-K blocks of a column range form a thread block cluster (sm_90)
+//    and add their partial sums in distributed shared memory; the epilogue is
+//    spread over the cluster's blocks. No atomics and no global round trip.
+//  - otherwise, up to kSmallGemmFusedRows rows: the last block to add its
+//    partial sums to a column range (a counter per range) runs the epilogue on
+//    it, which saves a kernel boundary and the wait for the whole grid. Beyond,
+//    the few last blocks would run the epilogue of many rows each, slower than
+//    a kernel spread over the GPU (measured in docs/GPU_NOTES.md).
+// launch_gptq4_gemm_small says whether it finished the phase (*finished);
+// where it did not, the caller launches the epilogue kernel.
 constexpr int kSmallGemmFusedRows = 8;
+constexpr int kSmallGemmFinishRows = 16;
 struct SmallGemmEpilogue {
     enum Kind { kNone, kHeads, kResidual } kind = kNone;
     int* counters = nullptr;  // small_gemm_counters(columns) ints, zero between calls
@@ -123,6 +131,6 @@ bool small_gemm_can_finish_residual(const ResidualEpilogueParams& p);
 
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
                                      int rows, float* acc, int acc_stride, int sm_count,
-                                     const SmallGemmEpilogue& epilogue, cudaStream_t stream);
+                                     const SmallGemmEpilogue& epilogue, bool* finished, cudaStream_t stream);
 
 }  // namespace qattn::cuda

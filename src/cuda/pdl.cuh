@@ -34,24 +34,41 @@ inline bool pdl_supported() {
     return major >= 9;
 }
 
+// cluster_y > 1: the grid's blocks form clusters of 1 x cluster_y (grid.y a
+// multiple of it; sm_90, see gptq_gemm_small.cu).
 template <typename... Params, typename... Args>
-qattn_status launch_pdl(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
-                        cudaStream_t stream, Args&&... args) {
-    cudaLaunchAttribute attribute;
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
+qattn_status launch_pdl_clustered(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block,
+                                  size_t shared, int cluster_y, cudaStream_t stream, Args&&... args) {
+    cudaLaunchAttribute attributes[2];
+    unsigned count = 0;
+    if (pdl_supported()) {
+        attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attributes[count++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (cluster_y > 1) {
+        attributes[count].id = cudaLaunchAttributeClusterDimension;
+        attributes[count].val.clusterDim.x = 1;
+        attributes[count].val.clusterDim.y = static_cast<unsigned>(cluster_y);
+        attributes[count++].val.clusterDim.z = 1;
+    }
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
     config.blockDim = block;
     config.dynamicSmemBytes = shared;
     config.stream = stream;
-    config.attrs = &attribute;
-    config.numAttrs = pdl_supported() ? 1 : 0;
+    config.attrs = attributes;
+    config.numAttrs = count;
     const cudaError_t error = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
     if (error != cudaSuccess)
         return fail(QATTN_ERROR_CUDA, "launching the %s kernel failed: %s (%s)", name, cudaGetErrorString(error),
                     cudaGetErrorName(error));
     return QATTN_SUCCESS;
+}
+
+template <typename... Params, typename... Args>
+qattn_status launch_pdl(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared,
+                        cudaStream_t stream, Args&&... args) {
+    return launch_pdl_clustered(name, kernel, grid, block, shared, 1, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace qattn::cuda
