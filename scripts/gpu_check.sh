@@ -171,4 +171,4 @@ fi
 
 note "summary (card: ${CARD:-none}, commit: $COMMIT)"
 for line in "${SUMMARY[@]}"; do echo "   $line" | tee -a "$LOG"; done
-want timing && grep -E "^(card|floors|case|D[0-9]|P[0-9])" "$OUT/timing.log"
+if want timing; then grep -E "^(card|floors|case|D[0-9]|P[0-9])" "$OUT/timing.log"; fi
