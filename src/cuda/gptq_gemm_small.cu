@@ -929,44 +929,30 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         const auto kernel = streamed ? streamed_kernel : registers(chunks_per_block);
         const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
 
-        // The split-K blocks of each column range as one cluster that finishes
-        // the phase, where the clusters run in as few waves as the plain grid:
-        // the plain plan's K slices, or, where that many clusters do not fit,
-        // longer ones (fewer, larger clusters fit worse than more, smaller
-        // ones: on the H200 45 clusters of 8 blocks at once, 62 of 6). Every
+        // The same plan with the split-K blocks of each column range as one
+        // cluster that finishes the phase, where it runs in as few waves. Every
         // block of a cluster must reach its barriers: all problems have the
         // same chunks, so no block is left without a K slice.
-        if (wants_finish && same_chunks) {
-            const auto clustered = [&](int c) {
-                if (streamed)
-                    return rows > 8 ? gptq4_gemm_swapped_kernel<2, true, true, 0, true>
-                                    : gptq4_gemm_swapped_kernel<1, true, true, 0, true>;
-                if (rows > 8)
-                    return c > 2 ? gptq4_gemm_swapped_kernel<2, true, false, 3, true>
-                                 : gptq4_gemm_swapped_kernel<2, true, false, 2, true>;
-                return c > 5   ? gptq4_gemm_swapped_kernel<1, true, false, 6, true>
-                       : c > 4 ? gptq4_gemm_swapped_kernel<1, true, false, 5, true>
-                               : gptq4_gemm_swapped_kernel<1, true, false, 4, true>;
-            };
-            const int most_chunks = streamed ? kSwapMaxChunks : rows > 8 ? 3 : 6;
+        if (wants_finish && same_chunks && grid.y <= kMaxClusterBlocks) {
+            const auto clustered = streamed ? (rows > 8 ? gptq4_gemm_swapped_kernel<2, true, true, 0, true>
+                                                        : gptq4_gemm_swapped_kernel<1, true, true, 0, true>)
+                                   : rows > 8 ? (chunks_per_block > 2 ? gptq4_gemm_swapped_kernel<2, true, false, 3, true>
+                                                                      : gptq4_gemm_swapped_kernel<2, true, false, 2, true>)
+                                              : gptq4_gemm_swapped_kernel<1, true, false, 4, true>;
             const int nt = rows > 8 ? 2 : 1;
-            const size_t cluster_max_shared = cluster_shared_bytes(streamed, 2, 16, most_chunks, kSwapColumns);
+            const size_t shared = cluster_shared_bytes(streamed, nt, rows, chunks_per_block, head_dim);
+            const size_t cluster_max_shared =
+                cluster_shared_bytes(streamed, 2, 16, streamed ? kSwapMaxChunks : register_chunks, kSwapColumns);
             int plain_per_sm = 0;
             QATTN_TRY(blocks_per_sm(kernel, shared_bytes(chunks_per_block), max_shared, &plain_per_sm));
             const int64_t resident = int64_t(std::max(plain_per_sm, 1)) * sm_count;
             const int64_t plain_waves = (int64_t(grid.x) * grid.y + resident - 1) / resident;
-            unsigned tried = 0;
-            for (int c = chunks_per_block; c <= most_chunks; ++c) {
-                const dim3 cluster_grid(blocks_x, (max_chunks + c - 1) / c);
-                if (cluster_grid.y > kMaxClusterBlocks || cluster_grid.y == tried) continue;
-                tried = cluster_grid.y;
-                const size_t shared = cluster_shared_bytes(streamed, nt, rows, c, head_dim);
-                bool fits = false;
-                QATTN_TRY(clusters_fit(clustered(c), cluster_grid, shared, cluster_max_shared, plain_waves, &fits));
-                if (!fits) continue;
-                QATTN_TRY(launch_pdl_clustered("gptq4_gemm_swapped (clusters)", clustered(c), cluster_grid,
-                                               kWarps * 32, shared, static_cast<int>(cluster_grid.y), stream, batch, x,
-                                               x_stride, rows, acc, acc_stride, c, requested));
+            bool fits = false;
+            QATTN_TRY(clusters_fit(clustered, grid, shared, cluster_max_shared, plain_waves, &fits));
+            if (fits) {
+                QATTN_TRY(launch_pdl_clustered("gptq4_gemm_swapped (clusters)", clustered, grid, kWarps * 32, shared,
+                                               static_cast<int>(grid.y), stream, batch, x, x_stride, rows, acc,
+                                               acc_stride, chunks_per_block, requested));
                 *finished = true;
                 return QATTN_SUCCESS;
             }
