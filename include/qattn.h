@@ -271,7 +271,9 @@ QATTN_API qattn_lora_desc qattn_lora_desc_default(void);
 /* Replaces the layer's whole adapter set by `count` adapters (count 0 clears it).
  * `loras` is an array of descriptors, each `loras[0].struct_size` bytes apart.
  * Writes the largest rank to *max_rank if max_rank is not NULL. An (id, proj) pair
- * may appear once. Not safe while the layer's stream still runs a forward. */
+ * may appear once. Not safe while the layer's stream still runs a forward. It may
+ * grow the layer's scratch (LoRA needs fp32 sums of every row): forward calls
+ * captured into a caller's CUDA graph before it must be captured again. */
 QATTN_API qattn_status qattn_set_loras(qattn_layer* layer, const qattn_lora_desc* loras, int count,
                                        int* max_rank);
 

@@ -324,6 +324,24 @@ def test_lora_matches_cpu(weights, batch, q_len, gen):
 
 
 @pytest.mark.parametrize("weights", ["dense", "gptq4_act"])
+def test_lora_after_calls_grows_the_accumulators(weights, gen):
+    # Without an O bias or post-norm, beyond the small-row path the layer keeps
+    # no fp32 O sums (cuBLAS adds O into the residual) and its Q|K|V sums in
+    # fp16; LoRA adds into fp32 sums of every row, so set_loras grows those
+    # buffers. Calls before and after, at both paths, must be right.
+    pair = Pair(Spec(weights=weights, max_rows=100), gen)
+    pair.check(2, 50, gen, past_len=1)
+    pair.check(1, 1, gen, past_len=1)
+    for layout, active in (({4: {"o": 8}}, (4,)), ({6: {"q": 4, "v": 8}, 4: {"o": 8}}, (6, 4))):
+        adapters = _adapters(pair, gen, layout)
+        for dev in adapters:
+            pair.layers[dev].set_loras(adapters[dev])
+        pair.check(2, 50, gen, past_len=2, loras=active)
+        pair.check(3, 1, gen, past_len=2, loras=active)
+        pair.check(2, 50, gen, past_len=3)
+
+
+@pytest.mark.parametrize("weights", ["dense", "gptq4_act"])
 def test_graphs_follow_new_pointers_and_positions(weights, gen):
     pair = Pair(Spec(weights=weights, max_rows=32, head_norm="rms", use_graphs=True), gen)
     adapters = _adapters(pair, gen, {1: {"q": 4, "o": 4}})

@@ -99,6 +99,9 @@ public:
             QATTN_TRY(adapters[i].b.upload(s.b.data(), sizeof(uint16_t) * s.b.size()));
             max_rank = std::max(max_rank, s.rank);
         }
+        bool qkv_lora = false, o_lora = false;
+        for (const LoraSpec& s : specs) (s.proj == QATTN_PROJ_O ? o_lora : qkv_lora) = true;
+        QATTN_TRY(size_accumulators(qkv_lora, o_lora));
         DeviceBuffer scratch;
         QATTN_TRY(scratch.allocate(sizeof(uint16_t) * info_.max_rows * max_rank));
         QATTN_CUDA_TRY(cudaStreamSynchronize(nullptr));  // uploads done before any stream reads them
@@ -163,17 +166,10 @@ private:
         const size_t rows = static_cast<size_t>(info_.max_rows);
         if (info_.input_norm.enabled() || info_.residual_fp32)
             QATTN_TRY(normed_.allocate(sizeof(__half) * rows * info_.hidden_size));
-        // The large-row path's fp16 Q|K|V sums share this buffer, after the
-        // first kSmallRows rows (the small-row atomics' rows, which must stay
-        // zero): for max_rows >= 64 that costs no memory.
-        const size_t acc_rows = rows > kSmallRows ? std::max(rows, kSmallRows + (rows + 1) / 2) : rows;
-        QATTN_TRY(acc_qkv_.allocate(sizeof(float) * acc_rows * qkv_width_));
-        QATTN_TRY(acc_o_.allocate(sizeof(float) * rows * info_.hidden_size));
+        QATTN_TRY(size_accumulators(false, false));
         QATTN_TRY(error_flag_.allocate(sizeof(int)));
         counters_o_ = small_gemm_counters(qkv_width_);
         QATTN_TRY(counters_.allocate(sizeof(int) * (counters_o_ + small_gemm_counters(info_.hidden_size))));
-        QATTN_CUDA_TRY(cudaMemset(acc_qkv_.get(), 0, acc_qkv_.bytes()));
-        QATTN_CUDA_TRY(cudaMemset(acc_o_.get(), 0, acc_o_.bytes()));
         QATTN_CUDA_TRY(cudaMemset(counters_.get(), 0, counters_.bytes()));
         QATTN_CUDA_TRY(cudaMemset(error_flag_.get(), 0, sizeof(int)));
 
@@ -249,6 +245,29 @@ private:
         const qattn_status status = body(s);
         if (status != QATTN_SUCCESS) dirty_ = true;
         return status;
+    }
+
+    // The fp32 accumulators, zero between calls. The small-row path adds into
+    // their first kSmallRows rows. Beyond it the Q|K|V sums leave cuBLAS in fp16
+    // into the same buffer past those rows (half an fp32 row each), except with
+    // LoRA on q, k or v, whose products add to fp32 sums of every row; and the
+    // O sums are kept only with an O bias, a post-norm or LoRA on O (else cuBLAS
+    // adds O into the residual itself). So LoRA, known only from set_loras,
+    // grows them there; they never shrink.
+    qattn_status size_accumulators(bool qkv_lora, bool o_lora) {
+        const size_t rows = static_cast<size_t>(info_.max_rows), small = std::min<size_t>(rows, kSmallRows);
+        const size_t qkv_rows = rows <= kSmallRows ? rows : qkv_lora ? rows : kSmallRows + (rows + 1) / 2;
+        const bool o_all_rows = o_lora || proj_[3]->bias() || info_.post_norm.enabled();
+        const size_t o_rows = o_all_rows ? rows : small;
+        for (auto [buffer, bytes] : {std::pair<DeviceBuffer*, size_t>{&acc_qkv_, sizeof(float) * qkv_rows * qkv_width_},
+                                     {&acc_o_, sizeof(float) * o_rows * info_.hidden_size}}) {
+            if (buffer->get() && buffer->bytes() >= bytes) continue;
+            DeviceBuffer grown;
+            QATTN_TRY(grown.allocate(bytes));
+            QATTN_CUDA_TRY(cudaMemset(grown.get(), 0, bytes));
+            *buffer = std::move(grown);
+        }
+        return QATTN_SUCCESS;
     }
 
     // cublasSetStream also resets the workspace, so both are set together, once per call.
