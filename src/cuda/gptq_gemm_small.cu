@@ -1,22 +1,27 @@
 // GPTQ 4-bit GEMM for decode-sized row counts (1..32 rows), bound by the bytes of
-// the packed weights. Two kernels read the same packing. gptq4_gemm_small (17..32
-// rows): each warp owns 8 output columns (one MMA n-tile) and walks a slice of K
-// (at most 8 chunks of 128 rows): one 16-byte coalesced load per lane and chunk
-// brings 128 rows of its column (8 m16n8k16 steps), all issued before the block
-// stages x (and before it waits for the kernel that wrote x: programmatic
-// launch), and dequantized straight into the B fragment:
-//   nibble pair -> (lop3 with 0x6400) -> fp16 1024 + q -> minus (1024 + z) -> times scale
-// (all exact but the final rounding, i.e. the fp16 value of the weight); x comes
-// from shared memory by ldmatrix. gptq4_gemm_swapped (1..16 rows): the weights
-// are the m16 operand and x the n8 one, and they stream through a cp.async
-// pipeline in shared memory, so a block walks up to 16 chunks with 4 in flight
-// per warp (see there). The tensor cores accumulate in fp32. K is split across
-// blocks so that the grid is one resident wave;
-// partial sums meet in the fp32 accumulator through atomics, and the epilogue
-// that reads the accumulator zeroes it again. Up to 8 rows that epilogue runs
-// here: the last block to finish a column range (an arrival counter per range)
-// applies bias / head norm / RoPE or adds to the residual, so the phase is one
-// kernel and no block waits for the whole grid.
+// the packed weights. Two kernels read the same packing (cuda_qmatrix.h):
+//  - gptq4_gemm_small (17..32 rows): each warp owns 8 output columns (one MMA
+//    n-tile) and walks a slice of K (at most 8 chunks of 128 rows): one 16-byte
+//    coalesced load per lane and chunk brings 128 rows of its column (8
+//    m16n8k16 steps), all issued before the block stages x (and before it waits
+//    for the kernel that wrote x: programmatic launch), dequantized straight
+//    into the B fragment:
+//      nibble pair -> (lop3 with 0x6400) -> fp16 1024 + q -> minus (1024 + z) -> times scale
+//    (all exact but the final rounding: the fp16 value of the weight); x comes
+//    from shared memory by ldmatrix.
+//  - gptq4_gemm_swapped (1..16 rows): the weights are the m16 operand and x the
+//    n8 one; the weights wait in registers (grids of up to two waves) or stream
+//    through a cp.async pipeline in shared memory (longer K slices).
+// The tensor cores accumulate in fp32. K is split across blocks (planned from
+// the kernels' occupancy, plan_chunks), and the split-K partial sums meet in one
+// of three ways: atomics into the fp32 accumulator, whose epilogue kernel zeroes
+// it again; the same, then the last block to finish a column range (an arrival
+// counter per range) runs the epilogue on it (up to 8 rows: finish_columns); or,
+// on sm_90 where they fit, the split-K blocks of a column range as one thread
+// block cluster that adds them in distributed shared memory and runs the
+// epilogue together (up to 16 rows: finish_in_cluster). The epilogue applies
+// bias / head norm / RoPE (forward1) or adds to the residual (forward2), so
+// the phase is one kernel.
 #include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
