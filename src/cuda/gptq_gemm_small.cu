@@ -498,7 +498,6 @@ __device__ __forceinline__ void finish_columns(const SmallGemmEpilogue& ep, cons
 // work, each summing the ranks' partials of its part through distributed shared
 // memory; the second barrier keeps every block's shared memory alive until all
 // have read it.
-template <int NT>
 __device__ __forceinline__ void finish_in_cluster(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
                                                   int block_in_problem, int rows, float* partials,
                                                   float* head_buffers) {
@@ -726,7 +725,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     }
     if constexpr (CLUSTER) {
         float* const part = cluster_partials(shared_base, STREAMED, rows, stride);
-        finish_in_cluster<NT>(epilogue, P, block_in_problem, rows, part, part + NT * 8 * kPartialStride);
+        finish_in_cluster(epilogue, P, block_in_problem, rows, part, part + NT * 8 * kPartialStride);
     } else if (FINISH) {
         // The epilogue's head buffers (8 warps x head_dim floats) reuse the x slice,
         // or the stages: at one row of a register-variant block the slice holds less.
