@@ -46,6 +46,7 @@ def test_tiny_run_on_the_cpu(tmp_path, capsys):
     assert "layers cycled: 2;" in printed and "built 2 8B layers" in printed and "results written to" in printed
     report = json.loads(out.read_text())
     assert report["settings"]["layers_cycled"] == {"8B": 2}
+    assert report["memory_per_layer"] == {"8B": None}  # measured on CUDA devices only
     by_name = {c["name"]: c for c in report["cases"]}
     assert set(by_name) == {"D1", "D1-paged"}
     for case in by_name.values():

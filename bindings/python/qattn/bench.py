@@ -298,10 +298,20 @@ class TorchWeights:
     o: torch.Tensor  # fp16 [H, NH*D]
 
 
+def _library_bytes(device):
+    """Device memory in use outside PyTorch's caching allocator: on a CUDA device
+    otherwise idle, what the qattn library allocated itself."""
+    torch.cuda.synchronize(device)
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free - torch.cuda.memory_reserved(device)
+
+
 class Model:
     """`count` distinct layers of one shape: qattn layers on GPTQ weights and the
     PyTorch layer's fp16 weights (the same values, dequantized). Layer 0's GPTQ
-    tensors are kept for the float64 reference."""
+    tensors are kept for the float64 reference. On CUDA, `memory` is the device
+    memory a qattn layer took (its weights; the rest: scratch for max_rows rows,
+    cuBLAS) and the PyTorch layer's fp16 weights, in bytes per layer."""
 
     def __init__(self, shape, count, max_rows, max_seq_len, device, seed):
         self.shape = shape
@@ -312,6 +322,8 @@ class Model:
         q_w, kv_w = s.heads * s.head_dim, s.kv_heads * s.head_dim
         self.layers, self.torch_weights = [], []
         self.reference = None
+        measure = device.type == "cuda"
+        weight_bytes = layer_bytes = 0
         for i in range(count):
             mats = {
                 "q": random_gptq(s.hidden, q_w, s.group, device, gen),
@@ -320,10 +332,12 @@ class Model:
                 "o": random_gptq(q_w, s.hidden, s.group, device, gen),
             }
             norm = (1.0 + 0.1 * torch.randn(s.hidden, device=device, generator=gen)).half()
+            before = _library_bytes(device) if measure else 0
             qm = {
                 name: qattn.QMatrix.gptq(qw, qz, sc, bits=4, group_size=s.group, zero_offset_one=True)
                 for name, (qw, qz, sc) in mats.items()
             }
+            between = _library_bytes(device) if measure else 0
             self.layers.append(
                 qattn.Layer(
                     hidden_size=s.hidden, num_heads=s.heads, num_kv_heads=s.kv_heads, head_dim=s.head_dim,
@@ -332,6 +346,9 @@ class Model:
                     max_rows=max_rows, max_seq_len=max_seq_len, use_graphs=False,
                 )
             )
+            if measure:
+                weight_bytes += between - before
+                layer_bytes += _library_bytes(device) - between
             dense = {name: dequantize(qw, sc, s.group, torch.float16).t().contiguous()
                      for name, (qw, _, sc) in mats.items()}
             self.torch_weights.append(
@@ -340,6 +357,13 @@ class Model:
             if i == 0:
                 self.reference = {"mats": mats, "norm": norm}
             del mats, dense
+        tw = self.torch_weights[0]
+        self.memory = None if not measure else {
+            "max_rows": max_rows,
+            "qattn_weights_bytes": weight_bytes / count,
+            "qattn_layer_bytes": layer_bytes / count,
+            "torch_weights_bytes": (tw.qkv.numel() + tw.o.numel()) * tw.o.element_size(),
+        }
         self.inv_freq = qattn.default_inv_freq(s.head_dim, base=ROPE_BASE)
         self.sin, self.cos = qattn.rope_tables(self.inv_freq, max_seq_len, device=device)
 
@@ -1076,6 +1100,7 @@ def main(argv=None):
     results, sweep_results, acc, notes = [], [], {}, []
     measured = {}
     layers_cycled = {}
+    memory = {}
     by_shape = {}
     for c in selected + sweep_selected:
         by_shape.setdefault(c.shape, []).append(c)
@@ -1101,6 +1126,13 @@ def main(argv=None):
                 (sweep_results if c.name.startswith("sweep") else results).append(entry)
             continue
         print("built %d %s layers in %.1f s" % (layers, shape_name, time.perf_counter() - t0), file=out)
+        memory[shape_name] = model.memory
+        if model.memory:
+            m = model.memory
+            print("device memory per %s layer: qattn %.1f MiB of weights + %.1f MiB of scratch and cuBLAS "
+                  "(max_rows %d); PyTorch fp16 weights %.1f MiB"
+                  % (shape_name, m["qattn_weights_bytes"] / 2**20, m["qattn_layer_bytes"] / 2**20, m["max_rows"],
+                     m["torch_weights_bytes"] / 2**20), file=out)
         for c in group:
             if c.name in ACCURACY_CASES:
                 try:
@@ -1181,6 +1213,7 @@ def main(argv=None):
                      "sdpa_gqa": settings.gqa, "l2_bytes": settings.l2_bytes},
         "shapes": {k: dataclasses.asdict(v) for k, v in shapes.items()},
         "floors": dataclasses.asdict(floors),
+        "memory_per_layer": memory,
         "cases": results,
         "sweep": sweep_results,
         "accuracy": acc,
