@@ -316,7 +316,9 @@ class Layer:
         return block.forward(self, x, cache, seq_ids, **kwargs)
 
     def set_loras(self, adapters):
-        """Replaces the adapter set; returns the largest rank (0 when empty)."""
+        """Replaces the adapter set; returns the largest rank (0 when empty). It may
+        grow the layer's device scratch: capture a torch.cuda.graph of the layer's
+        calls again after it."""
         handle = self._live_handle()
         adapters = list(adapters)
         q_width = self.num_heads * self.head_dim
