@@ -80,12 +80,7 @@ __device__ __forceinline__ void load_head(const HeadEpilogueParams& p, int row, 
             load_vec<V>(p.acc16 + at + i, out.v[c]);
         else
             load_vec_l2<V>(p.acc + at + i, out.v[c]);
-        if (bias) {
-            float b[V];
-            load_vec<V>(bias + i, b);
-#pragma unroll
-            for (int u = 0; u < V; ++u) out.v[c][u] += b[u];
-        }
+        add_bias<V>(bias, i, out.v[c]);
     }
 }
 
@@ -221,6 +216,15 @@ __device__ __forceinline__ void add_to_residual(T* x, float (&y)[V], bool has_re
         for (int u = 0; u < V; ++u) y[u] += r[u];
     }
     store_vec<V>(x, y);
+}
+
+// The same at element `at` of the residual stream of p (fp16 or fp32).
+template <int V>
+__device__ __forceinline__ void add_to_residual(const ResidualEpilogueParams& p, size_t at, float (&y)[V]) {
+    if (p.x_fp32)
+        add_to_residual<float, V>(static_cast<float*>(p.x) + at, y, p.has_residual);
+    else
+        add_to_residual<__half, V>(static_cast<__half*>(p.x) + at, y, p.has_residual);
 }
 
 }  // namespace qattn::cuda

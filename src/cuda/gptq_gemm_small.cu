@@ -477,18 +477,10 @@ __device__ __forceinline__ void finish_columns(const SmallGemmEpilogue& ep, cons
         const size_t at = static_cast<size_t>(row) * p.width + column;
         float y[4];
         load_vec_l2<4>(p.acc + at, y);
-        if (p.bias) {
-            float b[4];
-            load_vec<4>(p.bias + column, b);
-#pragma unroll
-            for (int u = 0; u < 4; ++u) y[u] += b[u];
-        }
+        add_bias<4>(p.bias, column, y);
         const float zeros[4] = {};
         store_vec<4>(p.acc + at, zeros);
-        if (p.x_fp32)
-            add_to_residual<float, 4>(static_cast<float*>(p.x) + at, y, p.has_residual);
-        else
-            add_to_residual<__half, 4>(static_cast<__half*>(p.x) + at, y, p.has_residual);
+        add_to_residual<4>(p, at, y);
     }
 }
 
@@ -545,12 +537,7 @@ __device__ __forceinline__ void finish_in_cluster(const SmallGemmEpilogue& ep, c
             const int i = lane * 4;
             if (i < D) {
                 sum4(row, (h - head0) * D + i, in.v[0]);
-                if (bias) {
-                    float b[4];
-                    load_vec<4>(bias + i, b);
-#pragma unroll
-                    for (int u = 0; u < 4; ++u) in.v[0][u] += b[u];
-                }
+                add_bias<4>(bias, i, in.v[0]);
             }
             finish_loaded_head<4, kSwapColumns>(p, row, h, head_buffers + warp * D, r, in, false);
         }
@@ -563,17 +550,8 @@ __device__ __forceinline__ void finish_in_cluster(const SmallGemmEpilogue& ep, c
             float y[4];
             sum4(row, c, y);
             const int column = first + c;
-            if (p.bias) {
-                float b[4];
-                load_vec<4>(p.bias + column, b);
-#pragma unroll
-                for (int u = 0; u < 4; ++u) y[u] += b[u];
-            }
-            const size_t at = static_cast<size_t>(row) * p.width + column;
-            if (p.x_fp32)
-                add_to_residual<float, 4>(static_cast<float*>(p.x) + at, y, p.has_residual);
-            else
-                add_to_residual<__half, 4>(static_cast<__half*>(p.x) + at, y, p.has_residual);
+            add_bias<4>(p.bias, column, y);
+            add_to_residual<4>(p, static_cast<size_t>(row) * p.width + column, y);
         }
     }
     cluster.sync();

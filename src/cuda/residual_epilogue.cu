@@ -24,12 +24,7 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
     T* row = x + static_cast<size_t>(blockIdx.x) * width;
     auto value = [&](int i, float (&v)[V]) {
         load_vec<V>(y + i, v);
-        if (bias) {
-            float b[V];
-            load_vec<V>(bias + i, b);
-#pragma unroll
-            for (int u = 0; u < V; ++u) v[u] += b[u];
-        }
+        add_bias<V>(bias, i, v);
     };
 
     float mean = 0.0f, inv = 1.0f;

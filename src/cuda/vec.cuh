@@ -82,4 +82,14 @@ inline bool rows_vectorizable(const void* p, int width, int element_bytes) {
     return width % 8 == 0 && reinterpret_cast<uintptr_t>(p) % 16 == 0 && (width * element_bytes) % 16 == 0;
 }
 
+// v += bias[i .. i + V) where there is a bias (null: none).
+template <int V>
+__device__ __forceinline__ void add_bias(const __half* bias, int i, float (&v)[V]) {
+    if (!bias) return;
+    float b[V];
+    load_vec<V>(bias + i, b);
+#pragma unroll
+    for (int u = 0; u < V; ++u) v[u] += b[u];
+}
+
 }  // namespace qattn::cuda
