@@ -323,6 +323,32 @@ def test_lora_matches_cpu(weights, batch, q_len, gen):
     pair.check(batch, q_len, gen, past_len=1)
 
 
+def test_layers_of_a_device_share_cublas_handles(gen):
+    # A cuBLAS handle holds tens of MiB of device memory (64.5 on an H200): the
+    # layers of a device lease one per call from a shared pool instead of owning
+    # one each, so six small layers take well under six handles' worth.
+    H, NH, NKV, D = 256, 4, 2, 64
+    mats = {}
+    for name, (k, n) in {"q": (H, NH * D), "k": (H, NKV * D), "v": (H, NKV * D), "o": (NH * D, H)}.items():
+        g = quant.random_gptq(k, n, generator=gen, bits=4, group_size=64)
+        mats[name + "_proj"] = qattn.QMatrix.gptq(g["qweight"].to(CUDA), g["qzeros"].to(CUDA), g["scales"].to(CUDA),
+                                                  None, None, bits=4, group_size=64,
+                                                  zero_offset_one=g["zero_offset_one"])
+    x = torch.randn(1, 40, H, generator=gen).half().to(CUDA)
+    attn = torch.randn(1, 40, NH, D, generator=gen).half().to(CUDA)
+    sin, cos = qattn.rope_tables(qattn.default_inv_freq(D), 64, device=CUDA)
+    torch.cuda.synchronize()
+    free_before = torch.cuda.mem_get_info()[0]
+    layers = [qattn.Layer(hidden_size=H, num_heads=NH, num_kv_heads=NKV, head_dim=D, rope="neox", max_rows=64,
+                          max_seq_len=64, **mats) for _ in range(6)]
+    for layer in layers:  # 40 rows: the large-row path, through cuBLAS
+        layer.forward1(x, sin=sin, cos=cos, past_len=0)
+        layer.forward2(x.clone(), attn)
+    torch.cuda.synchronize()
+    used = free_before - torch.cuda.mem_get_info()[0]
+    assert used < 6 * (40 << 20), "six layers took %.1f MiB" % (used / 2**20)
+
+
 @pytest.mark.parametrize("weights", ["dense", "gptq4_act"])
 def test_lora_after_calls_grows_the_accumulators(weights, gen):
     # Without an O bias or post-norm, beyond the small-row path the layer keeps

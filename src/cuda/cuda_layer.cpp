@@ -13,6 +13,7 @@
 // All scratch is allocated at creation (LoRA scratch by set_loras); forward only
 // launches work on the caller's stream and never waits for the device.
 #include "core/backend.h"
+#include "cuda/blas_handles.h"
 #include "cuda/cublas_gemm.h"
 #include "cuda/cuda_qmatrix.h"
 #include "cuda/graphs.h"
@@ -70,7 +71,7 @@ public:
         DeviceGuard guard;
         if (guard.enter(info_.device) != QATTN_SUCCESS) return;
         graphs_.reset();
-        if (blas_) cublasDestroy(blas_);
+        if (blas_user_) detach_blas_user(info_.device);
         if (fork_) cudaEventDestroy(fork_);
         if (join_) cudaEventDestroy(join_);
         if (side_) cudaStreamDestroy(side_);
@@ -194,7 +195,8 @@ private:
             QATTN_CUDA_TRY(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
         }
 
-        QATTN_CUBLAS_TRY(cublasCreate(&blas_));
+        attach_blas_user(info_.device);
+        blas_user_ = true;
         QATTN_TRY(workspace_.allocate(kCublasWorkspaceBytes));
         if (info_.use_graphs) {
             graphs_.reset(new GraphCache());
@@ -240,9 +242,14 @@ private:
             QATTN_CUDA_TRY(cudaMemsetAsync(counters_.get(), 0, counters_.bytes(), s));
             dirty_ = false;
         }
+        BlasLease lease(info_.device);
+        lease_ = &lease;
+        blas_ = nullptr;
         blas_stream_bound_ = false;
         dequantized_ahead_ = -1;
         const qattn_status status = body(s);
+        lease_ = nullptr;
+        blas_ = nullptr;
         if (status != QATTN_SUCCESS) dirty_ = true;
         return status;
     }
@@ -270,9 +277,12 @@ private:
         return QATTN_SUCCESS;
     }
 
-    // cublasSetStream also resets the workspace, so both are set together, once per call.
+    // The call's cuBLAS handle (leased in run), on this stream with this layer's
+    // workspace; cublasSetStream also resets the workspace, so both are set
+    // together, once per call.
     qattn_status bind_blas(cudaStream_t s) {
         if (blas_stream_bound_) return QATTN_SUCCESS;
+        QATTN_TRY(lease_->get(&blas_));
         QATTN_CUBLAS_TRY(cublasSetStream(blas_, s));
         QATTN_CUBLAS_TRY(cublasSetWorkspace(blas_, workspace_.get(), workspace_.bytes()));
         blas_stream_bound_ = true;
@@ -549,6 +559,10 @@ private:
     int order_[4] = {0, 1, 2, 3};
     int gathered_order_ = -1;
     std::vector<Adapter> adapters_;
+    // The current call's lease of a cuBLAS handle of the device (blas_handles.h)
+    // and the handle, once bind_blas took it.
+    bool blas_user_ = false;
+    BlasLease* lease_ = nullptr;
     cublasHandle_t blas_ = nullptr;
     bool blas_stream_bound_ = false;
     bool dirty_ = false;
