@@ -1,5 +1,6 @@
 #include "cuda/blas_handles.h"
 
+#include <condition_variable>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -9,10 +10,12 @@ namespace {
 
 struct DeviceHandles {
     int users = 0;
+    int made = 0;
     std::vector<cublasHandle_t> free;
 };
 
 std::mutex mutex;
+std::condition_variable handle_returned;
 
 // Never destroyed: layers destroyed during static destruction still find it.
 std::map<int, DeviceHandles>& devices() {
@@ -22,9 +25,17 @@ std::map<int, DeviceHandles>& devices() {
 
 }  // namespace
 
-void attach_blas_user(int device) {
+qattn_status attach_blas_user(int device) {
     std::lock_guard<std::mutex> lock(mutex);
-    ++devices()[device].users;
+    DeviceHandles& d = devices()[device];
+    if (d.made == 0) {
+        cublasHandle_t handle = nullptr;
+        QATTN_CUBLAS_TRY(cublasCreate(&handle));
+        d.free.push_back(handle);
+        d.made = 1;
+    }
+    ++d.users;
+    return QATTN_SUCCESS;
 }
 
 void detach_blas_user(int device) {
@@ -32,22 +43,30 @@ void detach_blas_user(int device) {
     {
         std::lock_guard<std::mutex> lock(mutex);
         DeviceHandles& d = devices()[device];
-        if (--d.users == 0) unused.swap(d.free);
+        if (--d.users == 0) {
+            unused.swap(d.free);
+            d.made = 0;
+        }
     }
     for (cublasHandle_t h : unused) cublasDestroy(h);
 }
 
-qattn_status BlasLease::get(cublasHandle_t* out) {
+qattn_status BlasLease::get(bool capturing, cublasHandle_t* out) {
     if (!handle_) {
-        {
-            std::lock_guard<std::mutex> lock(mutex);
-            std::vector<cublasHandle_t>& free = devices()[device_].free;
-            if (!free.empty()) {
-                handle_ = free.back();
-                free.pop_back();
-            }
+        std::unique_lock<std::mutex> lock(mutex);
+        DeviceHandles& d = devices()[device_];
+        // The handles in use belong to calls that are only enqueueing work: a wait
+        // here is as long as one such call on another thread.
+        if (capturing) handle_returned.wait(lock, [&] { return !d.free.empty(); });
+        if (!d.free.empty()) {
+            handle_ = d.free.back();
+            d.free.pop_back();
+        } else {
+            lock.unlock();
+            QATTN_CUBLAS_TRY(cublasCreate(&handle_));
+            lock.lock();
+            ++d.made;
         }
-        if (!handle_) QATTN_CUBLAS_TRY(cublasCreate(&handle_));
     }
     *out = handle_;
     return QATTN_SUCCESS;
@@ -55,8 +74,11 @@ qattn_status BlasLease::get(cublasHandle_t* out) {
 
 BlasLease::~BlasLease() {
     if (!handle_) return;
-    std::lock_guard<std::mutex> lock(mutex);
-    devices()[device_].free.push_back(handle_);
+    {
+        std::lock_guard<std::mutex> lock(mutex);
+        devices()[device_].free.push_back(handle_);
+    }
+    handle_returned.notify_all();
 }
 
 }  // namespace qattn::cuda

@@ -195,7 +195,7 @@ private:
             QATTN_CUDA_TRY(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
         }
 
-        attach_blas_user(info_.device);
+        QATTN_TRY(attach_blas_user(info_.device));
         blas_user_ = true;
         QATTN_TRY(workspace_.allocate(kCublasWorkspaceBytes));
         if (info_.use_graphs) {
@@ -226,8 +226,8 @@ private:
         bool capturing = false;
         QATTN_TRY(stream_is_capturing(s, &capturing));
         if (!capturing) QATTN_TRY(check_stream(s));
-        if (!graphs_ || capturing) return run(s, body);
-        const auto record = [&](cudaStream_t cs) { return run(cs, body); };
+        if (!graphs_ || capturing) return run(s, capturing, body);
+        const auto record = [&](cudaStream_t cs) { return run(cs, true, body); };
         return graphs_->run(graph_key(phase, batch, q_len, loras), record, s);
     }
 
@@ -235,7 +235,7 @@ private:
     // (each epilogue zeroes what it read). A call that failed half-way may leave
     // partial sums or counts: the next call clears them.
     template <typename Body>
-    qattn_status run(cudaStream_t s, Body&& body) {
+    qattn_status run(cudaStream_t s, bool capturing, Body&& body) {
         if (dirty_) {
             QATTN_CUDA_TRY(cudaMemsetAsync(acc_qkv_.get(), 0, acc_qkv_.bytes(), s));
             QATTN_CUDA_TRY(cudaMemsetAsync(acc_o_.get(), 0, acc_o_.bytes(), s));
@@ -244,6 +244,7 @@ private:
         }
         BlasLease lease(info_.device);
         lease_ = &lease;
+        lease_capturing_ = capturing;
         blas_ = nullptr;
         blas_stream_bound_ = false;
         dequantized_ahead_ = -1;
@@ -282,7 +283,7 @@ private:
     // together, once per call.
     qattn_status bind_blas(cudaStream_t s) {
         if (blas_stream_bound_) return QATTN_SUCCESS;
-        QATTN_TRY(lease_->get(&blas_));
+        QATTN_TRY(lease_->get(lease_capturing_, &blas_));
         QATTN_CUBLAS_TRY(cublasSetStream(blas_, s));
         QATTN_CUBLAS_TRY(cublasSetWorkspace(blas_, workspace_.get(), workspace_.bytes()));
         blas_stream_bound_ = true;
@@ -563,6 +564,7 @@ private:
     // and the handle, once bind_blas took it.
     bool blas_user_ = false;
     BlasLease* lease_ = nullptr;
+    bool lease_capturing_ = false;
     cublasHandle_t blas_ = nullptr;
     bool blas_stream_bound_ = false;
     bool dirty_ = false;
