@@ -6,7 +6,9 @@ bytes over the measured copy bandwidth (decode), or the same GEMMs in fp16 throu
 torch/cuBLAS (prefill). "gpu" times replays of a torch.cuda.graph holding 16 calls
 (device time alone); "eager" and "graphs" time plain Python loops of calls to
 layers without and with use_graphs (host overhead included: at decode sizes the
-Python + ctypes path, not the GPU, sets these). --profile adds a per-kernel table.
+Python + ctypes path, not the GPU, sets these). --profile adds a per-kernel table;
+run it with QATTN_CUDA_PDL=0 for each kernel's own time (with programmatic launch a
+kernel starts early and the profiler counts its wait for the kernel before).
 --cases D1,D16,P2048 picks cases (all by default), e.g. for one case under ncu.
 Usage: python scripts/cuda_timing.py [--profile] [--cases D1,...]"""
 import statistics

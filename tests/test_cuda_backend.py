@@ -4,6 +4,10 @@ within fp16 tolerance. Covers both weight formats at decode (tensor-core GEMV) a
 prefill (dequantize + cuBLAS) row counts, every layer feature, graphs, capture in
 torch.cuda.graph, concurrent streams and device-side position checks."""
 import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
 from typing import Optional
 
 import pytest
@@ -347,6 +351,26 @@ def test_layers_of_a_device_share_cublas_handles(gen):
     torch.cuda.synchronize()
     used = free_before - torch.cuda.mem_get_info()[0]
     assert used < 6 * (40 << 20), "six layers took %.1f MiB" % (used / 2**20)
+
+
+def test_kernels_launched_plainly_when_asked(tmp_path):
+    # QATTN_CUDA_PDL=0 (for profiling) launches without programmatic dependent
+    # launch; the results must not change. A process of its own: the library
+    # reads the variable once.
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import sys, torch\n"
+        "sys.path.insert(0, %r)\n"
+        "import test_cuda_backend as t\n"
+        "gen = torch.Generator().manual_seed(1)\n"
+        "for weights in ('gptq4_act', 'dense'):\n"
+        "    pair = t.Pair(t.Spec(weights=weights, max_rows=64, head_norm='rms'), gen)\n"
+        "    for rows in (1, 12, 40):\n"
+        "        pair.check(rows, 1, gen, past_len=2)\n"
+        "print('ok')\n" % str(pathlib.Path(__file__).parent))
+    env = dict(os.environ, QATTN_CUDA_PDL="0")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("weights", ["dense", "gptq4_act"])

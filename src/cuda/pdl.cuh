@@ -11,6 +11,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <string>
 #include <utility>
 
 namespace qattn::cuda {
@@ -27,7 +29,15 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
+// QATTN_CUDA_PDL=0 in the environment (read once) launches every kernel
+// plainly: slower, but a profiler then times each kernel alone, where with
+// programmatic launch a kernel's time includes its wait for the one before.
 inline bool pdl_supported() {
+    static const bool disabled = [] {
+        const char* v = std::getenv("QATTN_CUDA_PDL");
+        return v && std::string(v) == "0";
+    }();
+    if (disabled) return false;
     int device = 0, major = 0;
     if (cudaGetDevice(&device) != cudaSuccess) return false;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
