@@ -283,7 +283,7 @@ FEATURES = {
 
 
 # 2, 100 and 300 rows: the small-row path, then the large-row path with the head
-# epilogue's kernel per (row, head) and, from 256 rows, its kernel per row.
+# epilogue's kernel per (row, head) and, from 128 rows, its kernel per row.
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 @pytest.mark.parametrize("weights", ["dense", "gptq4_act"])
 @pytest.mark.parametrize("batch,q_len", [(2, 1), (2, 50), (3, 100)])
@@ -307,10 +307,26 @@ def _adapters(pair, gen, layout):
     return out
 
 
+# The head epilogue's kernel per row takes heads of 8 times a power of two
+# elements and NeoX pairs of 8 times one; other shapes fall back to the kernel
+# per (row, head). 300 rows, both kinds, with head norms and biases.
+@pytest.mark.parametrize("head_dim,rope,rotary_dim,head_norm", [
+    (256, "neox", None, "rms"),                   # 32 threads a head
+    (128, "neox", 96, "layer_bias_per_head"),     # 48 pairs: fallback
+    (96, "neox", None, "rms"),                    # 12 threads a head: fallback
+    (128, "gptj", 40, "rms"),                     # 40 % 8 == 0: per row
+    (128, "gptj", 36, None),                      # GPT-J pairs split a piece: fallback
+])
+def test_prefill_head_shapes_match_cpu(head_dim, rope, rotary_dim, head_norm, gen):
+    spec = Spec(hidden=256, heads=4, kv_heads=2, head_dim=head_dim, rope=rope, rotary_dim=rotary_dim,
+                head_norm=head_norm, biases=True, max_rows=300)
+    Pair(spec, gen).check(3, 100, gen, past_len=7)
+
+
 @pytest.mark.parametrize("weights", ["dense", "gptq4_act", "gptq4_act_shared"])
-@pytest.mark.parametrize("batch,q_len", [(1, 1), (16, 1), (2, 50)])
+@pytest.mark.parametrize("batch,q_len", [(1, 1), (16, 1), (2, 50), (2, 80)])  # 160: the head epilogue per row
 def test_lora_matches_cpu(weights, batch, q_len, gen):
-    pair = Pair(Spec(weights=weights, max_rows=100, post_norm="rms", head_norm="rms"), gen)
+    pair = Pair(Spec(weights=weights, max_rows=160, post_norm="rms", head_norm="rms"), gen)
     adapters = _adapters(pair, gen, {3: {"q": 8, "v": 4, "o": 16}, 9: {"k": 2, "q": 5}, 11: {"o": 3}})
     ranks = {dev: pair.layers[dev].set_loras(adapters[dev]) for dev in adapters}
     assert ranks == {"cpu": 16, "cuda": 16}
@@ -325,6 +341,7 @@ def test_lora_matches_cpu(weights, batch, q_len, gen):
     for dev in adapters:
         pair.layers[dev].set_loras([])
     pair.check(batch, q_len, gen, past_len=1)
+    pair.check(1, 1, gen, past_len=1)  # the accumulator rows the small-row GEMM adds into were zeroed
 
 
 def test_layers_of_a_device_share_cublas_handles(gen):

@@ -21,7 +21,7 @@ def _caches(num_slots, device):
 
 
 # Up to 300 rows: on CUDA the head epilogue in the GEMM, its kernel per (row,
-# head) and, from 256 rows, its kernel per row.
+# head) and, from 128 rows, its kernel per row.
 @pytest.mark.parametrize("batch,q_len", [(1, 1), (3, 1), (8, 1), (16, 1), (2, 5), (2, 150)])
 def test_rows_land_in_their_slots(device, gen, batch, q_len):
     spec = dataclasses.replace(SPEC, max_rows=max(SPEC.max_rows, batch * q_len),
@@ -95,12 +95,16 @@ def test_bad_arguments_are_refused(device, gen):
     assert (k_cache == GUARD).all() and (v_cache == -GUARD).all()
 
 
-def test_slots_outside_the_cache(device, gen):
-    layer, _ = build(SPEC, device, gen)
-    x, _ = inputs(SPEC, 3, 1, gen, device)
-    sin, cos = tables(SPEC, device)
+@pytest.mark.parametrize("rows", [3, 200])  # on CUDA: the kernel per (row, head), and per row
+def test_slots_outside_the_cache(device, gen, rows):
+    spec = dataclasses.replace(SPEC, max_rows=max(SPEC.max_rows, rows))
+    layer, _ = build(spec, device, gen)
+    x, _ = inputs(spec, rows, 1, gen, device)
+    sin, cos = tables(spec, device)
     k_cache, v_cache = _caches(8, device)
-    bad = torch.tensor([[0], [8], [-1]], dtype=torch.int32, device=device)
+    bad = torch.full((rows, 1), -1, dtype=torch.int32)
+    bad[0], bad[1] = 0, 8
+    bad = bad.to(device)
     if device.type == "cpu":
         # Host slots are checked before anything is computed.
         with pytest.raises(qattn.QattnError) as info:

@@ -2,9 +2,9 @@
 // it itself): one warp per (row, head) of the fused Q|K|V accumulator adds the
 // bias, applies the head norm, rotates (RoPE) and writes fp16 (finish_head in
 // epilogues.cuh), so each head vector makes one trip through registers and
-// shared memory. Many rows: a block per row, sharing the row's position and
-// tables among its heads. Accumulator, bias and output move 4 elements per lane access
-// where head_dim allows.
+// shared memory; accumulator, bias and output move 4 elements a lane access
+// where head_dim allows. Many rows: a block per row, a thread per 8 elements of
+// several heads, in registers only.
 #include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
@@ -13,6 +13,7 @@ namespace qattn::cuda {
 namespace {
 
 constexpr int kWarps = 8;
+constexpr int kMaxRowThreads = 512;
 
 // MAX_D: head_dim bound that sizes the register arrays (128 for the usual
 // heads: fewer registers, more warps per SM; 512, the core's limit, otherwise).
@@ -28,43 +29,141 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogue
     finish_head<V, MAX_D>(p, row, task - row * heads, head_buffers + warp * p.head_dim);
 }
 
-// Beyond kRowKernelRows rows: one block per row. The row's position, KV slot
-// and sin/cos rows are read once, into shared memory, for all its heads; each
-// warp then walks its heads (warp, warp + 8, ...) with the next head's loads in
-// flight while it finishes one. (The per-task kernel above reads position and
-// tables again for every head: a chain of dependent loads per warp, measured at
-// 43 us for the 48 MB of a 2048-row Llama-3-8B call on the H200, 3.8x their bytes.)
-template <int V, int MAX_D>
-__global__ void __launch_bounds__(kWarps * 32) head_epilogue_rows_kernel(HeadEpilogueParams p) {
-    extern __shared__ float shared[];  // kWarps head buffers [head_dim] (16-byte accesses), then cos, sin [pairs]
-    const int pairs = p.rotary_dim / 2, row = blockIdx.x, warp = threadIdx.x >> 5;
-    float* buf = shared + warp * p.head_dim;
-    float* cos_row = shared + kWarps * p.head_dim;
-    float* sin_row = cos_row + pairs;
-    const int heads = p.num_heads + 2 * p.num_kv_heads;
+// Many rows: a block per row and a thread per 8 consecutive elements of a head
+// (head_dim / 8 threads a head, a power of two), up to PIECES such pieces a
+// thread, of heads blockDim / (head_dim / 8) apart, so each thread handles the
+// same elements of every head it holds and reads one set of sin/cos values.
+// Every global load of the block (accumulator, biases, norm weights, position,
+// slot, then the tables) is in flight before the first use: the per-task kernel
+// above walks a chain of dependent loads per head, and one warp per head with
+// 8-byte accesses kept too few bytes in flight to stream a prefill's Q|K|V
+// (39 us for the 48 MB of a 2048-row Llama-3-8B call on the H200, 1.2 TB/s).
+// The head norm sums and the NeoX pairs cross threads by shuffles within the
+// head's threads; GPT-J pairs lie inside a piece.
+template <int PIECES>
+__global__ void __launch_bounds__(kMaxRowThreads) head_epilogue_rows_kernel(HeadEpilogueParams p) {
+    const int row = blockIdx.x;
+    const int D = p.head_dim, lanes = D / 8;  // threads a head
+    const int heads = p.num_heads + 2 * p.num_kv_heads, pieces = heads * lanes;
+    const int e = (threadIdx.x & (lanes - 1)) * 8;  // this thread's first element of each of its heads
+    const bool rope = p.rope != QATTN_ROPE_NONE;
     wait_for_producers();
-    HeadValues<V, MAX_D> even, odd;  // heads warp + 16 i and warp + 16 i + 8: registers, no runtime index
-    if (warp < heads) load_head<V, MAX_D>(p, row, warp, even);
-    HeadRow r = head_row(p, row, p.rope != QATTN_ROPE_NONE, true);
-    if (r.cos) {
-        for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
-            cos_row[i] = r.cos[i];
-            sin_row[i] = r.sin[i];
-        }
-        r.cos = cos_row;
-        r.sin = sin_row;
+
+    float v[PIECES][8];
+#pragma unroll
+    for (int k = 0; k < PIECES; ++k) {
+        const int piece = threadIdx.x + k * blockDim.x;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) v[k][u] = 0.0f;
+        if (piece >= pieces) continue;
+        const size_t at = static_cast<size_t>(row) * p.acc_stride + piece * 8;
+        if (p.acc16)
+            load_vec<8>(p.acc16 + at, v[k]);
+        else
+            load_vec<8>(p.acc + at, v[k]);
+        int head = 0;
+        const int proj = head_projection(p, piece / lanes, &head);
+        add_bias<8>(p.bias[proj] ? p.bias[proj] + head * D : nullptr, e, v[k]);
     }
-    __syncthreads();
-    for (int h = warp; h < heads; h += 2 * kWarps) {
-        if (h + kWarps < heads) load_head<V, MAX_D>(p, row, h + kWarps, odd);
-        finish_loaded_head<V, MAX_D>(p, row, h, buf, r, even);
-        if (h + kWarps >= heads) break;
-        if (h + 2 * kWarps < heads) load_head<V, MAX_D>(p, row, h + 2 * kWarps, even);
-        finish_loaded_head<V, MAX_D>(p, row, h + kWarps, buf, r, odd);
+    const HeadRow r = head_row(p, row, rope, true);
+
+    // This thread's rotary angles: NeoX rotates element i with i + pairs (the
+    // thread `pairs / 8` lanes away), GPT-J 2i with 2i + 1 (in this piece).
+    const int pairs = p.rotary_dim / 2;
+    const bool neox = p.rope == QATTN_ROPE_NEOX;
+    const bool rotated = rope && r.in_range && e < p.rotary_dim;
+    const bool first_half = e < pairs;
+    float cs[8], sn[8];
+    if (rotated) {
+        const int at = neox ? (first_half ? e : e - pairs) : e / 2;
+        load_vec<8>(r.cos + at, cs);
+        load_vec<8>(r.sin + at, sn);
+    }
+    if (rope && !r.in_range && threadIdx.x == 0) atomicExch(p.error_flag, 1);  // not rotated
+    const bool slot_ok = r.slot >= 0 && r.slot < p.num_kv_slots;
+    if (p.kv_slots && !slot_ok && threadIdx.x == 0) atomicExch(p.error_flag, 1);  // not cached
+
+#pragma unroll
+    for (int k = 0; k < PIECES; ++k) {
+        // Every thread takes part in the shuffles (the head's threads are in or out together).
+        const int piece = threadIdx.x + k * blockDim.x;
+        int head = 0;
+        const int proj = head_projection(p, min(piece, pieces - 1) / lanes, &head);
+        const NormParams& n = p.norm[proj < 2 ? proj : 0];
+        const bool normed = proj < 2 && n.type != QATTN_NORM_NONE;
+        float sum = 0.0f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) sum += v[k][u];
+        sum = group_sum(sum, lanes);
+        const float mean = n.type == QATTN_NORM_LAYER ? sum / D : 0.0f;
+        float squares = 0.0f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) squares += (v[k][u] - mean) * (v[k][u] - mean);
+        const float inv = rsqrtf(group_sum(squares, lanes) / D + n.eps);
+        if (normed && piece < pieces) {
+            const int offset = (n.per_head ? head * D : 0) + e;
+            float w[8];
+            load_vec<8>(n.weight + offset, w);
+#pragma unroll
+            for (int u = 0; u < 8; ++u) v[k][u] = (v[k][u] - mean) * inv * w[u];
+            add_bias<8>(n.bias, offset, v[k]);
+        }
+        if (neox && rope) {
+            const int partner = pairs / 8;
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const float other = __shfl_xor_sync(0xffffffffu, v[k][u], partner);
+                if (rotated && proj < 2)
+                    v[k][u] = first_half ? v[k][u] * cs[u] - other * sn[u] : v[k][u] * cs[u] + other * sn[u];
+            }
+        } else if (rotated && proj < 2) {
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const float a = v[k][2 * u], b = v[k][2 * u + 1];
+                v[k][2 * u] = a * cs[u] - b * sn[u];
+                v[k][2 * u + 1] = b * cs[u] + a * sn[u];
+            }
+        }
+        if (piece >= pieces) continue;
+        const int width = (proj == 0 ? p.num_heads : p.num_kv_heads) * D;
+        if (p.out[proj]) store_vec<8>(p.out[proj] + static_cast<size_t>(row) * width + head * D + e, v[k]);
+        if (proj > 0 && p.kv_slots && slot_ok) store_vec<8>(p.cache[proj - 1] + r.slot * width + head * D + e, v[k]);
+        // Only the small-row kernel accumulates with atomics, and only into rows below kSmallRows.
+        if (!p.acc16 && row < kSmallRows) {
+            const float zeros[8] = {};
+            store_vec<8>(p.acc + static_cast<size_t>(row) * p.acc_stride + piece * 8, zeros);
+        }
     }
 }
 
-constexpr int kRowKernelRows = 256;  // below, its blocks (one a row) would leave SMs idle
+// From here a block per row has enough rows to fill the GPU.
+constexpr int kRowKernelRows = 128;
+
+bool is_pow2(int n) { return n > 0 && (n & (n - 1)) == 0; }
+
+// The per-row kernel's pieces a thread for these shapes, or 0 where it does not
+// apply (head_dim not 8 times a power of two, NeoX pairs not 8 times one,
+// GPT-J rotating part of a piece, or pointers not 16-byte aligned): then the
+// per-task kernel runs.
+int row_kernel_pieces(const HeadEpilogueParams& p) {
+    const int lanes = p.head_dim / 8, pairs = p.rotary_dim / 2;
+    if (p.head_dim % 8 || !is_pow2(lanes) || lanes > 32 || p.acc_stride % 8) return 0;
+    switch (p.rope) {
+    case QATTN_ROPE_NONE: break;
+    case QATTN_ROPE_GPTJ: if (p.rotary_dim % 8) return 0; break;
+    case QATTN_ROPE_NEOX: if (pairs % 8 || !is_pow2(pairs / 8)) return 0; break;
+    default: return 0;
+    }
+    const void* aligned[] = {p.acc, p.acc16, p.bias[0], p.bias[1], p.bias[2], p.norm[0].weight, p.norm[0].bias,
+                             p.norm[1].weight, p.norm[1].bias, p.sin, p.cos, p.out[0], p.out[1], p.out[2],
+                             p.cache[0], p.cache[1]};
+    for (const void* ptr : aligned)
+        if (!is_aligned(ptr, 16)) return 0;
+    const int pieces = (p.num_heads + 2 * p.num_kv_heads) * lanes;
+    for (int per_thread : {4, 8})
+        if (pieces <= per_thread * kMaxRowThreads) return per_thread;
+    return 0;
+}
 
 }  // namespace
 
@@ -77,11 +176,12 @@ qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stre
     const bool vec = p.head_dim % 4 == 0 && head_outputs_aligned8(p);
     const bool small = p.head_dim <= 128;
     const size_t buffers = sizeof(float) * kWarps * p.head_dim;
-    if (p.rows >= kRowKernelRows) {
-        const auto kernel = vec ? (small ? head_epilogue_rows_kernel<4, 128> : head_epilogue_rows_kernel<4, 512>)
-                                : (small ? head_epilogue_rows_kernel<1, 128> : head_epilogue_rows_kernel<1, 512>);
-        return launch_pdl("head_epilogue_rows", kernel, p.rows, kWarps * 32, buffers + sizeof(float) * p.rotary_dim,
-                          stream, p);
+    const int pieces = p.rows >= kRowKernelRows ? row_kernel_pieces(p) : 0;
+    if (pieces) {
+        const int per_row = (p.num_heads + 2 * p.num_kv_heads) * (p.head_dim / 8);
+        const int threads = ((per_row + pieces - 1) / pieces + 31) / 32 * 32;
+        const auto kernel = pieces == 4 ? head_epilogue_rows_kernel<4> : head_epilogue_rows_kernel<8>;
+        return launch_pdl("head_epilogue_rows", kernel, p.rows, threads, 0, stream, p);
     }
     const int tasks = p.rows * (p.num_heads + 2 * p.num_kv_heads);
     const int blocks = (tasks + kWarps - 1) / kWarps;

@@ -9,6 +9,14 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Sums over aligned groups of `width` lanes (a power of two up to 32), every lane
+// getting its group's sum (the same bits: each step adds the same two values).
+// Every lane of the warp must call it.
+__device__ __forceinline__ float group_sum(float v, int width) {
+    for (int offset = width >> 1; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
 // Every thread of the block gets the sum. `scratch` holds 32 floats; the block
 // is a multiple of 32 threads. Safe to call repeatedly with the same scratch.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
