@@ -44,9 +44,12 @@ template <int PIECES>
 __global__ void __launch_bounds__(kMaxRowThreads) head_epilogue_rows_kernel(HeadEpilogueParams p) {
     const int row = blockIdx.x;
     const int D = p.head_dim, lanes = D / 8;  // threads a head
+    const int lanes_log2 = __ffs(lanes) - 1;   // pieces to heads by a shift: no integer division
+    const float inv_d = 1.0f / D;
     const int heads = p.num_heads + 2 * p.num_kv_heads, pieces = heads * lanes;
     const int e = (threadIdx.x & (lanes - 1)) * 8;  // this thread's first element of each of its heads
     const bool rope = p.rope != QATTN_ROPE_NONE;
+    const bool head_norms = p.norm[0].type != QATTN_NORM_NONE || p.norm[1].type != QATTN_NORM_NONE;
     wait_for_producers();
 
     float v[PIECES][8];
@@ -62,7 +65,7 @@ __global__ void __launch_bounds__(kMaxRowThreads) head_epilogue_rows_kernel(Head
         else
             load_vec<8>(p.acc + at, v[k]);
         int head = 0;
-        const int proj = head_projection(p, piece / lanes, &head);
+        const int proj = head_projection(p, piece >> lanes_log2, &head);
         add_bias<8>(p.bias[proj] ? p.bias[proj] + head * D : nullptr, e, v[k]);
     }
     const HeadRow r = head_row(p, row, rope, true);
@@ -88,25 +91,26 @@ __global__ void __launch_bounds__(kMaxRowThreads) head_epilogue_rows_kernel(Head
         // Every thread takes part in the shuffles (the head's threads are in or out together).
         const int piece = threadIdx.x + k * blockDim.x;
         int head = 0;
-        const int proj = head_projection(p, min(piece, pieces - 1) / lanes, &head);
-        const NormParams& n = p.norm[proj < 2 ? proj : 0];
-        const bool normed = proj < 2 && n.type != QATTN_NORM_NONE;
-        float sum = 0.0f;
+        const int proj = head_projection(p, min(piece, pieces - 1) >> lanes_log2, &head);
+        if (head_norms) {  // the same for the whole grid: the shuffles stay convergent
+            const NormParams& n = p.norm[proj < 2 ? proj : 0];
+            float sum = 0.0f;
 #pragma unroll
-        for (int u = 0; u < 8; ++u) sum += v[k][u];
-        sum = group_sum(sum, lanes);
-        const float mean = n.type == QATTN_NORM_LAYER ? sum / D : 0.0f;
-        float squares = 0.0f;
+            for (int u = 0; u < 8; ++u) sum += v[k][u];
+            sum = group_sum(sum, lanes);
+            const float mean = n.type == QATTN_NORM_LAYER ? sum * inv_d : 0.0f;
+            float squares = 0.0f;
 #pragma unroll
-        for (int u = 0; u < 8; ++u) squares += (v[k][u] - mean) * (v[k][u] - mean);
-        const float inv = rsqrtf(group_sum(squares, lanes) / D + n.eps);
-        if (normed && piece < pieces) {
-            const int offset = (n.per_head ? head * D : 0) + e;
-            float w[8];
-            load_vec<8>(n.weight + offset, w);
+            for (int u = 0; u < 8; ++u) squares += (v[k][u] - mean) * (v[k][u] - mean);
+            const float inv = rsqrtf(group_sum(squares, lanes) * inv_d + n.eps);
+            if (proj < 2 && n.type != QATTN_NORM_NONE && piece < pieces) {
+                const int offset = (n.per_head ? head * D : 0) + e;
+                float w[8];
+                load_vec<8>(n.weight + offset, w);
 #pragma unroll
-            for (int u = 0; u < 8; ++u) v[k][u] = (v[k][u] - mean) * inv * w[u];
-            add_bias<8>(n.bias, offset, v[k]);
+                for (int u = 0; u < 8; ++u) v[k][u] = (v[k][u] - mean) * inv * w[u];
+                add_bias<8>(n.bias, offset, v[k]);
+            }
         }
         if (neox && rope) {
             const int partner = pairs / 8;
@@ -160,7 +164,7 @@ int row_kernel_pieces(const HeadEpilogueParams& p) {
     for (const void* ptr : aligned)
         if (!is_aligned(ptr, 16)) return 0;
     const int pieces = (p.num_heads + 2 * p.num_kv_heads) * lanes;
-    for (int per_thread : {4, 8})
+    for (int per_thread : {2, 4, 8})
         if (pieces <= per_thread * kMaxRowThreads) return per_thread;
     return 0;
 }
@@ -180,7 +184,9 @@ qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stre
     if (pieces) {
         const int per_row = (p.num_heads + 2 * p.num_kv_heads) * (p.head_dim / 8);
         const int threads = ((per_row + pieces - 1) / pieces + 31) / 32 * 32;
-        const auto kernel = pieces == 4 ? head_epilogue_rows_kernel<4> : head_epilogue_rows_kernel<8>;
+        const auto kernel = pieces == 2   ? head_epilogue_rows_kernel<2>
+                            : pieces == 4 ? head_epilogue_rows_kernel<4>
+                                          : head_epilogue_rows_kernel<8>;
         return launch_pdl("head_epilogue_rows", kernel, p.rows, threads, 0, stream, p);
     }
     const int tasks = p.rows * (p.num_heads + 2 * p.num_kv_heads);
