@@ -323,6 +323,14 @@ def test_prefill_head_shapes_match_cpu(head_dim, rope, rotary_dim, head_norm, ge
     Pair(spec, gen).check(3, 100, gen, past_len=7)
 
 
+# Wide rows give the per-row kernel's threads 4 pieces (64 + 2 x 8 heads of 128:
+# 1280 a row, as Llama-3-70B) or 8 (128 + 2 x 8: 2304).
+@pytest.mark.parametrize("heads", [64, 128])
+def test_prefill_head_epilogue_of_wide_rows(heads, gen):
+    spec = Spec(hidden=256, heads=heads, kv_heads=8, head_dim=128, head_norm="rms", max_rows=130)
+    Pair(spec, gen).check(1, 130, gen, past_len=3)
+
+
 @pytest.mark.parametrize("weights", ["dense", "gptq4_act", "gptq4_act_shared"])
 @pytest.mark.parametrize("batch,q_len", [(1, 1), (16, 1), (2, 50), (2, 80)])  # 160: the head epilogue per row
 def test_lora_matches_cpu(weights, batch, q_len, gen):
