@@ -248,6 +248,7 @@ private:
         blas_ = nullptr;
         blas_stream_bound_ = false;
         dequantized_ahead_ = -1;
+        for (int64_t& at : in_scratch_) at = -1;
         const qattn_status status = body(s);
         lease_ = nullptr;
         blas_ = nullptr;
@@ -315,14 +316,39 @@ private:
         const int slice = dequant_slice(m);
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
+            const __half* weights = dequant_.get<__half>();
             if (n0 == 0 && dequantized_ahead_ == p) {
                 QATTN_CUDA_TRY(cudaStreamWaitEvent(s, join_, 0));
                 dequantized_ahead_ = -1;
+            } else if (n0 == 0 && in_scratch_[p] >= 0) {
+                weights += in_scratch_[p];
+                in_scratch_[p] = -1;
             } else {
-                QATTN_TRY(launch_dequantize_gptq4(w, N, n0, count, dequant_.get<__half>(), s));
+                const DequantizeSlice d{w, N, n0, count, dequant_.get<__half>()};
+                QATTN_TRY(launch_dequantize_gptq4(&d, 1, s));
             }
-            QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, dequant_.get<__half>(), c + n0, ldc, beta));
+            QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, weights, c + n0, ldc, beta));
         }
+        return QATTN_SUCCESS;
+    }
+
+    // K and V of one packed row order that fit the scratch together are
+    // dequantized by one launch, side by side (each alone leaves most of the GPU
+    // idle: 512 blocks for Llama-3-8B's 4096 x 1024); project_large then finds
+    // them there.
+    qattn_status dequantize_kv_together(cudaStream_t s) {
+        const CudaQMatrix &k = *proj_[1], &v = *proj_[2];
+        if (!k.packed() || !v.packed() || order_[2] != order_[1] || k.packed_rows() != v.packed_rows() ||
+            dequantized_ahead_ == 1 || dequantized_ahead_ == 2 ||
+            (k.out_features() + v.out_features()) * k.packed_rows() > dequant_elements_)
+            return QATTN_SUCCESS;
+        const int nk = static_cast<int>(k.out_features()), nv = static_cast<int>(v.out_features());
+        __half* scratch = dequant_.get<__half>();
+        const DequantizeSlice d[2] = {{k.packed_gptq(), nk, 0, nk, scratch},
+                                      {v.packed_gptq(), nv, 0, nv, scratch + static_cast<int64_t>(nk) * k.packed_rows()}};
+        QATTN_TRY(launch_dequantize_gptq4(d, 2, s));
+        in_scratch_[1] = 0;
+        in_scratch_[2] = static_cast<int64_t>(nk) * k.packed_rows();
         return QATTN_SUCCESS;
     }
 
@@ -340,8 +366,9 @@ private:
         if (!m.packed()) return QATTN_SUCCESS;
         QATTN_CUDA_TRY(cudaEventRecord(fork_, s));
         QATTN_CUDA_TRY(cudaStreamWaitEvent(side_, fork_, 0));
-        QATTN_TRY(launch_dequantize_gptq4(m.packed_gptq(), static_cast<int>(m.out_features()), 0, dequant_slice(m),
-                                          dequant_.get<__half>(), side_));
+        const DequantizeSlice d{m.packed_gptq(), static_cast<int>(m.out_features()), 0, dequant_slice(m),
+                                dequant_.get<__half>()};
+        QATTN_TRY(launch_dequantize_gptq4(&d, 1, side_));
         QATTN_CUDA_TRY(cudaEventRecord(join_, side_));
         dequantized_ahead_ = p;
         return QATTN_SUCCESS;
@@ -456,6 +483,7 @@ private:
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish,
                                           &finished, s));
         for (int p = 0; p < 3; ++p) {
+            if (p == 1 && !small_rows) QATTN_TRY(dequantize_kv_together(s));
             if (acc16)
                 QATTN_TRY(project_large(p, x, H, rows, acc16 + column_[p], qkv_width_, s));
             else if (!(proj_[p]->packed() && small_rows))
@@ -574,6 +602,8 @@ private:
     cudaStream_t side_ = nullptr;
     cudaEvent_t fork_ = nullptr, join_ = nullptr;
     int dequantized_ahead_ = -1;
+    // Where in dequant_ this call already put projection p's first slice (elements), or -1.
+    int64_t in_scratch_[4] = {-1, -1, -1, -1};
 };
 
 }  // namespace
