@@ -249,6 +249,7 @@ private:
         blas_stream_bound_ = false;
         dequantized_ahead_ = -1;
         for (int64_t& at : in_scratch_) at = -1;
+        for (int& columns : joint_columns_) columns = 0;
         const qattn_status status = body(s);
         lease_ = nullptr;
         blas_ = nullptr;
@@ -298,8 +299,10 @@ private:
     qattn_status project_large(int p, const __half* x, int ldx, int rows, T* c, int ldc, cudaStream_t s,
                                float beta = 0.0f) {
         const CudaQMatrix& m = *proj_[p];
+        if (joint_columns_[p] < 0) return QATTN_SUCCESS;  // an earlier projection's GEMM computed p
         QATTN_TRY(bind_blas(s));
-        const int K = static_cast<int>(m.in_features()), N = static_cast<int>(m.out_features());
+        const int K = static_cast<int>(m.in_features());
+        const int N = joint_columns_[p] > 0 ? joint_columns_[p] : static_cast<int>(m.out_features());
         if (!m.packed()) return gemm_xwT(blas_, rows, N, K, x, ldx, m.dense(), c, ldc, beta);
         const int packed_rows = static_cast<int>(m.packed_rows());
         const PackedGptq4& w = m.packed_gptq();
@@ -313,7 +316,7 @@ private:
             xg = gathered_.get<__half>();
             ldg = packed_rows;
         }
-        const int slice = dequant_slice(m);
+        const int slice = joint_columns_[p] > 0 ? N : dequant_slice(m);
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
             const __half* weights = dequant_.get<__half>();
@@ -334,8 +337,9 @@ private:
 
     // K and V of one packed row order that fit the scratch together are
     // dequantized by one launch, side by side (each alone leaves most of the GPU
-    // idle: 512 blocks for Llama-3-8B's 4096 x 1024); project_large then finds
-    // them there.
+    // idle: 512 blocks for Llama-3-8B's 4096 x 1024), and multiplied by one GEMM
+    // over both (their columns are adjacent in the accumulator): project_large(K)
+    // covers V too, project_large(V) does nothing.
     qattn_status dequantize_kv_together(cudaStream_t s) {
         const CudaQMatrix &k = *proj_[1], &v = *proj_[2];
         if (!k.packed() || !v.packed() || order_[2] != order_[1] || k.packed_rows() != v.packed_rows() ||
@@ -348,7 +352,8 @@ private:
                                       {v.packed_gptq(), nv, 0, nv, scratch + static_cast<int64_t>(nk) * k.packed_rows()}};
         QATTN_TRY(launch_dequantize_gptq4(d, 2, s));
         in_scratch_[1] = 0;
-        in_scratch_[2] = static_cast<int64_t>(nk) * k.packed_rows();
+        joint_columns_[1] = nk + nv;
+        joint_columns_[2] = -1;
         return QATTN_SUCCESS;
     }
 
@@ -604,6 +609,9 @@ private:
     int dequantized_ahead_ = -1;
     // Where in dequant_ this call already put projection p's first slice (elements), or -1.
     int64_t in_scratch_[4] = {-1, -1, -1, -1};
+    // Columns projection p's GEMM covers in this call: 0 its own, more where the
+    // next projections' columns follow in one GEMM, -1 where an earlier one did.
+    int joint_columns_[4] = {};
 };
 
 }  // namespace
