@@ -69,6 +69,19 @@ std::vector<Scenario> scenarios() {
     s.q_len = 5;
     all.push_back(s);
 
+    // Prefill of 130 rows (CUDA: the head epilogue's kernel per row), GPT-J over
+    // the whole head; the second round's last position is the tables' last row,
+    // so a read past a row's angles leaves the allocation (compute-sanitizer).
+    s = Scenario{};
+    s.name = "gptq4_prefill_gptj_to_the_last_table_row";
+    s.gptq = true;
+    s.rope = QATTN_ROPE_GPTJ;
+    s.head_norm = QATTN_NORM_RMS;
+    s.batch = 1;
+    s.q_len = 130;
+    s.max_seq_len = s.table_positions = 18 + 130;  // the second round's past_len is 18
+    all.push_back(s);
+
     s = Scenario{};
     s.name = "dense_decode_graphs_pastlens_lora";
     s.batch = 3;

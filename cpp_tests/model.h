@@ -261,6 +261,7 @@ struct Scenario {
     bool residual_fp32 = false, has_residual = true;
     bool loras = false;
     bool use_graphs = false;
+    int max_seq_len = 40, table_positions = 48;  // the layer's limit, and the RoPE tables' rows
 };
 
 // Host-side description of a layer plus the reference forward passes.
@@ -271,14 +272,14 @@ struct BlockData {
     std::vector<LoraData> loras;
     std::vector<int32_t> active;  // adapter ids passed to the forward calls
     RopeTables tables;
-    int max_seq_len = 40;
+    int max_seq_len;
 
     int rotary_dim() const { return s.rotary_dim == 0 ? s.head_dim : s.rotary_dim; }
     int q_width() const { return s.heads * s.head_dim; }
     int kv_width() const { return s.kv_heads * s.head_dim; }
     int rows() const { return s.batch * s.q_len; }
 
-    BlockData(const Scenario& scenario, Random& rng) : s(scenario) {
+    BlockData(const Scenario& scenario, Random& rng) : s(scenario), max_seq_len(scenario.max_seq_len) {
         auto matrix = [&](int64_t K, int64_t N, bool bias) {
             return s.gptq ? make_gptq(rng, K, N, s.bits, s.group_size, s.act_order, s.zero_offset_one, bias)
                           : make_dense(rng, K, N, bias);
@@ -302,7 +303,7 @@ struct BlockData {
             loras.push_back(make_lora(rng, 9, QATTN_PROJ_O, 2, q_width(), s.hidden));
             active = {7};
         }
-        if (s.rope != QATTN_ROPE_NONE) tables = make_rope_tables(48, rotary_dim());
+        if (s.rope != QATTN_ROPE_NONE) tables = make_rope_tables(s.table_positions, rotary_dim());
     }
 
     qattn_layer_config config(int device, qattn_qmatrix* qm, qattn_qmatrix* km, qattn_qmatrix* vm,

@@ -82,10 +82,16 @@ __global__ void __launch_bounds__(row_threads(PIECES), row_blocks_per_sm(PIECES)
     const bool rotated = rope && r.in_range && e < p.rotary_dim;
     const bool first_half = e < pairs;
     float cs[8], sn[8];
-    if (rotated) {
-        const int at = neox ? (first_half ? e : e - pairs) : e / 2;
+    if (rotated && neox) {
+        const int at = first_half ? e : e - pairs;
         load_vec<8>(r.cos + at, cs);
         load_vec<8>(r.sin + at, sn);
+    } else if (rotated) {  // a GPT-J piece holds 4 pairs: 4 angles, and no load past the table's row
+        float c4[4], s4[4];
+        load_vec<4>(r.cos + e / 2, c4);
+        load_vec<4>(r.sin + e / 2, s4);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) cs[u] = c4[u], sn[u] = s4[u];
     }
     if (rope && !r.in_range && threadIdx.x == 0) atomicExch(p.error_flag, 1);  // not rotated
     const bool slot_ok = r.slot >= 0 && r.slot < p.num_kv_slots;
