@@ -13,10 +13,11 @@ namespace qattn::cuda {
 namespace {
 
 constexpr int kWarps = 8;
-// The per-row kernel: up to 512 threads a block, 4 pieces a thread (Llama-3-8B's
-// 768 a row in 192 threads) at most 80 registers, so 4 blocks of 192 share an
-// SM; 8 pieces a thread beyond 2048 a row.
-constexpr int kMaxRowThreads = 512;
+// The per-row kernel's threads a block, at most, by pieces a thread: two
+// pieces (Llama-3-8B's 768 a row) in blocks of up to 384 threads, three of
+// them an SM (56 registers); more pieces in blocks of up to 512.
+__host__ __device__ constexpr int row_threads(int pieces) { return pieces == 2 ? 384 : 512; }
+__host__ __device__ constexpr int row_blocks_per_sm(int pieces) { return pieces == 2 ? 3 : 1; }
 
 // MAX_D: head_dim bound that sizes the register arrays (128 for the usual
 // heads: fewer registers, more warps per SM; 512, the core's limit, otherwise).
@@ -44,7 +45,8 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogue
 // The head norm sums and the NeoX pairs cross threads by shuffles within the
 // head's threads; GPT-J pairs lie inside a piece.
 template <int PIECES>
-__global__ void __maxnreg__(PIECES == 4 ? 80 : 128) head_epilogue_rows_kernel(HeadEpilogueParams p) {
+__global__ void __launch_bounds__(row_threads(PIECES), row_blocks_per_sm(PIECES))
+    head_epilogue_rows_kernel(HeadEpilogueParams p) {
     const int row = blockIdx.x;
     const int D = p.head_dim, lanes = D / 8;  // threads a head
     const int lanes_log2 = __ffs(lanes) - 1;   // pieces to heads by a shift: no integer division
@@ -173,8 +175,8 @@ int row_kernel_pieces(const HeadEpilogueParams& p) {
     for (const void* ptr : aligned)
         if (!is_aligned(ptr, 16)) return 0;
     const int pieces = (p.num_heads + 2 * p.num_kv_heads) * lanes;
-    for (int per_thread : {4, 8})
-        if (pieces <= per_thread * kMaxRowThreads) return per_thread;
+    for (int per_thread : {2, 4, 8})
+        if (pieces <= per_thread * row_threads(per_thread)) return per_thread;
     return 0;
 }
 
@@ -193,7 +195,9 @@ qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stre
     if (pieces) {
         const int per_row = (p.num_heads + 2 * p.num_kv_heads) * (p.head_dim / 8);
         const int threads = ((per_row + pieces - 1) / pieces + 31) / 32 * 32;
-        const auto kernel = pieces == 4 ? head_epilogue_rows_kernel<4> : head_epilogue_rows_kernel<8>;
+        const auto kernel = pieces == 2   ? head_epilogue_rows_kernel<2>
+                            : pieces == 4 ? head_epilogue_rows_kernel<4>
+                                          : head_epilogue_rows_kernel<8>;
         return launch_pdl("head_epilogue_rows", kernel, p.rows, threads, 0, stream, p);
     }
     const int tasks = p.rows * (p.num_heads + 2 * p.num_kv_heads);
