@@ -10,7 +10,6 @@ namespace {
 
 struct DeviceHandles {
     int users = 0;
-    int made = 0;
     std::vector<cublasHandle_t> free;
 };
 
@@ -28,11 +27,10 @@ std::map<int, DeviceHandles>& devices() {
 qattn_status attach_blas_user(int device) {
     std::lock_guard<std::mutex> lock(mutex);
     DeviceHandles& d = devices()[device];
-    if (d.made == 0) {
+    if (d.users == 0) {  // no handle left: the last detach destroyed them, and no call holds one
         cublasHandle_t handle = nullptr;
         QATTN_CUBLAS_TRY(cublasCreate(&handle));
         d.free.push_back(handle);
-        d.made = 1;
     }
     ++d.users;
     return QATTN_SUCCESS;
@@ -43,10 +41,7 @@ void detach_blas_user(int device) {
     {
         std::lock_guard<std::mutex> lock(mutex);
         DeviceHandles& d = devices()[device];
-        if (--d.users == 0) {
-            unused.swap(d.free);
-            d.made = 0;
-        }
+        if (--d.users == 0) unused.swap(d.free);
     }
     for (cublasHandle_t h : unused) cublasDestroy(h);
 }
@@ -64,8 +59,6 @@ qattn_status BlasLease::get(bool capturing, cublasHandle_t* out) {
         } else {
             lock.unlock();
             QATTN_CUBLAS_TRY(cublasCreate(&handle_));
-            lock.lock();
-            ++d.made;
         }
     }
     *out = handle_;
