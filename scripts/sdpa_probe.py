@@ -1,0 +1,118 @@
+"""Times torch SDPA at decode over a contiguous KV cache, per formulation and
+backend, to choose how the torch attention step of qattn (and the bench's block)
+calls it. Decode (one new token a sequence, every cached key visible) allows two
+formulations of grouped-query attention:
+
+  gqa:    q [B, NH, 1, D] against k, v [B, NKV, L, D] with enable_gqa=True
+  folded: the NH / NKV query heads of a KV head folded into the query length,
+          q [B, NKV, NH / NKV, D] against the same k, v; no mask (decode sees
+          every key), and the output [B, NKV, NH / NKV, D] is already the
+          [B, 1, NH, D] layout, so no transpose copy follows.
+
+Each (formulation, backend) is replayed from a CUDA graph over enough caches to
+keep the L2 cold, timed with CUDA events, median of the replays, per call; the
+KV bytes over the measured copy bandwidth is printed beside it.
+
+    python scripts/sdpa_probe.py [--batch 1,16] [--past 2048]
+"""
+import argparse
+import contextlib
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def copy_bandwidth(nbytes=1 << 30):
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * nbytes / statistics.median(times[2:])
+
+
+def attend(kind, q, kc, vc, heads, kv_heads):
+    b, _, _, d = q.shape
+    keys, values = kc.transpose(1, 2), vc.transpose(1, 2)
+    if kind == "gqa":
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+    folded = q.view(b, kv_heads, heads // kv_heads, d)
+    return F.scaled_dot_product_attention(folded, keys, values).view(b, 1, heads, d)
+
+
+def time_graph(fn, calls, replays=30):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / calls)
+    return statistics.median(times[3:])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--past", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    print(f"card {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    nh, nkv, d, length = args.heads, args.kv_heads, args.head_dim, args.past + 1
+    for batch in [int(b) for b in args.batch.split(",")]:
+        kv_bytes = 2 * batch * length * nkv * d * 2
+        caches = max(4, -(-3 * l2 // kv_bytes))
+        data = [(torch.randn(batch, 1, nh, d, device="cuda", dtype=torch.float16),
+                 torch.randn(batch, length, nkv, d, device="cuda", dtype=torch.float16),
+                 torch.randn(batch, length, nkv, d, device="cuda", dtype=torch.float16)) for _ in range(caches)]
+        q, kc, vc = data[0]
+        keys = kc.double().transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+        values = vc.double().transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+        p = torch.softmax(q.double().transpose(1, 2) @ keys.transpose(-1, -2) / d ** 0.5, dim=-1)
+        ref = (p @ values).transpose(1, 2)
+        floor = kv_bytes / bw * 1e6
+        print(f"\nbatch {batch}, {length} keys: KV {kv_bytes / 2**20:.1f} MiB a call, floor {floor:.1f} us, "
+              f"{caches} caches cycled")
+        print(f"{'formulation':<8} {'backend':<10} {'us':>8} {'x floor':>8} {'rel err':>9}")
+        for kind in ("gqa", "folded"):
+            for name, backend in BACKENDS.items():
+                ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+                try:
+                    with ctx:
+                        out = attend(kind, q, kc, vc, nh, nkv)
+                        err = ((out.double() - ref).norm() / ref.norm()).item()
+                        us = time_graph(lambda: [attend(kind, *t, nh, nkv) for t in data], caches)
+                    print(f"{kind:<8} {name:<10} {us:8.1f} {us / floor:8.2f} {err:9.1e}")
+                except Exception as exc:  # a backend that does not take the shape says why
+                    print(f"{kind:<8} {name:<10} {'-':>8} {'':>8} {'':>9} {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:80]}")
+
+
+if __name__ == "__main__":
+    main()
