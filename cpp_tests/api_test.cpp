@@ -62,6 +62,7 @@ TEST(Library, DefaultsAreDocumented) {
     EXPECT_EQ(c.struct_size, sizeof c);
     EXPECT_EQ(c.has_residual, 1);
     EXPECT_EQ(c.rope, QATTN_ROPE_NONE);
+    EXPECT_EQ(c.scratch, nullptr);
     EXPECT_EQ(qattn_forward1_args_default().struct_size, sizeof(qattn_forward1_args));
     EXPECT_EQ(qattn_forward2_args_default().struct_size, sizeof(qattn_forward2_args));
     EXPECT_EQ(qattn_lora_desc_default().struct_size, sizeof(qattn_lora_desc));
@@ -70,6 +71,7 @@ TEST(Library, DefaultsAreDocumented) {
 TEST(Library, DestroyNullIsAccepted) {
     EXPECT_EQ(qattn_destroy(nullptr), QATTN_SUCCESS);
     EXPECT_EQ(qattn_qmatrix_destroy(nullptr), QATTN_SUCCESS);
+    EXPECT_EQ(qattn_scratch_destroy(nullptr), QATTN_SUCCESS);
 }
 
 class Create : public ::testing::TestWithParam<int> {
@@ -142,6 +144,49 @@ TEST_P(Create, ShorterStructFromOlderCaller) {
     qattn_qmatrix_desc d = m.desc(device());
     d.struct_size = offsetof(qattn_qmatrix_desc, bits);
     EXPECT_NE(create(d), nullptr);
+}
+
+TEST_P(Create, LayerConfigWithoutScratchFromOlderCaller) {
+    Random rng(6);
+    const BlockData data(Scenario{}, rng);
+    LibraryLayer lib;
+    QTEST_ASSERT_OK(build_layer(data, device(), 4, &lib));
+    qattn_layer_config c = lib.config;
+    c.struct_size = offsetof(qattn_layer_config, scratch);
+    qattn_layer* layer = nullptr;
+    const qattn_status status = qattn_create(&c, &layer);
+    EXPECT_EQ(status, QATTN_SUCCESS) << failure_text(status);
+    qattn_destroy(layer);
+}
+
+// Layers made with one scratch outlive its handle: each holds its share.
+TEST_P(Create, LayersKeepTheirScratchAfterItsHandle) {
+    Random rng(7);
+    Scenario s;
+    s.rope = QATTN_ROPE_NONE;  // forward1 without tables
+    const BlockData data(s, rng);
+    LibraryLayer lib;
+    QTEST_ASSERT_OK(build_layer(data, device(), 4, &lib));
+    qattn_scratch* scratch = nullptr;
+    QTEST_ASSERT_OK(qattn_scratch_create(device(), &scratch));
+    qattn_layer_config c = lib.config;
+    c.scratch = scratch;
+    qattn_layer *first = nullptr, *second = nullptr;
+    QTEST_ASSERT_OK(qattn_create(&c, &first));
+    QTEST_ASSERT_OK(qattn_create(&c, &second));
+    LayerPtr a(first), b(second);
+    QTEST_ASSERT_OK(qattn_scratch_destroy(scratch));
+    DeviceBuffer x(device(), rng.halves(static_cast<size_t>(data.s.hidden), -1, 1));
+    DeviceBuffer q(device(), sizeof(uint16_t) * data.q_width()), k(device(), sizeof(uint16_t) * data.kv_width()),
+        v(device(), sizeof(uint16_t) * data.kv_width());
+    qattn_forward1_args f = qattn_forward1_args_default();
+    f.batch = f.q_len = 1;
+    f.x = x.get();
+    f.q = q.get();
+    f.k = k.get();
+    f.v = v.get();
+    QTEST_ASSERT_OK(qattn_forward1(a.get(), &f, nullptr));
+    QTEST_ASSERT_OK(qattn_forward1(b.get(), &f, nullptr));
 }
 
 TEST_P(Create, LayersWithEveryOption) {

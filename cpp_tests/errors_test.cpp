@@ -114,6 +114,22 @@ protected:
 
 // ---- NULL handles and pointers ---------------------------------------------------------
 
+TEST_P(Errors, ScratchOfAnotherDeviceOrNone) {
+    qattn_scratch* s = nullptr;
+    QTEST_EXPECT_ERROR(qattn_scratch_create(device(), nullptr), kInvalid, "out is NULL");
+    QTEST_EXPECT_ERROR(qattn_scratch_create(-5, &s), kInvalid, "device must be");
+    EXPECT_EQ(s, nullptr);
+    QTEST_EXPECT_ERROR(qattn_scratch_create(qattn_cuda_device_count() + 3, &s), QATTN_ERROR_NOT_SUPPORTED,
+                       "CUDA device");
+    int other = 0;
+    if (!other_device(&other)) return;
+    QTEST_ASSERT_OK(qattn_scratch_create(other, &s));
+    ScratchPtr foreign(s);
+    qattn_layer_config c = config_;
+    c.scratch = foreign.get();
+    QTEST_EXPECT_ERROR(create_layer(c), kInvalid, "config.scratch belongs to device");
+}
+
 TEST_P(Errors, NullArguments) {
     qattn_qmatrix* m = nullptr;
     const qattn_qmatrix_desc md = data_.q.desc(device());

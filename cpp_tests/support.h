@@ -244,6 +244,10 @@ struct LayerDeleter {
 };
 using QMatrixPtr = std::unique_ptr<qattn_qmatrix, QMatrixDeleter>;
 using LayerPtr = std::unique_ptr<qattn_layer, LayerDeleter>;
+struct ScratchDeleter {
+    void operator()(qattn_scratch* s) const { qattn_scratch_destroy(s); }
+};
+using ScratchPtr = std::unique_ptr<qattn_scratch, ScratchDeleter>;
 
 inline std::string failure_text(qattn_status s) {
     return std::string(qattn_status_string(s)) + ": " + qattn_last_error();

@@ -149,6 +149,30 @@ typedef enum qattn_rope_type {
     QATTN_ROPE_GPTJ = 2   /* rotate interleaved pairs (2i, 2i + 1) */
 } qattn_rope_type;
 
+/* ---- Scratch shared by layers ---------------------------------------------
+ *
+ * A layer's per-call device memory (the normed input, the projections' sums,
+ * slices of dequantized weights, the cuBLAS workspace, LoRA temporaries) is
+ * sized at creation from max_rows and the weights' shapes: on CUDA about 100 MiB
+ * for a Llama-3-8B layer at max_rows 2048. Layers created with the same
+ * qattn_scratch share one set, sized for the largest of them, instead of holding
+ * one each: a model whose layers run one after another needs one layer's worth.
+ *
+ * Layers that share a scratch must never run at the same time: call them on one
+ * stream, or order their streams (events), and from one thread at a time.
+ * Creating a layer with it, or qattn_set_loras on one of its layers, may grow it
+ * and so move its memory: a graph the caller captured before (of any of its
+ * layers) must then be captured again. The library's own graphs (use_graphs)
+ * follow by themselves. On the CPU a scratch is accepted and holds nothing (the
+ * reference backend allocates per call). */
+typedef struct qattn_scratch qattn_scratch;
+
+/* An empty scratch of `device`; it grows as layers are created with it. */
+QATTN_API qattn_status qattn_scratch_create(int device, qattn_scratch** out);
+/* Gives up the caller's reference: the memory goes with the last layer created
+ * with the scratch (or now, if there is none). NULL is accepted and ignored. */
+QATTN_API qattn_status qattn_scratch_destroy(qattn_scratch* scratch);
+
 typedef struct qattn_layer_config {
     size_t struct_size;
     int device;
@@ -176,6 +200,10 @@ typedef struct qattn_layer_config {
     qattn_qmatrix* k_proj; /* H -> NKV*D */
     qattn_qmatrix* v_proj; /* H -> NKV*D */
     qattn_qmatrix* o_proj; /* NH*D -> H */
+
+    /* Optional, NULL by default: a scratch of the layer's device to share with
+     * other layers (see qattn_scratch above); NULL gives the layer its own. */
+    qattn_scratch* scratch;
 } qattn_layer_config;
 
 QATTN_API qattn_layer_config qattn_layer_config_default(void);

@@ -37,6 +37,7 @@ class Spec:
     gptq_g_idx: bool = True               # pass g_idx (False: the library derives k // group_size)
     max_rows: int = 8
     max_seq_len: int = 64
+    use_graphs: bool = False
 
 
 def _norm(kind, shape, gen, device):
@@ -67,9 +68,10 @@ def _projection(spec, k, n, gen, device, gptq_out):
     return m, g["w"], bias
 
 
-def build(spec, device, gen, gptq_out=None):
-    """Returns (layer, ref): a qattn.Layer on `device` and the RefLayer of the same
-    weights. With GPTQ, the random_gptq dicts of q, k, v, o are appended to gptq_out."""
+def build(spec, device, gen, gptq_out=None, scratch=None):
+    """Returns (layer, ref): a qattn.Layer on `device` (with `scratch`, a
+    qattn.Scratch to share, if given) and the RefLayer of the same weights. With
+    GPTQ, the random_gptq dicts of q, k, v, o are appended to gptq_out."""
     H, NH, NKV, D = spec.hidden, spec.heads, spec.kv_heads, spec.head_dim
     mats, refs = {}, {}
     gptq_out = [] if gptq_out is None else gptq_out
@@ -84,7 +86,8 @@ def build(spec, device, gen, gptq_out=None):
                         k_proj=mats["k"], v_proj=mats["v"], o_proj=mats["o"], input_norm=input_norm,
                         q_norm=q_norm, k_norm=k_norm, post_norm=post_norm, rope=spec.rope,
                         rotary_dim=spec.rotary_dim, has_residual=spec.has_residual,
-                        residual_fp32=spec.residual_fp32, max_rows=spec.max_rows, max_seq_len=spec.max_seq_len)
+                        residual_fp32=spec.residual_fp32, max_rows=spec.max_rows, max_seq_len=spec.max_seq_len,
+                        use_graphs=spec.use_graphs, scratch=scratch)
     ref = R.RefLayer(num_heads=NH, num_kv_heads=NKV, head_dim=D, input_norm=ref_input, q_norm=ref_q, k_norm=ref_k,
                      post_norm=ref_post, rope=spec.rope, rotary_dim=spec.rotary_dim or 0,
                      has_residual=spec.has_residual, **refs)

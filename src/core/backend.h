@@ -123,6 +123,13 @@ public:
     virtual qattn_status check_device_errors(void* stream) = 0;
 };
 
+// Per-call device memory that layers may share (qattn_scratch). The backend
+// that made it is the only one that reads it.
+class ScratchImpl {
+public:
+    virtual ~ScratchImpl() = default;
+};
+
 struct LayerProjections {
     const QMatrixImpl* q = nullptr;
     const QMatrixImpl* k = nullptr;
@@ -143,8 +150,11 @@ qattn_status create_layer(const LayerInfo& info, const LayerHostWeights& weights
 namespace cuda {
 qattn_status create_qmatrix(const QMatrixInfo& info, const QMatrixHostWeights& weights,
                             std::unique_ptr<QMatrixImpl>* out);
+// scratch: shared with other layers (made by create_scratch), or null for the layer's own.
 qattn_status create_layer(const LayerInfo& info, const LayerHostWeights& weights,
-                          const LayerProjections& projections, std::unique_ptr<LayerImpl>* out);
+                          const LayerProjections& projections, std::shared_ptr<ScratchImpl> scratch,
+                          std::unique_ptr<LayerImpl>* out);
+qattn_status create_scratch(int device, std::shared_ptr<ScratchImpl>* out);
 const char* architectures();
 }  // namespace cuda
 #endif

@@ -11,6 +11,13 @@ struct qattn_qmatrix {
     std::unique_ptr<qattn::QMatrixImpl> impl;
 };
 
+// Null impl on the CPU, where a scratch holds nothing. Layers keep their own
+// reference to impl, so the handle may go before them.
+struct qattn_scratch {
+    int device = QATTN_DEVICE_CPU;
+    std::shared_ptr<qattn::ScratchImpl> impl;
+};
+
 struct qattn_layer {
     qattn::LayerInfo info;
     std::unique_ptr<qattn::LayerImpl> impl;

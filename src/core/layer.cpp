@@ -104,6 +104,9 @@ qattn_status create(const qattn_layer_config* config, qattn_layer** out) {
     QATTN_TRY(check_projection("o_proj", c.o_proj, c.device, info.q_width(), c.hidden_size));
     LayerProjections projections{c.q_proj->impl.get(), c.k_proj->impl.get(), c.v_proj->impl.get(),
                                  c.o_proj->impl.get()};
+    QATTN_REQUIRE_ARG(c.scratch == nullptr || c.scratch->device == c.device,
+                      "config.scratch belongs to device %d, the layer to device %d", c.scratch ? c.scratch->device : 0,
+                      c.device);
 
     auto layer = std::make_unique<qattn_layer>();
     layer->info = info;
@@ -111,7 +114,8 @@ qattn_status create(const qattn_layer_config* config, qattn_layer** out) {
         QATTN_TRY(cpu::create_layer(info, weights, projections, &layer->impl));
     } else {
 #if defined(QATTN_WITH_CUDA)
-        QATTN_TRY(cuda::create_layer(info, weights, projections, &layer->impl));
+        QATTN_TRY(cuda::create_layer(info, weights, projections, c.scratch ? c.scratch->impl : nullptr,
+                                     &layer->impl));
 #endif
     }
     *out = layer.release();

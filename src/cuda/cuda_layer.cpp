@@ -10,12 +10,14 @@
 // forward2 is the same with attn_out, the O projection and the residual epilogue
 // (or, beyond the small-row path with nothing between O and the residual, cuBLAS
 // adding the projection to x itself).
-// All scratch is allocated at creation (LoRA scratch by set_loras); forward only
-// launches work on the caller's stream and never waits for the device.
+// All scratch is allocated at creation (LoRA scratch by set_loras), the layer's
+// own or grown in a CudaScratch shared with other layers; forward only launches
+// work on the caller's stream and never waits for the device.
 #include "core/backend.h"
 #include "cuda/blas_handles.h"
 #include "cuda/cublas_gemm.h"
 #include "cuda/cuda_qmatrix.h"
+#include "cuda/cuda_scratch.h"
 #include "cuda/graphs.h"
 #include "cuda/kernels.h"
 
@@ -58,10 +60,14 @@ struct DeviceNorm {
 class CudaLayer final : public LayerImpl {
 public:
     static qattn_status create(const LayerInfo& info, const LayerHostWeights& weights,
-                               const LayerProjections& projections, std::unique_ptr<LayerImpl>* out) {
+                               const LayerProjections& projections, std::shared_ptr<ScratchImpl> shared,
+                               std::unique_ptr<LayerImpl>* out) {
         DeviceGuard guard;
         QATTN_TRY(guard.enter(info.device));
         std::unique_ptr<CudaLayer> layer(new CudaLayer(info, projections));
+        // The core hands over only scratch made by this backend for this device.
+        layer->scratch_ = shared ? std::static_pointer_cast<CudaScratch>(shared)
+                                 : std::make_shared<CudaScratch>(info.device);
         QATTN_TRY(layer->init(weights));
         *out = std::move(layer);
         return QATTN_SUCCESS;
@@ -103,12 +109,10 @@ public:
         bool qkv_lora = false, o_lora = false;
         for (const LoraSpec& s : specs) (s.proj == QATTN_PROJ_O ? o_lora : qkv_lora) = true;
         QATTN_TRY(size_accumulators(qkv_lora, o_lora));
-        DeviceBuffer scratch;
-        QATTN_TRY(scratch.allocate(sizeof(uint16_t) * info_.max_rows * max_rank));
+        QATTN_TRY(scratch_->reserve(CudaScratch::kLora, sizeof(uint16_t) * info_.max_rows * max_rank));
         QATTN_CUDA_TRY(cudaStreamSynchronize(nullptr));  // uploads done before any stream reads them
         if (graphs_) graphs_->clear();
         adapters_ = std::move(adapters);
-        lora_scratch_ = std::move(scratch);
         return QATTN_SUCCESS;
     }
 
@@ -165,13 +169,14 @@ private:
         QATTN_CUDA_TRY(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, info_.device));
 
         const size_t rows = static_cast<size_t>(info_.max_rows);
-        if (info_.input_norm.enabled() || info_.residual_fp32)
-            QATTN_TRY(normed_.allocate(sizeof(__half) * rows * info_.hidden_size));
+        stages_input_ = info_.input_norm.enabled() || info_.residual_fp32;
+        if (stages_input_)
+            QATTN_TRY(scratch_->reserve(CudaScratch::kNormed, sizeof(__half) * rows * info_.hidden_size));
         QATTN_TRY(size_accumulators(false, false));
         QATTN_TRY(error_flag_.allocate(sizeof(int)));
         counters_o_ = small_gemm_counters(qkv_width_);
-        QATTN_TRY(counters_.allocate(sizeof(int) * (counters_o_ + small_gemm_counters(info_.hidden_size))));
-        QATTN_CUDA_TRY(cudaMemset(counters_.get(), 0, counters_.bytes()));
+        QATTN_TRY(scratch_->reserve(CudaScratch::kCounters,
+                                    sizeof(int) * (counters_o_ + small_gemm_counters(info_.hidden_size))));
         QATTN_CUDA_TRY(cudaMemset(error_flag_.get(), 0, sizeof(int)));
 
         // The large-row path of packed matrices dequantizes whole columns (all
@@ -186,8 +191,8 @@ private:
             need = std::max(need, std::min(rows_packed * m->out_features(),
                                            std::max(kDequantScratchElements, 8 * rows_packed)));
         }
-        QATTN_TRY(dequant_.allocate(sizeof(__half) * need));
-        QATTN_TRY(gathered_.allocate(sizeof(__half) * gathered));
+        QATTN_TRY(scratch_->reserve(CudaScratch::kDequant, sizeof(__half) * need));
+        QATTN_TRY(scratch_->reserve(CudaScratch::kGathered, sizeof(__half) * gathered));
         dequant_elements_ = need;
         if (need > 0) {
             QATTN_CUDA_TRY(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
@@ -197,7 +202,7 @@ private:
 
         QATTN_TRY(attach_blas_user(info_.device));
         blas_user_ = true;
-        QATTN_TRY(workspace_.allocate(kCublasWorkspaceBytes));
+        QATTN_TRY(scratch_->reserve(CudaScratch::kWorkspace, kCublasWorkspaceBytes));
         if (info_.use_graphs) {
             graphs_.reset(new GraphCache());
             QATTN_TRY(graphs_->init());
@@ -236,12 +241,7 @@ private:
     // partial sums or counts: the next call clears them.
     template <typename Body>
     qattn_status run(cudaStream_t s, bool capturing, Body&& body) {
-        if (dirty_) {
-            QATTN_CUDA_TRY(cudaMemsetAsync(acc_qkv_.get(), 0, acc_qkv_.bytes(), s));
-            QATTN_CUDA_TRY(cudaMemsetAsync(acc_o_.get(), 0, acc_o_.bytes(), s));
-            QATTN_CUDA_TRY(cudaMemsetAsync(counters_.get(), 0, counters_.bytes(), s));
-            dirty_ = false;
-        }
+        QATTN_TRY(scratch_->clear_if_dirty(s));
         BlasLease lease(info_.device);
         lease_ = &lease;
         lease_capturing_ = capturing;
@@ -251,31 +251,26 @@ private:
         const qattn_status status = body(s);
         lease_ = nullptr;
         blas_ = nullptr;
-        if (status != QATTN_SUCCESS) dirty_ = true;
+        if (status != QATTN_SUCCESS) scratch_->dirty = true;
         return status;
     }
 
-    // The fp32 accumulators, zero between calls. The small-row path adds into
-    // their first kSmallRows rows. Beyond it the Q|K|V sums leave cuBLAS in fp16
-    // into the same buffer past those rows (half an fp32 row each), except with
-    // LoRA on q, k or v, whose products add to fp32 sums of every row; and the
-    // O sums are kept only with an O bias, a post-norm or LoRA on O (else cuBLAS
-    // adds O into the residual itself). So LoRA, known only from set_loras,
-    // grows them there; they never shrink.
+    // The fp32 accumulators of the small-row path (up to kSmallRows rows, zero
+    // between calls), and beyond it one phase's sums: Q|K|V leave cuBLAS in fp16,
+    // except with LoRA on q, k or v, whose products add to fp32 sums; the O sums
+    // are kept only with an O bias, a post-norm or LoRA on O (else cuBLAS adds O
+    // into the residual itself). So LoRA, known only from set_loras, grows them.
+    // Apart, so that layers of other widths sharing the scratch find the
+    // small-row accumulators zero after any large call.
     qattn_status size_accumulators(bool qkv_lora, bool o_lora) {
         const size_t rows = static_cast<size_t>(info_.max_rows), small = std::min<size_t>(rows, kSmallRows);
-        const size_t qkv_rows = rows <= kSmallRows ? rows : qkv_lora ? rows : kSmallRows + (rows + 1) / 2;
+        QATTN_TRY(scratch_->reserve(CudaScratch::kAccQkv, sizeof(float) * small * qkv_width_));
+        QATTN_TRY(scratch_->reserve(CudaScratch::kAccO, sizeof(float) * small * info_.hidden_size));
+        if (rows <= kSmallRows) return QATTN_SUCCESS;
         const bool o_all_rows = o_lora || proj_[3]->bias() || info_.post_norm.enabled();
-        const size_t o_rows = o_all_rows ? rows : small;
-        for (auto [buffer, bytes] : {std::pair<DeviceBuffer*, size_t>{&acc_qkv_, sizeof(float) * qkv_rows * qkv_width_},
-                                     {&acc_o_, sizeof(float) * o_rows * info_.hidden_size}}) {
-            if (buffer->get() && buffer->bytes() >= bytes) continue;
-            DeviceBuffer grown;
-            QATTN_TRY(grown.allocate(bytes));
-            QATTN_CUDA_TRY(cudaMemset(grown.get(), 0, bytes));
-            *buffer = std::move(grown);
-        }
-        return QATTN_SUCCESS;
+        const size_t qkv = (qkv_lora ? sizeof(float) : sizeof(__half)) * rows * qkv_width_;
+        const size_t o = o_all_rows ? sizeof(float) * rows * info_.hidden_size : 0;
+        return scratch_->reserve(CudaScratch::kSums, std::max(qkv, o));
     }
 
     // The call's cuBLAS handle (leased in run), on this stream with this layer's
@@ -285,7 +280,7 @@ private:
         if (blas_stream_bound_) return QATTN_SUCCESS;
         QATTN_TRY(lease_->get(lease_capturing_, &blas_));
         QATTN_CUBLAS_TRY(cublasSetStream(blas_, s));
-        QATTN_CUBLAS_TRY(cublasSetWorkspace(blas_, workspace_.get(), workspace_.bytes()));
+        QATTN_CUBLAS_TRY(cublasSetWorkspace(blas_, scratch_->get<void>(CudaScratch::kWorkspace), kCublasWorkspaceBytes));
         blas_stream_bound_ = true;
         return QATTN_SUCCESS;
     }
@@ -309,7 +304,7 @@ private:
                 QATTN_TRY(stage_gathered(x, ldx, rows, K, p, s));
                 gathered_order_ = order_[p];
             }
-            xg = gathered_.get<__half>();
+            xg = scratch_->get<__half>(CudaScratch::kGathered);
             ldg = packed_rows;
         }
         const int slice = dequant_slice(m);
@@ -319,9 +314,9 @@ private:
                 QATTN_CUDA_TRY(cudaStreamWaitEvent(s, join_, 0));
                 dequantized_ahead_ = -1;
             } else {
-                QATTN_TRY(launch_dequantize_gptq4(w, N, n0, count, dequant_.get<__half>(), s));
+                QATTN_TRY(launch_dequantize_gptq4(w, N, n0, count, scratch_->get<__half>(CudaScratch::kDequant), s));
             }
-            QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, dequant_.get<__half>(), c + n0, ldc, beta));
+            QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, scratch_->get<__half>(CudaScratch::kDequant), c + n0, ldc, beta));
         }
         return QATTN_SUCCESS;
     }
@@ -341,7 +336,7 @@ private:
         QATTN_CUDA_TRY(cudaEventRecord(fork_, s));
         QATTN_CUDA_TRY(cudaStreamWaitEvent(side_, fork_, 0));
         QATTN_TRY(launch_dequantize_gptq4(m.packed_gptq(), static_cast<int>(m.out_features()), 0, dequant_slice(m),
-                                          dequant_.get<__half>(), side_));
+                                          scratch_->get<__half>(CudaScratch::kDequant), side_));
         QATTN_CUDA_TRY(cudaEventRecord(join_, side_));
         dequantized_ahead_ = p;
         return QATTN_SUCCESS;
@@ -355,7 +350,7 @@ private:
             const CudaQMatrix& m = *proj_[proj];
             QATTN_TRY(lora_add(blas_, rows, static_cast<int>(m.in_features()), a.rank,
                                static_cast<int>(m.out_features()), x, ldx, a.a.get<__half>(), a.b.get<__half>(),
-                               lora_scratch_.get<__half>(), c, ldc));
+                               scratch_->get<__half>(CudaScratch::kLora), c, ldc));
         }
         return QATTN_SUCCESS;
     }
@@ -369,7 +364,7 @@ private:
         st.ldx = ldx;
         st.perm = proj_[p]->packed_gptq().perm;
         st.columns = static_cast<int>(proj_[p]->packed_rows());
-        st.gathered = gathered_.get<__half>();
+        st.gathered = scratch_->get<__half>(CudaScratch::kGathered);
         return launch_stage_rows(st, s);
     }
 
@@ -397,11 +392,11 @@ private:
             if (!(*call.loras)[p].empty()) need_plain = true;
         }
         const bool stage_gather =
-            gather_for >= 0 && (!small_rows || normed_.get() || rows > kGatherInKernelRows);
+            gather_for >= 0 && (!small_rows || stages_input_ || rows > kGatherInKernelRows);
         gathered_order_ = -1;
         if (!small_rows) QATTN_TRY(dequantize_ahead(0, s));
         const __half* x = static_cast<const __half*>(call.x);
-        if (normed_.get()) {
+        if (stages_input_) {
             StageRowsParams st;
             st.x = call.x;
             st.x_fp32 = info_.residual_fp32;
@@ -410,13 +405,13 @@ private:
             st.ldx = H;
             st.norm = input_norm_.params();
             if (need_plain) {
-                st.out = normed_.get<__half>();
+                st.out = scratch_->get<__half>(CudaScratch::kNormed);
                 x = st.out;
             }
             if (stage_gather) {
                 st.perm = proj_[gather_for]->packed_gptq().perm;
                 st.columns = static_cast<int>(proj_[gather_for]->packed_rows());
-                st.gathered = gathered_.get<__half>();
+                st.gathered = scratch_->get<__half>(CudaScratch::kGathered);
             }
             QATTN_TRY(launch_stage_rows(st, s));
         } else if (stage_gather) {
@@ -424,15 +419,13 @@ private:
         }
         if (stage_gather) gathered_order_ = gather_for;
 
-        float* acc = acc_qkv_.get<float>();
         bool any_lora = false;
         for (int p = 0; p < 3; ++p) any_lora = any_lora || !(*call.loras)[p].empty();
         // Beyond the small-row path and without LoRA, Q|K|V leave cuBLAS in fp16
         // (its fp32 sums rounded once, as the outputs will be): half the bytes to
         // write and for the epilogue to read back.
-        __half* acc16 =
-            !small_rows && !any_lora ? reinterpret_cast<__half*>(acc + static_cast<size_t>(kSmallRows) * qkv_width_)
-                                     : nullptr;
+        float* acc = small_rows ? scratch_->get<float>(CudaScratch::kAccQkv) : scratch_->get<float>(CudaScratch::kSums);
+        __half* acc16 = !small_rows && !any_lora ? scratch_->get<__half>(CudaScratch::kSums) : nullptr;
         HeadEpilogueParams e = head_epilogue(call, acc);
         e.acc16 = acc16;
         SmallGemmProblem small[3];
@@ -443,13 +436,13 @@ private:
                 small[small_count++] = SmallGemmProblem{
                     m.packed_gptq(), static_cast<int>(m.out_features() / 8), column_[p],
                     m.identity_order() && is_aligned(x, 16) ? x
-                    : gathered_order_ == order_[p]     ? gathered_.get<__half>()
+                    : gathered_order_ == order_[p]     ? scratch_->get<__half>(CudaScratch::kGathered)
                                                        : nullptr};
         }
         SmallGemmEpilogue finish;
         if (small_count == 3 && !any_lora && rows <= kSmallGemmFinishRows && small_gemm_can_finish_heads(e)) {
             finish.kind = SmallGemmEpilogue::kHeads;
-            finish.counters = counters_.get<int>();
+            finish.counters = scratch_->get<int>(CudaScratch::kCounters);
             finish.heads = e;
         }
         bool finished = false;
@@ -500,7 +493,8 @@ private:
         const int rows = call.rows, K = info_.q_width(), H = info_.hidden_size;
         const auto* attn = static_cast<const __half*>(call.attn_out);
         const CudaQMatrix& m = *proj_[3];
-        float* acc = acc_o_.get<float>();
+        float* acc = rows <= kSmallRows ? scratch_->get<float>(CudaScratch::kAccO)
+                                        : scratch_->get<float>(CudaScratch::kSums);
         ResidualEpilogueParams e;
         e.acc = acc;
         e.rows = rows;
@@ -518,11 +512,11 @@ private:
             const __half* xg = m.identity_order() && is_aligned(attn, 16) ? attn : nullptr;
             if (!xg && rows > kGatherInKernelRows) {
                 QATTN_TRY(stage_gathered(attn, K, rows, K, 3, s));
-                xg = gathered_.get<__half>();
+                xg = scratch_->get<__half>(CudaScratch::kGathered);
             }
             if (loras.empty() && rows <= kSmallGemmFinishRows && small_gemm_can_finish_residual(e)) {
                 finish.kind = SmallGemmEpilogue::kResidual;
-                finish.counters = counters_.get<int>() + counters_o_;
+                finish.counters = scratch_->get<int>(CudaScratch::kCounters) + counters_o_;
                 finish.residual = e;
             }
             const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0, xg};
@@ -549,9 +543,11 @@ private:
     int qkv_width_ = 0;
     int sm_count_ = 1;
     DeviceNorm input_norm_, q_norm_, k_norm_, post_norm_;
-    DeviceBuffer normed_, acc_qkv_, acc_o_, error_flag_, dequant_, gathered_, workspace_, lora_scratch_;
-    // The small-row GEMM's arrival counters: forward1's, then forward2's from counters_o_.
-    DeviceBuffer counters_;
+    std::shared_ptr<CudaScratch> scratch_;
+    // Whether forward1 stages x (input norm, fp32 residual) into CudaScratch::kNormed.
+    bool stages_input_ = false;
+    DeviceBuffer error_flag_;
+    // Where forward2's arrival counters start in CudaScratch::kCounters (forward1's first).
     int counters_o_ = 0;
     int64_t dequant_elements_ = 0;
     // order_[p]: the first projection with the same packed row order as p (p
@@ -567,7 +563,6 @@ private:
     bool lease_capturing_ = false;
     cublasHandle_t blas_ = nullptr;
     bool blas_stream_bound_ = false;
-    bool dirty_ = false;
     std::unique_ptr<GraphCache> graphs_;
     // The second stream of dequantize_ahead, its fork and join events, and the
     // matrix whose first slice it has queued (-1: none).
@@ -579,8 +574,9 @@ private:
 }  // namespace
 
 qattn_status create_layer(const LayerInfo& info, const LayerHostWeights& weights,
-                          const LayerProjections& projections, std::unique_ptr<LayerImpl>* out) {
-    return CudaLayer::create(info, weights, projections, out);
+                          const LayerProjections& projections, std::shared_ptr<ScratchImpl> scratch,
+                          std::unique_ptr<LayerImpl>* out) {
+    return CudaLayer::create(info, weights, projections, std::move(scratch), out);
 }
 
 }  // namespace qattn::cuda

@@ -6,6 +6,7 @@ from .errors import QattnError
 from .layer import Layer, LoRA, Norm
 from .qmatrix import QMatrix
 from .rope import default_inv_freq, rope_tables
+from .scratch import Scratch
 
 __all__ = [
     "QattnError",
@@ -15,6 +16,7 @@ __all__ = [
     "LoRA",
     "ContiguousKVCache",
     "PagedKVCache",
+    "Scratch",
     "attention",
     "rope_tables",
     "default_inv_freq",

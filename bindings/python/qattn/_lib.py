@@ -74,6 +74,7 @@ class LayerConfig(ctypes.Structure):
         ("k_proj", ctypes.c_void_p),
         ("v_proj", ctypes.c_void_p),
         ("o_proj", ctypes.c_void_p),
+        ("scratch", ctypes.c_void_p),
     ]
 
 
@@ -234,6 +235,8 @@ def _declare(lib):
         "qattn_qmatrix_desc_default": (QMatrixDesc, []),
         "qattn_qmatrix_create": (status, [ctypes.POINTER(QMatrixDesc), ctypes.POINTER(handle)]),
         "qattn_qmatrix_destroy": (status, [handle]),
+        "qattn_scratch_create": (status, [ctypes.c_int, ctypes.POINTER(handle)]),
+        "qattn_scratch_destroy": (status, [handle]),
         "qattn_layer_config_default": (LayerConfig, []),
         "qattn_create": (status, [ctypes.POINTER(LayerConfig), ctypes.POINTER(handle)]),
         "qattn_destroy": (status, [handle]),

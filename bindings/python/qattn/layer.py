@@ -12,6 +12,7 @@ from ._tensors import (INT32_MAX, INT32_MIN, as_c_int, check_tensor, current_str
                        same_device, stream_of, sync_for_host_read)
 from .errors import check, invalid
 from .qmatrix import QMatrix
+from .scratch import Scratch
 
 _NORM_KINDS = {"rms": _lib.NORM_RMS, "layer": _lib.NORM_LAYER}
 _ROPE_KINDS = {None: _lib.ROPE_NONE, "neox": _lib.ROPE_NEOX, "gptj": _lib.ROPE_GPTJ}
@@ -57,7 +58,8 @@ class Layer:
 
     def __init__(self, *, hidden_size, num_heads, num_kv_heads, head_dim, q_proj, k_proj, v_proj, o_proj,
                  input_norm=None, q_norm=None, k_norm=None, post_norm=None, rope="neox", rotary_dim=None,
-                 has_residual=True, residual_fp32=False, max_rows=2048, max_seq_len=4096, use_graphs=False):
+                 has_residual=True, residual_fp32=False, max_rows=2048, max_seq_len=4096, use_graphs=False,
+                 scratch=None):
         projections = (q_proj, k_proj, v_proj, o_proj)
         for name, m in zip(("q_proj", "k_proj", "v_proj", "o_proj"), projections):
             if not isinstance(m, QMatrix):
@@ -68,6 +70,8 @@ class Layer:
                 raise invalid("%s is on %s but q_proj on %s" % (name, m.device, q_proj.device))
         if rope not in _ROPE_KINDS:
             raise invalid("rope must be 'neox', 'gptj' or None, got %r" % (rope,))
+        if scratch is not None and not isinstance(scratch, Scratch):
+            raise invalid("scratch must be a qattn.Scratch, got %s" % type(scratch).__name__)
         for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                             ("head_dim", head_dim), ("max_rows", max_rows), ("max_seq_len", max_seq_len)):
             as_c_int(name, value)
@@ -107,6 +111,7 @@ class Layer:
         c.residual_fp32 = 1 if residual_fp32 else 0
         c.use_graphs = 1 if use_graphs else 0
         c.q_proj, c.k_proj, c.v_proj, c.o_proj = (m.handle for m in projections)
+        c.scratch = scratch.handle if scratch is not None else None
 
         sync_for_host_read(*weights)
         handle = ctypes.c_void_p()
