@@ -378,6 +378,34 @@ def test_layers_of_a_device_share_cublas_handles(gen):
     assert used < 6 * (40 << 20), "six layers took %.1f MiB" % (used / 2**20)
 
 
+def test_input_order_matrices_need_no_gather_scratch(gen):
+    # Without act-order the projections read x where it lies; only the small-row
+    # path gathers an unaligned input, so the gather scratch holds 32 rows, not
+    # max_rows (8 MiB here); the rest of the two layers' scratch is the same.
+    H, NH, NKV, D, rows = 1024, 8, 2, 128, 4096
+
+    def device_bytes_of_a_layer(act_order):
+        mats = {}
+        for name, (k, n) in {"q": (H, NH * D), "k": (H, NKV * D), "v": (H, NKV * D), "o": (NH * D, H)}.items():
+            g = quant.random_gptq(k, n, generator=gen, bits=4, group_size=128, act_order=act_order)
+            mats[name + "_proj"] = qattn.QMatrix.gptq(g["qweight"].to(CUDA), g["qzeros"].to(CUDA),
+                                                      g["scales"].to(CUDA),
+                                                      g["g_idx"].to(CUDA) if act_order else None, None, bits=4,
+                                                      group_size=128, zero_offset_one=g["zero_offset_one"])
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        layer = qattn.Layer(hidden_size=H, num_heads=NH, num_kv_heads=NKV, head_dim=D, rope="neox",
+                            max_rows=rows, max_seq_len=64, **mats)
+        torch.cuda.synchronize()
+        used = free_before - torch.cuda.mem_get_info()[0]
+        del layer
+        return used
+
+    device_bytes_of_a_layer(False)  # the device's cuBLAS handle, made with its first layer
+    plain, gathered = device_bytes_of_a_layer(False), device_bytes_of_a_layer(True)
+    assert gathered - plain >= 6 << 20, "act-order %.1f MiB, input order %.1f MiB" % (gathered / 2**20, plain / 2**20)
+
+
 def test_kernels_launched_plainly_when_asked(tmp_path):
     # QATTN_CUDA_PDL=0 (for profiling) launches without programmatic dependent
     # launch; the results must not change. A process of its own: the library

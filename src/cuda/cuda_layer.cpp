@@ -181,12 +181,16 @@ private:
 
         // The large-row path of packed matrices dequantizes whole columns (all
         // packed rows); a slice of columns is bounded by kDequantScratchElements.
-        // x is gathered into packed row order beside it.
+        // x is gathered into packed row order beside it; a matrix in input order
+        // reads x where it lies, gathered only by the small-row path (an input
+        // that is not 16-byte aligned), so it needs at most kSmallRows rows.
         int64_t need = 0, gathered = 0;
         for (const CudaQMatrix* m : proj_) {
             if (!m->packed()) continue;
             const int64_t rows_packed = m->packed_rows();
-            gathered = std::max(gathered, rows_packed * info_.max_rows);
+            const int64_t gathered_rows =
+                m->identity_order() ? std::min<int64_t>(info_.max_rows, kSmallRows) : info_.max_rows;
+            gathered = std::max(gathered, rows_packed * gathered_rows);
             if (info_.max_rows <= kSmallRows) continue;
             need = std::max(need, std::min(rows_packed * m->out_features(),
                                            std::max(kDequantScratchElements, 8 * rows_packed)));
