@@ -6,6 +6,8 @@
 // The arithmetic is the small-row kernel's, so both paths use the same weights.
 #include "cuda/kernels.h"
 
+#include <algorithm>
+
 namespace qattn::cuda {
 namespace {
 
@@ -15,15 +17,24 @@ constexpr int kWarps = 8;
 // store in distinct banks, and keeps each column 16-byte aligned.
 constexpr int kColumnStride = kPackRows + 8;
 
-__global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(PackedGptq4 w, int n_tiles,
-                                                                      int tile_begin, int tile_count,
-                                                                      __half* __restrict__ out) {
+struct DequantizeBatch {
+    DequantizeSlice slice[kMaxDequantizeSlices];
+    int block_begin[kMaxDequantizeSlices];  // first blockIdx.x of each slice
+    int count;
+};
+
+__global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(DequantizeBatch batch) {
     __shared__ __align__(16) __half tiles[kWarps][8 * kColumnStride];
+    const int which = batch.count > 1 && static_cast<int>(blockIdx.x) >= batch.block_begin[1] ? 1 : 0;
+    const DequantizeSlice d = which ? batch.slice[1] : batch.slice[0];  // no dynamic index into the parameters
+    const PackedGptq4& w = d.w;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int local_tile = blockIdx.x * kWarps + warp;
-    if (local_tile >= tile_count) return;
+    const int local_tile = (blockIdx.x - batch.block_begin[which]) * kWarps + warp;
     const int chunk = blockIdx.y;
-    const int nt = tile_begin + local_tile;
+    if (local_tile >= d.n_count / 8 || chunk >= w.chunks) return;
+    const int n_tiles = d.n / 8;
+    const int nt = d.n_begin / 8 + local_tile;
+    __half* __restrict__ out = d.out;
     const int g = lane >> 2, t = lane & 3;
     const int N = n_tiles * 8;
     const int column = nt * 8 + g;
@@ -56,11 +67,19 @@ __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(PackedGpt
 
 }  // namespace
 
-qattn_status launch_dequantize_gptq4(const PackedGptq4& w, int N, int n_begin, int n_count, __half* out,
-                                     cudaStream_t stream) {
-    const int tiles = n_count / 8;
-    const dim3 grid((tiles + kWarps - 1) / kWarps, w.chunks);
-    dequantize_gptq4_kernel<<<grid, kWarps * 32, 0, stream>>>(w, N / 8, n_begin / 8, tiles, out);
+qattn_status launch_dequantize_gptq4(const DequantizeSlice* slices, int count, cudaStream_t stream) {
+    if (count < 1 || count > kMaxDequantizeSlices)
+        return fail(QATTN_ERROR_INTERNAL, "dequantize_gptq4: %d slices", count);
+    DequantizeBatch batch{};
+    batch.count = count;
+    int blocks = 0, chunks = 0;
+    for (int i = 0; i < count; ++i) {
+        batch.slice[i] = slices[i];
+        batch.block_begin[i] = blocks;
+        blocks += (slices[i].n_count / 8 + kWarps - 1) / kWarps;
+        chunks = std::max(chunks, slices[i].w.chunks);
+    }
+    dequantize_gptq4_kernel<<<dim3(blocks, chunks), kWarps * 32, 0, stream>>>(batch);
     QATTN_LAUNCH_CHECK("dequantize_gptq4");
     return QATTN_SUCCESS;
 }

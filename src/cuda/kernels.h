@@ -55,9 +55,16 @@ struct SmallGemmProblem {
 
 // dequantize.cu: out[n - n_begin, j] = W[perm[j], n] in fp16 for n in [n_begin, n_begin + n_count)
 // and every packed row j (w.chunks * 128 of them; padding rows hold finite values
-// that meet x = 0). n_begin, n_count % 8 == 0.
-qattn_status launch_dequantize_gptq4(const PackedGptq4& w, int N, int n_begin, int n_count, __half* out,
-                                     cudaStream_t stream);
+// that meet x = 0). n_begin, n_count % 8 == 0. Several slices (of matrices with
+// the same packed rows, e.g. K and V) go in one launch.
+struct DequantizeSlice {
+    PackedGptq4 w;
+    int n = 0;  // the matrix's columns
+    int n_begin = 0, n_count = 0;
+    __half* out = nullptr;
+};
+constexpr int kMaxDequantizeSlices = 2;
+qattn_status launch_dequantize_gptq4(const DequantizeSlice* slices, int count, cudaStream_t stream);
 
 // head_norm_rope.cu: reads the fused Q|K|V fp32 accumulator, adds the biases,
 // applies head norms and RoPE, writes fp16 q, k, v (k and v also or only into
