@@ -214,19 +214,6 @@ def test_inputs_read_in_place_or_gathered(rows, input_norm, gen):
         assert rel_err(y.cpu().double() - x.double(), ref_y.double() - x.double()) < TOL, "offset %d" % offset
 
 
-# Up to 4 rows the decode GEMM applies the input norm as it gathers x (no
-# staging kernel); 5 rows stage it as before. Every input norm, both row orders
-# and groups that split a chunk; hidden 2056 = 257 vectors of 8 leaves one
-# thread of each block a second vector of the row's statistics.
-@pytest.mark.parametrize("input_norm", ["rms", "layer", "layer_bias"])
-@pytest.mark.parametrize("weights", ["gptq4", "gptq4_act", "gptq4_g32"])
-@pytest.mark.parametrize("rows", [1, 2, 4, 5])
-def test_input_norm_in_the_decode_gemm(input_norm, weights, rows, gen):
-    pair = Pair(Spec(hidden=2056, weights=weights, input_norm=input_norm, biases=True, max_rows=8), gen)
-    for step in range(2):
-        pair.check(rows, 1, gen, past_len=9 + step)
-
-
 @pytest.mark.parametrize("batch,q_len", [(1, 1), (8, 4), (3, 40)])
 def test_uneven_shapes_pad_groups(batch, q_len, gen):
     # K = 200 is not a multiple of 128 and group 6 holds only 8 rows: the packed

@@ -427,26 +427,12 @@ private:
                 gather_for = p;
             if (!(*call.loras)[p].empty()) need_plain = true;
         }
-        bool any_lora = false, all_packed = true;
-        for (int p = 0; p < 3; ++p) {
-            any_lora = any_lora || !(*call.loras)[p].empty();
-            all_packed = all_packed && proj_[p]->packed();
-        }
-        // At a few rows the GEMM applies the input norm itself (kernels.h), where
-        // nothing else reads the normed x.
-        GemmInputNorm input_norm;
-        if (rows <= kNormInGemmRows && info_.input_norm.enabled() && !info_.residual_fp32 && all_packed &&
-            !any_lora && is_aligned(call.x, 16) && H % 8 == 0) {
-            input_norm.norm = input_norm_.params();
-            input_norm.width = H;
-        }
-        const bool norm_in_gemm = input_norm.norm.type != QATTN_NORM_NONE;
-        const bool stage_gather = gather_for >= 0 && !norm_in_gemm &&
-                                  (!small_rows || stages_input_ || rows > kGatherInKernelRows);
+        const bool stage_gather =
+            gather_for >= 0 && (!small_rows || stages_input_ || rows > kGatherInKernelRows);
         gathered_order_ = -1;
         if (!small_rows) QATTN_TRY(dequantize_ahead(0, s));
         const __half* x = static_cast<const __half*>(call.x);
-        if (stages_input_ && !norm_in_gemm) {
+        if (stages_input_) {
             StageRowsParams st;
             st.x = call.x;
             st.x_fp32 = info_.residual_fp32;
@@ -469,6 +455,8 @@ private:
         }
         if (stage_gather) gathered_order_ = gather_for;
 
+        bool any_lora = false;
+        for (int p = 0; p < 3; ++p) any_lora = any_lora || !(*call.loras)[p].empty();
         // Beyond the small-row path and without LoRA, Q|K|V leave cuBLAS in fp16
         // (its fp32 sums rounded once, as the outputs will be): half the bytes to
         // write and for the epilogue to read back.
@@ -483,8 +471,7 @@ private:
             if (m.packed() && small_rows)
                 small[small_count++] = SmallGemmProblem{
                     m.packed_gptq(), static_cast<int>(m.out_features() / 8), column_[p],
-                    norm_in_gemm                           ? nullptr
-                    : m.identity_order() && is_aligned(x, 16) ? x
+                    m.identity_order() && is_aligned(x, 16) ? x
                     : gathered_order_ == order_[p]     ? scratch_->get<__half>(CudaScratch::kGathered)
                                                        : nullptr};
         }
@@ -496,7 +483,7 @@ private:
         }
         bool finished = false;
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish,
-                                          input_norm, &finished, s));
+                                          &finished, s));
         for (int p = 0; p < 3; ++p) {
             if (p == 1 && !small_rows) QATTN_TRY(dequantize_kv_together(s));
             if (acc16)
@@ -570,8 +557,7 @@ private:
                 finish.residual = e;
             }
             const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0, xg};
-            QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, finish, GemmInputNorm{},
-                                              &finished, s));
+            QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, finish, &finished, s));
         } else {
             if (!m.identity_order()) QATTN_TRY(dequantize_ahead(3, s));  // beside the gather of attn_out
             // With nothing between the projection and the residual, cuBLAS adds it

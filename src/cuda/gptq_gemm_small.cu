@@ -25,8 +25,6 @@
 #include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
-#include "cuda/reduce.cuh"
-#include "cuda/vec.cuh"
 
 #include <cooperative_groups.h>
 
@@ -133,66 +131,20 @@ __device__ __forceinline__ void stage_x(__half* xs, int stride, const SmallGemmP
     }
 }
 
-// The input norm's statistics of rows [0, rows) of x, as stage_rows computes
-// them (fp32, two passes for LayerNorm), by every block of a GEMM that
-// normalizes x itself: stats[2 r] = the mean of row r (LayerNorm; else 0),
-// stats[2 r + 1] = 1 / sqrt(variance + eps), in shared memory after the final
-// barrier.
-__device__ __forceinline__ void input_norm_statistics(const GemmInputNorm& in, const __half* x, int x_stride,
-                                                      int rows, float* stats) {
-    __shared__ float partials[32];
-    // The sum over row of f(x[i]) for every element.
-    const auto row_sum = [&](const __half* row, auto&& f) {
-        float sum = 0.0f;
-#pragma unroll 2
-        for (int i = threadIdx.x * 8; i < in.width; i += blockDim.x * 8) {
-            float v[8];
-            load_vec<8>(row + i, v);
-#pragma unroll
-            for (int u = 0; u < 8; ++u) sum += f(v[u]);
-        }
-        return block_sum(sum, partials);
-    };
-    for (int r = 0; r < rows; ++r) {
-        const __half* row = x + static_cast<size_t>(r) * x_stride;
-        const float mean =
-            in.norm.type == QATTN_NORM_LAYER ? row_sum(row, [](float v) { return v; }) / in.width : 0.0f;
-        const float squares = row_sum(row, [mean](float v) { return (v - mean) * (v - mean); });
-        if (threadIdx.x == 0) {
-            stats[2 * r] = mean;
-            stats[2 * r + 1] = rsqrtf(squares / in.width + in.norm.eps);
-        }
-    }
-    __syncthreads();
-}
-
 // The swapped kernel's staging (rows 8..15 of a step / 16); the gather reads
-// perm from registers (src, loaded before the wait for x), and applies the input
-// norm where the GEMM runs it (rounded to fp16 before the division by 16, as the
-// staging kernel's output would be; NORM: compiled in, for the one-x-tile
-// kernels only, leaving the others' registers as they were).
-template <bool NORM, int PU>
+// perm from registers (src, loaded before the wait for x).
+template <int PU>
 __device__ __forceinline__ void stage_x_swapped(__half* xs, int stride, const SmallGemmProblem& P,
                                                 const int (&src)[PU], const __half* x, int x_stride, int rows,
-                                                int chunk0, int span, const GemmInputNorm& in) {
+                                                int chunk0, int span) {
     if (P.xg) return copy_x<true>(xs, stride, P, rows, chunk0, span);
     const __half sixteenth = __float2half(0.0625f);
-    const NormParams& norm = in.norm;
-    __shared__ float stats[2 * kNormInGemmRows];
-    const bool normalize = NORM && norm.type != QATTN_NORM_NONE;
-    if (normalize) input_norm_statistics(in, x, x_stride, rows, stats);
 #pragma unroll 2
     for (int r = 0; r < rows; ++r) {
         __half v[PU];
 #pragma unroll
         for (int u = 0; u < PU; ++u) {
             v[u] = src[u] >= 0 ? x[static_cast<size_t>(r) * x_stride + src[u]] : __float2half(0.0f);
-            if (normalize && src[u] >= 0) {
-                const float b = norm.bias ? __half2float(norm.bias[src[u]]) : 0.0f;
-                v[u] = __float2half((__half2float(v[u]) - stats[2 * r]) * stats[2 * r + 1] *
-                                        __half2float(norm.weight[src[u]]) +
-                                    b);
-            }
             if ((threadIdx.x + u * blockDim.x) & 8) v[u] = __hmul(v[u], sixteenth);
         }
 #pragma unroll
@@ -616,8 +568,7 @@ __device__ __forceinline__ void finish_in_cluster(const SmallGemmEpilogue& ep, c
 template <int NT, bool FINISH, bool STREAMED, int CHUNKS, bool CLUSTER = false>
 __global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
-                              int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue,
-                              GemmInputNorm input_norm) {
+                              int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
     constexpr int kMaxChunks = STREAMED ? kSwapMaxChunks : CHUNKS;
     extern __shared__ __align__(16) unsigned char shared_base[];
     SwapStage* const all_stages = reinterpret_cast<SwapStage*>(shared_base);
@@ -685,7 +636,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
 
     wait_for_producers();
     allow_dependents();
-    stage_x_swapped<NT == 1>(xs, stride, P, src, x, x_stride, rows, chunk0, span, input_norm);
+    stage_x_swapped(xs, stride, P, src, x, x_stride, rows, chunk0, span);
     __syncthreads();
 
     if (active) {
@@ -892,20 +843,13 @@ qattn_status clusters_fit(Kernel kernel, dim3 grid, size_t shared, size_t max_sh
 
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
                                      int rows, float* acc, int acc_stride, int sm_count,
-                                     const SmallGemmEpilogue& requested, const GemmInputNorm& input_norm,
-                                     bool* finished, cudaStream_t stream) {
+                                     const SmallGemmEpilogue& requested, bool* finished, cudaStream_t stream) {
     *finished = false;
     if (count <= 0) return QATTN_SUCCESS;
     const bool wants_finish = requested.kind != SmallGemmEpilogue::kNone;
     if (count > kMaxProblems || rows < 1 || rows > kSmallRows || (wants_finish && rows > kSmallGemmFinishRows))
         return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: %d problems, %d rows%s", count, rows,
                     wants_finish ? " with the epilogue" : "");
-    if (input_norm.norm.type != QATTN_NORM_NONE) {
-        bool staged = false;
-        for (int i = 0; i < count; ++i) staged = staged || problems[i].xg;
-        if (rows > kNormInGemmRows || staged || !is_aligned(x, 16) || x_stride % 8 || input_norm.width % 8)
-            return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: the input norm at %d rows of this input", rows);
-    }
     // rows <= 16: the swapped kernel, 16 columns a warp; else 8 columns a warp.
     const bool swapped = rows <= 16;
     const int columns_per_block = swapped ? kSwapColumns : kWarps * 8;
@@ -990,7 +934,7 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
             if (fits) {
                 QATTN_TRY(launch_pdl_clustered("gptq4_gemm_swapped (clusters)", clustered, grid, kWarps * 32, shared,
                                                static_cast<int>(grid.y), stream, batch, x, x_stride, rows, acc,
-                                               acc_stride, chunks_per_block, requested, input_norm));
+                                               acc_stride, chunks_per_block, requested));
                 *finished = true;
                 return QATTN_SUCCESS;
             }
@@ -998,7 +942,7 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         SmallGemmEpilogue epilogue;
         if (last_block_finishes) epilogue = requested;
         QATTN_TRY(launch_pdl("gptq4_gemm_swapped", kernel, grid, kWarps * 32, shared_bytes(chunks_per_block), stream,
-                             batch, x, x_stride, rows, acc, acc_stride, chunks_per_block, epilogue, input_norm));
+                             batch, x, x_stride, rows, acc, acc_stride, chunks_per_block, epilogue));
         *finished = last_block_finishes;
         return QATTN_SUCCESS;
     }

@@ -136,20 +136,8 @@ int small_gemm_counters(int columns);
 bool small_gemm_can_finish_heads(const HeadEpilogueParams& p);
 bool small_gemm_can_finish_residual(const ResidualEpilogueParams& p);
 
-// The input norm applied by the small-row GEMM as it gathers x into shared
-// memory, so that forward1 needs no staging kernel: every block reads the whole
-// rows for their statistics (8 KB of L2 a row at hidden 4096, cheaper than a
-// kernel boundary for a few rows). For up to kNormInGemmRows rows of fp16 x with
-// 16-byte aligned rows and width % 8 == 0, no problem pre-gathered (xg null).
-constexpr int kNormInGemmRows = 4;
-struct GemmInputNorm {
-    NormParams norm;  // type NONE: x is the projections' input as it is
-    int width = 0;    // features of a row of x
-};
-
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
                                      int rows, float* acc, int acc_stride, int sm_count,
-                                     const SmallGemmEpilogue& epilogue, const GemmInputNorm& input_norm,
-                                     bool* finished, cudaStream_t stream);
+                                     const SmallGemmEpilogue& epilogue, bool* finished, cudaStream_t stream);
 
 }  // namespace qattn::cuda
