@@ -308,10 +308,14 @@ def _library_bytes(device):
 
 class Model:
     """`count` distinct layers of one shape: qattn layers on GPTQ weights and the
-    PyTorch layer's fp16 weights (the same values, dequantized). Layer 0's GPTQ
-    tensors are kept for the float64 reference. On CUDA, `memory` is the device
-    memory a qattn layer took (its weights; the rest: scratch for max_rows rows,
-    cuBLAS) and the PyTorch layer's fp16 weights, in bytes per layer."""
+    PyTorch layer's fp16 weights (the same values, dequantized). The qattn layers
+    share one qattn.Scratch, as a model's layers run one after another would.
+    Layer 0's GPTQ tensors are kept for the float64 reference. On CUDA, `memory`
+    is the device memory the qattn layers took (their weights; the rest: the
+    shared scratch for max_rows rows, cuBLAS, per-layer state), per layer and for
+    the first layer alone (which sizes the scratch and makes the device's cuBLAS
+    handle: what one layer without sharing takes), and the PyTorch layer's fp16
+    weights, in bytes."""
 
     def __init__(self, shape, count, max_rows, max_seq_len, device, seed):
         self.shape = shape
@@ -323,7 +327,8 @@ class Model:
         self.layers, self.torch_weights = [], []
         self.reference = None
         measure = device.type == "cuda"
-        weight_bytes = layer_bytes = 0
+        weight_bytes = layer_bytes = first_layer_bytes = 0
+        self.scratch = qattn.Scratch(device)
         for i in range(count):
             mats = {
                 "q": random_gptq(s.hidden, q_w, s.group, device, gen),
@@ -343,12 +348,14 @@ class Model:
                     hidden_size=s.hidden, num_heads=s.heads, num_kv_heads=s.kv_heads, head_dim=s.head_dim,
                     q_proj=qm["q"], k_proj=qm["k"], v_proj=qm["v"], o_proj=qm["o"],
                     input_norm=qattn.Norm("rms", norm, eps=EPS), rope="neox",
-                    max_rows=max_rows, max_seq_len=max_seq_len, use_graphs=False,
+                    max_rows=max_rows, max_seq_len=max_seq_len, use_graphs=False, scratch=self.scratch,
                 )
             )
             if measure:
                 weight_bytes += between - before
                 layer_bytes += _library_bytes(device) - between
+                if i == 0:
+                    first_layer_bytes = layer_bytes
             dense = {name: dequantize(qw, sc, s.group, torch.float16).t().contiguous()
                      for name, (qw, _, sc) in mats.items()}
             self.torch_weights.append(
@@ -362,6 +369,8 @@ class Model:
             "max_rows": max_rows,
             "qattn_weights_bytes": weight_bytes / count,
             "qattn_layer_bytes": layer_bytes / count,
+            "qattn_first_layer_bytes": first_layer_bytes,
+            "layers_sharing_scratch": count,
             "torch_weights_bytes": (tw.qkv.numel() + tw.o.numel()) * tw.o.element_size(),
         }
         self.inv_freq = qattn.default_inv_freq(s.head_dim, base=ROPE_BASE)
@@ -370,6 +379,7 @@ class Model:
     def close(self):
         for layer in self.layers:
             layer.close()
+        self.scratch.close()
         self.layers, self.torch_weights, self.reference = [], [], None
 
 
@@ -1129,9 +1139,11 @@ def main(argv=None):
         memory[shape_name] = model.memory
         if model.memory:
             m = model.memory
-            print("device memory per %s layer: qattn %.1f MiB of weights + %.1f MiB of scratch and cuBLAS "
-                  "(max_rows %d); PyTorch fp16 weights %.1f MiB"
-                  % (shape_name, m["qattn_weights_bytes"] / 2**20, m["qattn_layer_bytes"] / 2**20, m["max_rows"],
+            print("device memory per %s layer: qattn %.1f MiB of weights + %.1f MiB of scratch, cuBLAS and "
+                  "state, %d layers sharing one qattn.Scratch (max_rows %d; the first layer alone %.1f MiB, "
+                  "what a layer without sharing takes); PyTorch fp16 weights %.1f MiB"
+                  % (shape_name, m["qattn_weights_bytes"] / 2**20, m["qattn_layer_bytes"] / 2**20,
+                     m["layers_sharing_scratch"], m["max_rows"], m["qattn_first_layer_bytes"] / 2**20,
                      m["torch_weights_bytes"] / 2**20), file=out)
         for c in group:
             if c.name in ACCURACY_CASES:
