@@ -433,20 +433,21 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
 }
 
 // Whether this block is the last of `arrivals` to call this on `counter` (and
-// if so, resets it for the next call). The block's earlier writes (the split-K
-// atomics of all its threads, ordered before thread 0's by the barrier) are
-// released device-wide by thread 0's fence before it arrives, and the last
-// block acquires everyone's by its fence after, so its reads see all the sums.
+// if so, resets it for the next call). Thread 0 arrives with one acquire-release
+// atomic after the barrier: its release makes the block's earlier writes (the
+// split-K atomics of all its threads, ordered before it by the barrier:
+// cumulativity) visible device-wide before the arrival, and the last block's
+// acquire makes everyone's visible to it, so its reads (after the second
+// barrier) see all the sums; lighter than a full fence before and after. The
+// reset needs no ordering: the next call's arrivals come after this grid ends.
 __device__ __forceinline__ bool last_to_arrive(int* counter, int arrivals) {
     __shared__ bool last;
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence();
-        last = atomicAdd(counter, 1) == arrivals - 1;
-        if (last) {
-            *counter = 0;
-            __threadfence();
-        }
+        int before;
+        asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+        last = before == arrivals - 1;
+        if (last) *counter = 0;
     }
     __syncthreads();
     return last;
