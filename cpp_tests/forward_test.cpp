@@ -82,6 +82,22 @@ std::vector<Scenario> scenarios() {
     s.max_seq_len = s.table_positions = 18 + 130;  // the second round's past_len is 18
     all.push_back(s);
 
+    // Decode of 3 rows (CUDA: blocks owning columns over the whole K, where that
+    // kernel runs), NeoX over half the head with pass-through tiles after it,
+    // biases, positions from device lengths; the second round's last sequence
+    // sits at the tables' last row.
+    s = Scenario{};
+    s.name = "gptq4_decode_partial_neox_bias_to_the_last_table_row";
+    s.gptq = true;
+    s.head_dim = 32;
+    s.rotary_dim = 16;
+    s.q_bias = s.o_bias = true;
+    s.use_past_lens = true;
+    s.batch = 3;
+    s.q_len = 1;
+    s.max_seq_len = s.table_positions = 3 + 11 * 2 + 7 + 1;  // the second round's last past_lens is 32
+    all.push_back(s);
+
     s = Scenario{};
     s.name = "dense_decode_graphs_pastlens_lora";
     s.batch = 3;
