@@ -28,6 +28,7 @@ import copy
 import pytest
 import torch
 
+import qattn
 from hf_model import attention_half, randomize
 from qattn.hf import from_hf_attention, rope_tables_from_hf
 
@@ -188,6 +189,28 @@ def test_attention_half_matches_hf(case, device):
             assert wrong > CONTROL_FACTOR * DELTA_TOL, (
                 "with the deliberate bug %r the check still passes (error %.2e): it could not catch it"
                 % (control, wrong))
+
+
+def test_layers_of_a_model_share_a_scratch(device):
+    """Two decoder layers built with one qattn.Scratch (as a whole model's would be)
+    run in turn, the first again after the second, each matching its own HF layer."""
+    built = [_build("qwen3", torch.Generator().manual_seed(seed)) for seed in (11, 12)]
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2, TOTAL, HIDDEN, generator=gen).to(torch.float16)
+    scratch = qattn.Scratch(device)
+    layers = [from_hf_attention(model.layers[0], config, device=device, max_rows=32, max_seq_len=MAX_SEQ,
+                                scratch=scratch) for model, config in built]
+    scratch.close()  # the layers keep what they share
+    try:
+        for i in (0, 1, 0):
+            model, _ = built[i]
+            layer, info = layers[i]
+            sin, cos = rope_tables_from_hf(model, MAX_SEQ, device, layer_type=info.layer_type)
+            out_err, delta_err = _errors(_run_qattn(layer, info, x, sin, cos, device), attention_half(model, x), x)
+            assert delta_err < DELTA_TOL and out_err < OUTPUT_TOL, (i, out_err, delta_err)
+    finally:
+        for layer, _ in layers:
+            layer.close()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

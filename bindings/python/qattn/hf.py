@@ -204,13 +204,14 @@ def _norm(module, name, device, shape):
 
 
 def from_hf_attention(decoder_layer, config, *, device=None, max_rows, max_seq_len, use_graphs=False,
-                      residual_fp32=False):
+                      residual_fp32=False, scratch=None):
     """Builds the attention half of `decoder_layer` (a transformers decoder layer of
     `config`, one of SUPPORTED_MODEL_TYPES) as a qattn.Layer with dense fp16 weights.
 
     Returns (layer, info): `info` is an AttentionInfo telling the attention between
     forward1 and forward2 what to do. `device` defaults to the layer's parameter
-    device. Weights are copied; the HF module is not modified."""
+    device. Weights are copied; the HF module is not modified. `scratch`: a
+    qattn.Scratch shared with the model's other layers (see Layer)."""
     model_type = getattr(config, "model_type", None)
     family = _FAMILIES.get(model_type)
     if family is None:
@@ -255,7 +256,8 @@ def from_hf_attention(decoder_layer, config, *, device=None, max_rows, max_seq_l
     layer = Layer(hidden_size=hidden, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                   q_proj=q_proj, k_proj=k_proj, v_proj=v_proj, o_proj=o_proj, input_norm=input_norm,
                   q_norm=q_norm, k_norm=k_norm, post_norm=post_norm, rope=family.rope, rotary_dim=rotary_dim,
-                  residual_fp32=residual_fp32, max_rows=max_rows, max_seq_len=max_seq_len, use_graphs=use_graphs)
+                  residual_fp32=residual_fp32, max_rows=max_rows, max_seq_len=max_seq_len, use_graphs=use_graphs,
+                  scratch=scratch)
     sliding = getattr(attn, "sliding_window", None) if hasattr(attn, "sliding_window") else \
         getattr(config, "sliding_window", None)
     softcap = getattr(attn, "attn_logit_softcapping", None)
