@@ -252,8 +252,7 @@ private:
         blas_ = nullptr;
         blas_stream_bound_ = false;
         dequantized_ahead_ = -1;
-        for (int64_t& at : in_scratch_) at = -1;
-        for (int& columns : joint_columns_) columns = 0;
+        kv_together_ = false;
         const qattn_status status = body(s);
         lease_ = nullptr;
         blas_ = nullptr;
@@ -298,10 +297,11 @@ private:
     qattn_status project_large(int p, const __half* x, int ldx, int rows, T* c, int ldc, cudaStream_t s,
                                float beta = 0.0f) {
         const CudaQMatrix& m = *proj_[p];
-        if (joint_columns_[p] < 0) return QATTN_SUCCESS;  // an earlier projection's GEMM computed p
+        if (p == 2 && kv_together_) return QATTN_SUCCESS;  // K's GEMM computed V
+        const bool joint = p == 1 && kv_together_;
         QATTN_TRY(bind_blas(s));
         const int K = static_cast<int>(m.in_features());
-        const int N = joint_columns_[p] > 0 ? joint_columns_[p] : static_cast<int>(m.out_features());
+        const int N = static_cast<int>(m.out_features() + (joint ? proj_[2]->out_features() : 0));
         if (!m.packed()) return gemm_xwT(blas_, rows, N, K, x, ldx, m.dense(), c, ldc, beta);
         const int packed_rows = static_cast<int>(m.packed_rows());
         const PackedGptq4& w = m.packed_gptq();
@@ -315,18 +315,15 @@ private:
             xg = scratch_->get<__half>(CudaScratch::kGathered);
             ldg = packed_rows;
         }
-        const int slice = joint_columns_[p] > 0 ? N : dequant_slice(m);
+        const int slice = joint ? N : dequant_slice(m);
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
-            const __half* weights = scratch_->get<__half>(CudaScratch::kDequant);
+            __half* const weights = scratch_->get<__half>(CudaScratch::kDequant);
             if (n0 == 0 && dequantized_ahead_ == p) {
                 QATTN_CUDA_TRY(cudaStreamWaitEvent(s, join_, 0));
                 dequantized_ahead_ = -1;
-            } else if (n0 == 0 && in_scratch_[p] >= 0) {
-                weights += in_scratch_[p];
-                in_scratch_[p] = -1;
-            } else {
-                const DequantizeSlice d{w, N, n0, count, scratch_->get<__half>(CudaScratch::kDequant)};
+            } else if (!joint) {
+                const DequantizeSlice d{w, N, n0, count, weights};
                 QATTN_TRY(launch_dequantize_gptq4(&d, 1, s));
             }
             QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, weights, c + n0, ldc, beta));
@@ -338,7 +335,7 @@ private:
     // dequantized by one launch, side by side (each alone leaves most of the GPU
     // idle: 512 blocks for Llama-3-8B's 4096 x 1024), and multiplied by one GEMM
     // over both (their columns are adjacent in the accumulator): project_large(K)
-    // covers V too, project_large(V) does nothing.
+    // covers V too (kv_together_), project_large(V) does nothing.
     qattn_status dequantize_kv_together(cudaStream_t s) {
         const CudaQMatrix &k = *proj_[1], &v = *proj_[2];
         if (!k.packed() || !v.packed() || order_[2] != order_[1] || k.packed_rows() != v.packed_rows() ||
@@ -350,9 +347,7 @@ private:
         const DequantizeSlice d[2] = {{k.packed_gptq(), nk, 0, nk, scratch},
                                       {v.packed_gptq(), nv, 0, nv, scratch + static_cast<int64_t>(nk) * k.packed_rows()}};
         QATTN_TRY(launch_dequantize_gptq4(d, 2, s));
-        in_scratch_[1] = 0;
-        joint_columns_[1] = nk + nv;
-        joint_columns_[2] = -1;
+        kv_together_ = true;
         return QATTN_SUCCESS;
     }
 
@@ -606,11 +601,9 @@ private:
     cudaStream_t side_ = nullptr;
     cudaEvent_t fork_ = nullptr, join_ = nullptr;
     int dequantized_ahead_ = -1;
-    // Where in the dequantization scratch this call already put projection p's first slice (elements), or -1.
-    int64_t in_scratch_[4] = {-1, -1, -1, -1};
-    // Columns projection p's GEMM covers in this call: 0 its own, more where the
-    // next projections' columns follow in one GEMM, -1 where an earlier one did.
-    int joint_columns_[4] = {};
+    // Whether this call dequantized K and V side by side at the start of the
+    // dequantization scratch, for one GEMM over both (dequantize_kv_together).
+    bool kv_together_ = false;
 };
 
 }  // namespace
