@@ -214,6 +214,25 @@ def test_inputs_read_in_place_or_gathered(rows, input_norm, gen):
         assert rel_err(y.cpu().double() - x.double(), ref_y.double() - x.double()) < TOL, "offset %d" % offset
 
 
+# Up to 4 rows with K <= 4096 (here 4096 for Q|K|V, 512 for O: warps left
+# without chunks) and no head norms a block of the decode GEMM owns
+# 16 columns over the whole K and finishes them, NeoX partners paired into it:
+# full and partial rotary parts (pass-through tiles after them in twos), GPT-J,
+# none; rotary_dim 40 leaves the NeoX halves off a tile pair (the split-K
+# kernels then); 5 rows go back to those too. Biases, and the O projection's
+# residual in fp16 and fp32.
+@pytest.mark.parametrize("rope,rotary_dim", [("neox", None), ("neox", 96), ("neox", 48), ("neox", 40),
+                                             ("gptj", 64), (None, None)])
+@pytest.mark.parametrize("rows", [1, 3, 5])
+@pytest.mark.parametrize("residual_fp32", [False, True])
+def test_decode_columns_over_the_whole_k(rope, rotary_dim, rows, residual_fp32, gen):
+    spec = Spec(hidden=4096, heads=4, kv_heads=2, head_dim=128, rope=rope, rotary_dim=rotary_dim, biases=True,
+                residual_fp32=residual_fp32, max_rows=8)
+    pair = Pair(spec, gen)
+    for step in range(2):
+        pair.check(rows, 1, gen, past_len=4 + step)
+
+
 @pytest.mark.parametrize("batch,q_len", [(1, 1), (8, 4), (3, 40)])
 def test_uneven_shapes_pad_groups(batch, q_len, gen):
     # K = 200 is not a multiple of 128 and group 6 holds only 8 rows: the packed

@@ -19,7 +19,10 @@
 // counter per range) runs the epilogue on it (up to 8 rows: finish_columns); or,
 // on sm_90 where they fit, the split-K blocks of a column range as one thread
 // block cluster that adds them in distributed shared memory and runs the
-// epilogue together (up to 16 rows: finish_in_cluster). The epilogue applies
+// epilogue together (up to 16 rows: finish_in_cluster). Or K is split across
+// the warps of one block that owns 16 columns (gptq4_gemm_whole_k: up to 4
+// rows, K up to 4096, finishing the phase), and the sums meet in its shared
+// memory. The epilogue applies
 // bias / head norm / RoPE (forward1) or adds to the residual (forward2), so
 // the phase is one kernel.
 #include "cuda/epilogues.cuh"
@@ -713,6 +716,187 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     }
 }
 
+// rows <= kWholeKRows, K <= kWholeKMaxChunks chunks, when the GEMM finishes the
+// phase: a block owns 16 output columns over the whole of K, its 8 warps
+// splitting K (up to 4 chunks each: as many weight bytes in flight a lane as
+// the register variant above), so the split-K sums meet in shared memory and
+// the block finishes its columns itself: no atomics, no arrival ticket, no
+// accumulator to reload and zero, and the same sums every call. Each warp
+// stages only the x of its own chunks. A block's two n-tiles are paired so that
+// the RoPE partners of its columns lie in it: NeoX-rotated heads pair tile j of
+// the rotary half with tile j + rotary_dim / 16 (the pass-through tiles after
+// the rotary part in twos); everything else, adjacent tiles.
+constexpr int kWholeKRows = 4;
+constexpr int kWholeKMaxChunks = 32;
+constexpr int kWholeKWarpChunks = kWholeKMaxChunks / kWarps;
+constexpr int kWholeKColumns = 16;
+constexpr int kWholeKSliceStride = kWholeKWarpChunks * kPackRows + 8;  // +8: ldmatrix rows on distinct banks
+
+// After the warps' x slices: the warps' partial sums of the 8 rows of an x
+// tile, then their totals (bias added).
+struct WholeKSums {
+    float part[kWarps][8][kWholeKColumns];
+    float total[8][kWholeKColumns];
+};
+__host__ __device__ constexpr size_t whole_k_sums_offset(int rows) {
+    return align16(sizeof(__half) * kWarps * rows * kWholeKSliceStride);
+}
+size_t whole_k_shared_bytes(int rows) { return whole_k_sums_offset(rows) + sizeof(WholeKSums); }
+
+// The problem-local n-tiles (a, b) of block `pair` of P (pairing above).
+__device__ __forceinline__ void whole_k_tiles(const SmallGemmEpilogue& ep, const SmallGemmProblem& P, int pair,
+                                              int* ta, int* tb) {
+    *ta = 2 * pair, *tb = 2 * pair + 1;
+    if (ep.kind != SmallGemmEpilogue::kHeads || ep.heads.rope != QATTN_ROPE_NEOX) return;
+    const HeadEpilogueParams& p = ep.heads;
+    const int D = p.head_dim, pairs_per_head = D / kWholeKColumns;
+    const int head_tile = pair / pairs_per_head * (D / 8), k = pair % pairs_per_head;
+    int head = 0;
+    if (head_projection(p, (P.col_offset + head_tile * 8) / D, &head) == 2) return;  // v: not rotated
+    const int half_tiles = p.rotary_dim / 16;
+    *ta = head_tile + (k < half_tiles ? k : 2 * half_tiles + 2 * (k - half_tiles));
+    *tb = *ta + (k < half_tiles ? half_tiles : 1);
+}
+
+// Output (row, local column lc) of a whole-K block: bias, RoPE with its partner
+// column (in the same block), fp16 q / k / v and the KV-cache slot.
+__device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p, const SmallGemmProblem& P, int row,
+                                                    int lc, int n, const WholeKSums& sums) {
+    const int D = p.head_dim, c = n % D;
+    int head = 0;
+    const int proj = head_projection(p, (P.col_offset + n) / D, &head);
+    const bool rotated = proj < 2 && p.rope != QATTN_ROPE_NONE;
+    const HeadRow r = head_row(p, row, rotated, proj > 0);
+    float y = sums.total[row][lc];
+    if (rotated && c < p.rotary_dim) {
+        if (!r.in_range) {
+            atomicExch(p.error_flag, 1);  // not rotated; see check_device_errors
+        } else {
+            const bool neox = p.rope == QATTN_ROPE_NEOX, first = neox ? c < p.rotary_dim / 2 : (c & 1) == 0;
+            const int angle = neox ? (first ? c : c - p.rotary_dim / 2) : c / 2;
+            const float partner = sums.total[row][neox ? lc ^ 8 : lc ^ 1];
+            const float cs = r.cos[angle], sn = r.sin[angle];
+            y = first ? y * cs - partner * sn : y * cs + partner * sn;
+        }
+    }
+    const int width = (proj == 0 ? p.num_heads : p.num_kv_heads) * D;
+    const __half out = __float2half(y);
+    if (p.out[proj]) p.out[proj][static_cast<size_t>(row) * width + head * D + c] = out;
+    if (proj > 0 && p.kv_slots) {
+        if (r.slot >= 0 && r.slot < p.num_kv_slots)
+            p.cache[proj - 1][r.slot * width + head * D + c] = out;
+        else
+            atomicExch(p.error_flag, 1);  // not written to the cache; see check_device_errors
+    }
+}
+
+__global__ void __launch_bounds__(kWarps * 32, 3)
+    gptq4_gemm_whole_k_kernel(Batch batch, int rows, SmallGemmEpilogue epilogue) {
+    extern __shared__ __align__(16) unsigned char shared_base[];
+    int block_in_problem = 0;
+    const SmallGemmProblem P = block_problem(batch, &block_in_problem);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    int tile_a = 0, tile_b = 0;
+    whole_k_tiles(epilogue, P, block_in_problem, &tile_a, &tile_b);
+    const int N = P.n_tiles * 8;
+    const int column_a = tile_a * 8 + g, column_b = tile_b * 8 + g;
+    const int per_warp = (P.w.chunks + kWarps - 1) / kWarps;
+    const int chunk0 = warp * per_warp, chunks = max(0, min(per_warp, P.w.chunks - chunk0));
+    const size_t chunk_stride = static_cast<size_t>(P.n_tiles) * 32;
+    const uint4* qa_ptr = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + tile_a) * 32 + lane;
+    const uint4* qb_ptr = P.w.qpack + (static_cast<size_t>(chunk0) * P.n_tiles + tile_b) * 32 + lane;
+    const __half2* sza_ptr = P.w.chunk_scale_zero + static_cast<size_t>(chunk0) * N + column_a;
+    const __half2* szb_ptr = P.w.chunk_scale_zero + static_cast<size_t>(chunk0) * N + column_b;
+
+    // Weights and scales first: they do not depend on the kernel before.
+    uint4 qa[kWholeKWarpChunks], qb[kWholeKWarpChunks];
+    __half2 sza[kWholeKWarpChunks], szb[kWholeKWarpChunks];
+#pragma unroll
+    for (int u = 0; u < kWholeKWarpChunks; ++u) {
+        if (u < chunks) {
+            qa[u] = load_streaming(qa_ptr + u * chunk_stride);
+            qb[u] = load_streaming(qb_ptr + u * chunk_stride);
+            sza[u] = sza_ptr[static_cast<size_t>(u) * N];
+            szb[u] = szb_ptr[static_cast<size_t>(u) * N];
+        }
+    }
+    uint32_t mixed = 0;  // bit u: chunk chunk0 + u spans several groups
+    if (chunks > 0) {
+        const int shift = chunk0 % 32;
+        mixed = P.w.mixed_chunks[chunk0 / 32] >> shift;
+        if (shift + chunks > 32) mixed |= P.w.mixed_chunks[chunk0 / 32 + 1] << (32 - shift);
+    }
+
+    wait_for_producers();
+    allow_dependents();
+    // This warp's slice of x [rows][kWholeKSliceStride], rows 8..15 of each MMA
+    // step divided by 16 (the dequantization of the high nibbles expects it).
+    __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
+    {
+        const __half2 sixteenth = __float2half2_rn(0.0625f);
+        const int pieces = chunks * kPackRows / 8;
+        for (int i = lane; i < rows * pieces; i += 32) {
+            const int r = i / pieces, c = i - r * pieces;
+            uint4 v = *reinterpret_cast<const uint4*>(P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows +
+                                                      chunk0 * kPackRows + c * 8);
+            if (c & 1) {
+                __half2* h = reinterpret_cast<__half2*>(&v);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) h[e] = __hmul2(h[e], sixteenth);
+            }
+            *reinterpret_cast<uint4*>(xs + r * kWholeKSliceStride + c * 8) = v;
+        }
+    }
+    __syncwarp();
+
+    float c[1][4] = {};
+    const __half* const x_row[1] = {xs + ((lane & 7) < rows ? (lane & 7) : 0) * kWholeKSliceStride + (lane >> 3) * 8};
+#pragma unroll
+    for (int u = 0; u < kWholeKWarpChunks; ++u) {
+        if (u >= chunks) break;
+        if (mixed & (1u << u))
+            chunk_mma_swapped<1, false>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                        column_a, column_b);
+        else
+            chunk_mma_swapped<1, true>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                       column_a, column_b);
+    }
+
+    WholeKSums& sums = *reinterpret_cast<WholeKSums*>(shared_base + whole_k_sums_offset(rows));
+    sums.part[warp][2 * t][g] = c[0][0];
+    sums.part[warp][2 * t + 1][g] = c[0][1];
+    sums.part[warp][2 * t][8 + g] = c[0][2];
+    sums.part[warp][2 * t + 1][8 + g] = c[0][3];
+    __syncthreads();
+    // Thread (row, lc): one output of the block, lc < 8 in tile a, else tile b.
+    const int row = threadIdx.x / kWholeKColumns, lc = threadIdx.x % kWholeKColumns;
+    const int n = (lc < 8 ? tile_a : tile_b) * 8 + (lc & 7);  // problem-local column
+    const bool owns = row < rows;
+    if (owns) {
+        float total = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) total += sums.part[w][row][lc];
+        if (epilogue.kind == SmallGemmEpilogue::kHeads) {
+            const HeadEpilogueParams& p = epilogue.heads;
+            int head = 0;
+            const int proj = head_projection(p, (P.col_offset + n) / p.head_dim, &head);
+            if (p.bias[proj]) total += __half2float(p.bias[proj][head * p.head_dim + n % p.head_dim]);
+        } else if (epilogue.residual.bias) {
+            total += __half2float(epilogue.residual.bias[P.col_offset + n]);
+        }
+        sums.total[row][lc] = total;
+    }
+    __syncthreads();
+    if (!owns) return;
+    if (epilogue.kind == SmallGemmEpilogue::kHeads) {
+        whole_k_finish_head(epilogue.heads, P, row, lc, n, sums);
+    } else {
+        float y[1] = {sums.total[row][lc]};
+        add_to_residual<1>(epilogue.residual, static_cast<size_t>(row) * epilogue.residual.width + P.col_offset + n, y);
+    }
+}
+
 }  // namespace
 
 int small_gemm_counters(int columns) { return columns / kSwapColumns + kMaxProblems; }
@@ -840,6 +1024,23 @@ qattn_status clusters_fit(Kernel kernel, dim3 grid, size_t shared, size_t max_sh
     return QATTN_SUCCESS;
 }
 
+// Whether the whole-K kernel takes this call: few rows, K within its warps'
+// registers, x staged or read in place (its warps copy their slices), an even
+// n-tile count, and an epilogue it can run on its 16 columns: no head norms (they
+// need whole heads), NeoX RoPE whose rotary and pass-through parts come in
+// whole tile pairs.
+bool whole_k_fits(const SmallGemmProblem* problems, int count, int rows, const SmallGemmEpilogue& ep) {
+    if (rows > kWholeKRows) return false;
+    for (int i = 0; i < count; ++i)
+        if (!problems[i].xg || problems[i].w.chunks > kWholeKMaxChunks || problems[i].n_tiles % 2) return false;
+    if (ep.kind != SmallGemmEpilogue::kHeads) return true;
+    const HeadEpilogueParams& p = ep.heads;
+    if (p.norm[0].type != QATTN_NORM_NONE || p.norm[1].type != QATTN_NORM_NONE || p.head_dim % kWholeKColumns)
+        return false;
+    return p.rope != QATTN_ROPE_NEOX ||
+           (p.rotary_dim % kWholeKColumns == 0 && (p.head_dim - p.rotary_dim) % kWholeKColumns == 0);
+}
+
 }  // namespace
 
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
@@ -851,6 +1052,21 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     if (count > kMaxProblems || rows < 1 || rows > kSmallRows || (wants_finish && rows > kSmallGemmFinishRows))
         return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: %d problems, %d rows%s", count, rows,
                     wants_finish ? " with the epilogue" : "");
+    if (wants_finish && whole_k_fits(problems, count, rows, requested)) {
+        Batch batch{};
+        batch.count = count;
+        int blocks = 0;
+        for (int i = 0; i < count; ++i) {
+            batch.p[i] = problems[i];
+            batch.block_begin[i] = blocks;
+            blocks += problems[i].n_tiles / 2;
+        }
+        for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks;
+        QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", gptq4_gemm_whole_k_kernel, dim3(blocks), kWarps * 32,
+                             whole_k_shared_bytes(rows), stream, batch, rows, requested));
+        *finished = true;
+        return QATTN_SUCCESS;
+    }
     // rows <= 16: the swapped kernel, 16 columns a warp; else 8 columns a warp.
     const bool swapped = rows <= 16;
     const int columns_per_block = swapped ? kSwapColumns : kWarps * 8;
