@@ -344,19 +344,18 @@ private:
 
     // K and V of one packed row order are dequantized by one launch, side by
     // side in their own part of the scratch (each alone leaves most of the GPU
-    // idle: 512 blocks for Llama-3-8B's 4096 x 1024), on the second stream behind
-    // the first slice of Q (dequantize_ahead), so that they run beside the
-    // staging of x and Q's dequantization rather than between the Q and K|V
-    // GEMMs; one GEMM multiplies both (their columns are adjacent in the
+    // idle: 512 blocks for Llama-3-8B's 4096 x 1024), on the second stream once
+    // x is staged and Q's first slice dequantized (dequantize_ahead), when the Q
+    // GEMM may start too: its last wave leaves SMs idle (Llama-3-8B: 256 tiles on
+    // 132 SMs), where they can run, rather than between the Q and K|V GEMMs; one
+    // GEMM multiplies both (their columns are adjacent in the
     // accumulator): project_large(K) covers V too (kv_together_), project_large(V)
     // does nothing.
     qattn_status dequantize_kv_ahead(cudaStream_t s) {
         if (kv_elements_ == 0) return QATTN_SUCCESS;
         const CudaQMatrix &k = *proj_[1], &v = *proj_[2];
-        if (dequantized_ahead_ < 0) {  // nothing forked yet (Q dense)
-            QATTN_CUDA_TRY(cudaEventRecord(fork_, s));
-            QATTN_CUDA_TRY(cudaStreamWaitEvent(side_, fork_, 0));
-        }
+        QATTN_CUDA_TRY(cudaEventRecord(fork_, s));
+        QATTN_CUDA_TRY(cudaStreamWaitEvent(side_, fork_, 0));
         const int nk = static_cast<int>(k.out_features()), nv = static_cast<int>(v.out_features());
         __half* part = scratch_->get<__half>(CudaScratch::kDequant) + dequant_elements_;
         const DequantizeSlice d[2] = {{k.packed_gptq(), nk, 0, nk, part},
@@ -441,10 +440,7 @@ private:
         const bool stage_gather =
             gather_for >= 0 && (!small_rows || stages_input_ || rows > kGatherInKernelRows);
         gathered_order_ = -1;
-        if (!small_rows) {
-            QATTN_TRY(dequantize_ahead(0, s));
-            QATTN_TRY(dequantize_kv_ahead(s));
-        }
+        if (!small_rows) QATTN_TRY(dequantize_ahead(0, s));
         const __half* x = static_cast<const __half*>(call.x);
         if (stages_input_) {
             StageRowsParams st;
@@ -498,6 +494,7 @@ private:
         bool finished = false;
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish,
                                           &finished, s));
+        if (!small_rows) QATTN_TRY(dequantize_kv_ahead(s));
         for (int p = 0; p < 3; ++p) {
             if (acc16)
                 QATTN_TRY(project_large(p, x, H, rows, acc16 + column_[p], qkv_width_, s));
