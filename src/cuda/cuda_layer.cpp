@@ -80,7 +80,6 @@ public:
         if (blas_user_) detach_blas_user(info_.device);
         if (fork_) cudaEventDestroy(fork_);
         if (join_) cudaEventDestroy(join_);
-        if (join_kv_) cudaEventDestroy(join_kv_);
         if (side_) cudaStreamDestroy(side_);
     }
 
@@ -196,21 +195,13 @@ private:
             need = std::max(need, std::min(rows_packed * m->out_features(),
                                            std::max(kDequantScratchElements, 8 * rows_packed)));
         }
-        // K and V of one packed row order get a part of their own after the
-        // slices (dequantize_kv_ahead).
-        const CudaQMatrix &k = *proj_[1], &v = *proj_[2];
-        kv_elements_ = need > 0 && k.packed() && v.packed() && order_[2] == order_[1] &&
-                               k.packed_rows() == v.packed_rows()
-                           ? (k.out_features() + v.out_features()) * k.packed_rows()
-                           : 0;
-        QATTN_TRY(scratch_->reserve(CudaScratch::kDequant, sizeof(__half) * (need + kv_elements_)));
+        QATTN_TRY(scratch_->reserve(CudaScratch::kDequant, sizeof(__half) * need));
         QATTN_TRY(scratch_->reserve(CudaScratch::kGathered, sizeof(__half) * gathered));
         dequant_elements_ = need;
         if (need > 0) {
             QATTN_CUDA_TRY(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
             QATTN_CUDA_TRY(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
             QATTN_CUDA_TRY(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
-            QATTN_CUDA_TRY(cudaEventCreateWithFlags(&join_kv_, cudaEventDisableTiming));
         }
 
         QATTN_TRY(attach_blas_user(info_.device));
@@ -327,13 +318,11 @@ private:
         const int slice = joint ? N : dequant_slice(m);
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
-            __half* const weights = scratch_->get<__half>(CudaScratch::kDequant) + (joint ? dequant_elements_ : 0);
-            if (joint) {
-                QATTN_CUDA_TRY(cudaStreamWaitEvent(s, join_kv_, 0));
-            } else if (n0 == 0 && dequantized_ahead_ == p) {
+            __half* const weights = scratch_->get<__half>(CudaScratch::kDequant);
+            if (n0 == 0 && dequantized_ahead_ == p) {
                 QATTN_CUDA_TRY(cudaStreamWaitEvent(s, join_, 0));
                 dequantized_ahead_ = -1;
-            } else {
+            } else if (!joint) {
                 const DequantizeSlice d{w, N, n0, count, weights};
                 QATTN_TRY(launch_dequantize_gptq4(&d, 1, s));
             }
@@ -342,26 +331,22 @@ private:
         return QATTN_SUCCESS;
     }
 
-    // K and V of one packed row order are dequantized by one launch, side by
-    // side in their own part of the scratch (each alone leaves most of the GPU
-    // idle: 512 blocks for Llama-3-8B's 4096 x 1024), on the second stream once
-    // x is staged and Q's first slice dequantized (dequantize_ahead), when the Q
-    // GEMM may start too: its last wave leaves SMs idle (Llama-3-8B: 256 tiles on
-    // 132 SMs), where they can run, rather than between the Q and K|V GEMMs; one
-    // GEMM multiplies both (their columns are adjacent in the
-    // accumulator): project_large(K) covers V too (kv_together_), project_large(V)
-    // does nothing.
-    qattn_status dequantize_kv_ahead(cudaStream_t s) {
-        if (kv_elements_ == 0) return QATTN_SUCCESS;
+    // K and V of one packed row order that fit the scratch together are
+    // dequantized by one launch, side by side (each alone leaves most of the GPU
+    // idle: 512 blocks for Llama-3-8B's 4096 x 1024), and multiplied by one GEMM
+    // over both (their columns are adjacent in the accumulator): project_large(K)
+    // covers V too (kv_together_), project_large(V) does nothing.
+    qattn_status dequantize_kv_together(cudaStream_t s) {
         const CudaQMatrix &k = *proj_[1], &v = *proj_[2];
-        QATTN_CUDA_TRY(cudaEventRecord(fork_, s));
-        QATTN_CUDA_TRY(cudaStreamWaitEvent(side_, fork_, 0));
+        if (!k.packed() || !v.packed() || order_[2] != order_[1] || k.packed_rows() != v.packed_rows() ||
+            dequantized_ahead_ == 1 || dequantized_ahead_ == 2 ||
+            (k.out_features() + v.out_features()) * k.packed_rows() > dequant_elements_)
+            return QATTN_SUCCESS;
         const int nk = static_cast<int>(k.out_features()), nv = static_cast<int>(v.out_features());
-        __half* part = scratch_->get<__half>(CudaScratch::kDequant) + dequant_elements_;
-        const DequantizeSlice d[2] = {{k.packed_gptq(), nk, 0, nk, part},
-                                      {v.packed_gptq(), nv, 0, nv, part + static_cast<int64_t>(nk) * k.packed_rows()}};
-        QATTN_TRY(launch_dequantize_gptq4(d, 2, side_));
-        QATTN_CUDA_TRY(cudaEventRecord(join_kv_, side_));
+        __half* scratch = scratch_->get<__half>(CudaScratch::kDequant);
+        const DequantizeSlice d[2] = {{k.packed_gptq(), nk, 0, nk, scratch},
+                                      {v.packed_gptq(), nv, 0, nv, scratch + static_cast<int64_t>(nk) * k.packed_rows()}};
+        QATTN_TRY(launch_dequantize_gptq4(d, 2, s));
         kv_together_ = true;
         return QATTN_SUCCESS;
     }
@@ -494,8 +479,8 @@ private:
         bool finished = false;
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish,
                                           &finished, s));
-        if (!small_rows) QATTN_TRY(dequantize_kv_ahead(s));
         for (int p = 0; p < 3; ++p) {
+            if (p == 1 && !small_rows) QATTN_TRY(dequantize_kv_together(s));
             if (acc16)
                 QATTN_TRY(project_large(p, x, H, rows, acc16 + column_[p], qkv_width_, s));
             else if (!(proj_[p]->packed() && small_rows))
@@ -616,12 +601,9 @@ private:
     cudaStream_t side_ = nullptr;
     cudaEvent_t fork_ = nullptr, join_ = nullptr;
     int dequantized_ahead_ = -1;
-    // Whether this call dequantized K and V side by side after the slices of the
-    // dequantization scratch, for one GEMM over both (dequantize_kv_ahead), and
-    // the elements of that part (0: K and V do not qualify); join_kv_ ends it.
+    // Whether this call dequantized K and V side by side at the start of the
+    // dequantization scratch, for one GEMM over both (dequantize_kv_together).
     bool kv_together_ = false;
-    int64_t kv_elements_ = 0;
-    cudaEvent_t join_kv_ = nullptr;
 };
 
 }  // namespace
