@@ -1,6 +1,7 @@
 // The end of forward2 as its own kernel (where the small-row GEMM does not run it
-// itself), one pass per row: O-projection accumulator + bias, optional post-norm
-// (Gemma-2), then a single read-modify-write of the residual.
+// itself), one pass over each row (a block's, or without a post-norm split over
+// blocks): O-projection accumulator + bias, optional post-norm (Gemma-2), then a
+// single read-modify-write of the residual.
 // The O output reaches the residual exactly once, so no fp16 atomics are needed.
 // Each thread moves 8 consecutive elements per access (16-byte loads) where the
 // row allows it, so the prefill case runs at the bandwidth of its bytes.
@@ -22,6 +23,10 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
     wait_for_producers();
     float* y = acc + static_cast<size_t>(blockIdx.x) * width;
     T* row = x + static_cast<size_t>(blockIdx.x) * width;
+    // Without a post-norm the blocks of a row (grid.y) share it, each thread one
+    // vector where they suffice: every load of a thread is then in flight at once
+    // (a loop over a row stores to x and the accumulator between its loads).
+    const int first = (blockIdx.y * kThreads + threadIdx.x) * V, step = gridDim.y * kThreads * V;
     auto value = [&](int i, float (&v)[V]) {
         load_vec<V>(y + i, v);
         add_bias<V>(bias, i, v);
@@ -31,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
     if (norm.type != QATTN_NORM_NONE) {
         if (norm.type == QATTN_NORM_LAYER) {
             float sum = 0.0f;
-            for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
+            for (int i = first; i < width; i += step) {
                 float v[V];
                 value(i, v);
 #pragma unroll
@@ -40,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
             mean = block_sum(sum, scratch) / width;
         }
         float squares = 0.0f;
-        for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
+        for (int i = first; i < width; i += step) {
             float v[V];
             value(i, v);
 #pragma unroll
@@ -49,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
         inv = rsqrtf(block_sum(squares, scratch) / width + norm.eps);
     }
     const bool zero = blockIdx.x < kSmallRows;  // see head_norm_rope.cu
-    for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
+    for (int i = first; i < width; i += step) {
         float v[V];
         value(i, v);
         if (zero) {
@@ -69,10 +74,12 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
 
 template <typename T>
 qattn_status launch_typed(const ResidualEpilogueParams& p, cudaStream_t stream) {
-    const auto kernel = rows_vectorizable(p.x, p.width, sizeof(T)) ? residual_epilogue_kernel<T, 8>
-                                                                   : residual_epilogue_kernel<T, 1>;
-    return launch_pdl("residual_epilogue", kernel, p.rows, kThreads, 0, stream, p.acc, p.width, p.bias, p.post_norm,
-                      static_cast<T*>(p.x), p.has_residual);
+    const bool vectors = rows_vectorizable(p.x, p.width, sizeof(T));
+    const auto kernel = vectors ? residual_epilogue_kernel<T, 8> : residual_epilogue_kernel<T, 1>;
+    const int vector = vectors ? 8 : 1;
+    const int slices = p.post_norm.type == QATTN_NORM_NONE ? (p.width + kThreads * vector - 1) / (kThreads * vector) : 1;
+    return launch_pdl("residual_epilogue", kernel, dim3(p.rows, slices), kThreads, 0, stream, p.acc, p.width, p.bias,
+                      p.post_norm, static_cast<T*>(p.x), p.has_residual);
 }
 
 }  // namespace
