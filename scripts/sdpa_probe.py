@@ -9,11 +9,20 @@ formulations of grouped-query attention:
           every key), and the output [B, NKV, NH / NKV, D] is already the
           [B, 1, NH, D] layout, so no transpose copy follows.
 
+--prefill N times a causal prefill of N tokens from an empty cache instead
+(one sequence), where three formulations differ:
+
+  gqa:      q [1, NH, N, D] against the cache's k, v viewed as [1, NKV, N, D]
+            (strided: the cache is [1, N, NKV, D]), enable_gqa=True
+  headmajor: the same with k, v in a head-major cache [1, NKV, N, D] (contiguous)
+  expanded: k, v repeated to NH heads (the copies counted), no enable_gqa
+
 Each (formulation, backend) is replayed from a CUDA graph over enough caches to
 keep the L2 cold, timed with CUDA events, median of the replays, per call; the
-KV bytes over the measured copy bandwidth is printed beside it.
+KV bytes over the measured copy bandwidth (decode) or the FLOPs of the causal
+product over the measured fp16 matmul rate (prefill) is printed beside it.
 
-    python scripts/sdpa_probe.py [--batch 1,16] [--past 2048]
+    python scripts/sdpa_probe.py [--batch 1,16] [--past 2048] [--prefill 2048]
 """
 import argparse
 import contextlib
@@ -39,6 +48,76 @@ def copy_bandwidth(nbytes=1 << 30):
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
     return 2 * nbytes / statistics.median(times[2:])
+
+
+def matmul_rate(n=8192):
+    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * n**3 / statistics.median(times[2:])
+
+
+def attend_prefill(kind, q, kc, vc, heads, kv_heads):
+    """q [1, N, NH, D]; kc, vc [1, N, NKV, D] (headmajor: [1, NKV, N, D]) -> [1, N, NH, D]."""
+    qt = q.transpose(1, 2)
+    if kind == "headmajor":
+        out = F.scaled_dot_product_attention(qt, kc, vc, is_causal=True, enable_gqa=True)
+    elif kind == "gqa":
+        out = F.scaled_dot_product_attention(qt, kc.transpose(1, 2), vc.transpose(1, 2), is_causal=True,
+                                             enable_gqa=True)
+    else:
+        group = heads // kv_heads
+        keys = kc.transpose(1, 2).repeat_interleave(group, dim=1)
+        values = vc.transpose(1, 2).repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(qt, keys, values, is_causal=True)
+    return out.transpose(1, 2).contiguous()
+
+
+def prefill(args):
+    torch.manual_seed(0)
+    rate = matmul_rate()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    print(f"card {torch.cuda.get_device_name()}, torch {torch.__version__}, fp16 matmul {rate / 1e12:.0f} TFLOP/s")
+    nh, nkv, d, n = args.heads, args.kv_heads, args.head_dim, args.prefill
+    flops = 4 * n * n * d * nh / 2  # QK^T and PV over the causal half
+    floor = flops / rate * 1e6
+    kv_bytes = 2 * n * nkv * d * 2 + 2 * n * nh * d * 2
+    caches = max(2, -(-3 * l2 // kv_bytes))
+    data = [(torch.randn(1, n, nh, d, device="cuda", dtype=torch.float16),
+             torch.randn(1, n, nkv, d, device="cuda", dtype=torch.float16),
+             torch.randn(1, n, nkv, d, device="cuda", dtype=torch.float16)) for _ in range(caches)]
+    heads_major = [(q, k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()) for q, k, v in data]
+    q, kc, vc = data[0]
+    keys = kc.double().transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+    values = vc.double().transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+    scores = q.double().transpose(1, 2) @ keys.transpose(-1, -2) / d ** 0.5
+    scores.masked_fill_(torch.ones(n, n, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    ref = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2)
+    del keys, values, scores
+    print(f"\nprefill {n} tokens, causal: {flops / 1e9:.1f} GFLOP, floor {floor:.1f} us, {caches} caches cycled")
+    print(f"{'formulation':<10} {'backend':<10} {'us':>8} {'x floor':>8} {'rel err':>9}")
+    for kind in ("gqa", "headmajor", "expanded"):
+        sets = heads_major if kind == "headmajor" else data
+        for name, backend in BACKENDS.items():
+            if name == "math":
+                continue  # seconds a call at this size
+            ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+            try:
+                with ctx:
+                    out = attend_prefill(kind, *sets[0], nh, nkv)
+                    err = ((out.double() - ref).norm() / ref.norm()).item()
+                    us = time_graph(lambda: [attend_prefill(kind, *t, nh, nkv) for t in sets], caches)
+                print(f"{kind:<10} {name:<10} {us:8.1f} {us / floor:8.2f} {err:9.1e}")
+            except Exception as exc:  # a backend that does not take the shape says why
+                print(f"{kind:<10} {name:<10} {'-':>8} {'':>8} {'':>9} {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:80]}")
 
 
 def attend(kind, q, kc, vc, heads, kv_heads):
@@ -79,7 +158,10 @@ def main():
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--prefill", type=int, default=0, help="time a causal prefill of this many tokens instead")
     args = ap.parse_args()
+    if args.prefill:
+        return prefill(args)
     torch.manual_seed(0)
     bw = copy_bandwidth()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
