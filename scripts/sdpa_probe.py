@@ -36,32 +36,49 @@ BACKENDS = {"default": None, "flash": SDPBackend.FLASH_ATTENTION, "efficient": S
             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
 
 
-def copy_bandwidth(nbytes=1 << 30):
-    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
+def median_seconds(fn, runs=12):
+    """Median time of fn() alone, by CUDA events, the first two runs left out."""
     times = []
-    for _ in range(12):
+    for _ in range(runs):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        b.copy_(a)
+        fn()
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
-    return 2 * nbytes / statistics.median(times[2:])
+    return statistics.median(times[2:])
+
+
+def copy_bandwidth(nbytes=1 << 30):
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * nbytes / median_seconds(lambda: b.copy_(a))
 
 
 def matmul_rate(n=8192):
     a = torch.randn(n, n, device="cuda", dtype=torch.float16)
     b = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    times = []
-    for _ in range(12):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        a @ b
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * n**3 / statistics.median(times[2:])
+    return 2 * n**3 / median_seconds(lambda: a @ b)
+
+
+def probe(kinds, attend_fn, sets_for, ref, floor, backends=BACKENDS):
+    """A table row per (formulation, backend): us a call (graph replays over the
+    sets of inputs), against the floor, and the relative error against ref."""
+    width = max(len(k) for k in kinds) + 2
+    print(f"{'formulation':<{width}} {'backend':<10} {'us':>8} {'x floor':>8} {'rel err':>9}")
+    for kind in kinds:
+        sets = sets_for(kind)
+        for name, backend in backends.items():
+            ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+            try:
+                with ctx:
+                    out = attend_fn(kind, *sets[0])
+                    err = ((out.double() - ref).norm() / ref.norm()).item()
+                    us = time_graph(lambda: [attend_fn(kind, *t) for t in sets], len(sets))
+                print(f"{kind:<{width}} {name:<10} {us:8.1f} {us / floor:8.2f} {err:9.1e}")
+            except Exception as exc:  # a backend that does not take the shape says why
+                print(f"{kind:<{width}} {name:<10} {'-':>8} {'':>8} {'':>9} {type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:80]}")
 
 
 def attend_prefill(kind, q, kc, vc, heads, kv_heads):
@@ -102,22 +119,9 @@ def prefill(args):
     ref = (torch.softmax(scores, dim=-1) @ values).transpose(1, 2)
     del keys, values, scores
     print(f"\nprefill {n} tokens, causal: {flops / 1e9:.1f} GFLOP, floor {floor:.1f} us, {caches} caches cycled")
-    print(f"{'formulation':<10} {'backend':<10} {'us':>8} {'x floor':>8} {'rel err':>9}")
-    for kind in ("gqa", "headmajor", "expanded"):
-        sets = heads_major if kind == "headmajor" else data
-        for name, backend in BACKENDS.items():
-            if name == "math":
-                continue  # seconds a call at this size
-            ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
-            try:
-                with ctx:
-                    out = attend_prefill(kind, *sets[0], nh, nkv)
-                    err = ((out.double() - ref).norm() / ref.norm()).item()
-                    us = time_graph(lambda: [attend_prefill(kind, *t, nh, nkv) for t in sets], caches)
-                print(f"{kind:<10} {name:<10} {us:8.1f} {us / floor:8.2f} {err:9.1e}")
-            except Exception as exc:  # a backend that does not take the shape says why
-                print(f"{kind:<10} {name:<10} {'-':>8} {'':>8} {'':>9} {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:80]}")
+    no_math = {name: b for name, b in BACKENDS.items() if name != "math"}  # seconds a call at this size
+    probe(("gqa", "headmajor", "expanded"), lambda kind, *t: attend_prefill(kind, *t, nh, nkv),
+          lambda kind: heads_major if kind == "headmajor" else data, ref, floor, no_math)
 
 
 def attend(kind, q, kc, vc, heads, kv_heads):
@@ -181,19 +185,7 @@ def main():
         floor = kv_bytes / bw * 1e6
         print(f"\nbatch {batch}, {length} keys: KV {kv_bytes / 2**20:.1f} MiB a call, floor {floor:.1f} us, "
               f"{caches} caches cycled")
-        print(f"{'formulation':<8} {'backend':<10} {'us':>8} {'x floor':>8} {'rel err':>9}")
-        for kind in ("gqa", "folded"):
-            for name, backend in BACKENDS.items():
-                ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
-                try:
-                    with ctx:
-                        out = attend(kind, q, kc, vc, nh, nkv)
-                        err = ((out.double() - ref).norm() / ref.norm()).item()
-                        us = time_graph(lambda: [attend(kind, *t, nh, nkv) for t in data], caches)
-                    print(f"{kind:<8} {name:<10} {us:8.1f} {us / floor:8.2f} {err:9.1e}")
-                except Exception as exc:  # a backend that does not take the shape says why
-                    print(f"{kind:<8} {name:<10} {'-':>8} {'':>8} {'':>9} {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:80]}")
+        probe(("gqa", "folded"), lambda kind, *t: attend(kind, *t, nh, nkv), lambda kind: data, ref, floor)
 
 
 if __name__ == "__main__":
