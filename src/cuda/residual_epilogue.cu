@@ -74,9 +74,8 @@ __global__ void __launch_bounds__(kThreads) residual_epilogue_kernel(float* __re
 
 template <typename T>
 qattn_status launch_typed(const ResidualEpilogueParams& p, cudaStream_t stream) {
-    const bool vectors = rows_vectorizable(p.x, p.width, sizeof(T));
-    const auto kernel = vectors ? residual_epilogue_kernel<T, 8> : residual_epilogue_kernel<T, 1>;
-    const int vector = vectors ? 8 : 1;
+    const int vector = rows_vectorizable(p.x, p.width, sizeof(T)) ? 8 : 1;
+    const auto kernel = vector == 8 ? residual_epilogue_kernel<T, 8> : residual_epilogue_kernel<T, 1>;
     const int slices = p.post_norm.type == QATTN_NORM_NONE ? (p.width + kThreads * vector - 1) / (kThreads * vector) : 1;
     return launch_pdl("residual_epilogue", kernel, dim3(p.rows, slices), kThreads, 0, stream, p.acc, p.width, p.bias,
                       p.post_norm, static_cast<T*>(p.x), p.has_residual);
