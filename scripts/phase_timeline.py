@@ -10,10 +10,12 @@ Prints per case and part: the kernels of one layer in the middle of the loop,
 each with its start relative to the layer's first kernel, its duration and the
 gap since the previous kernel ended (negative: overlap), then the layer's span
 and its kernels' summed time. The per-layer time of a replay divided by the
-layers is printed too, the number the bench reports (there: medians of 100)."""
+layers (median of 20 replays) is printed too, the number the bench reports
+(there: medians of 100)."""
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 
@@ -74,6 +76,7 @@ def main():
                     help="no trace (under Nsight Compute, which cannot share the GPU's profiler): the calls only")
     args = ap.parse_args()
     device = torch.device("cuda", 0)
+    clock = bench.Clock(device)
     cases, _ = bench.make_cases(tiny=False)
     by_name = {c.name: c for c in cases.values()}
     wanted = [by_name[n] for n in args.cases.split(",")]
@@ -100,16 +103,7 @@ def main():
             for part in args.parts.split(","):
                 data.reset()
                 graph, _ = bench.capture_graph(fns[part], device)
-                for _ in range(5):
-                    graph.replay()
-                torch.cuda.synchronize(device)
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(20):
-                    graph.replay()
-                stop.record()
-                stop.synchronize()
-                per_layer = start.elapsed_time(stop) * 1e3 / 20 / args.layers
+                per_layer = statistics.median(clock.measure(graph.replay, 20, 5)) * 1e6 / args.layers
                 if args.ncu:
                     print("== %s %s: %.1f us a layer (under ncu)" % (case.name, part, per_layer))
                     del graph
@@ -120,8 +114,8 @@ def main():
                     torch.cuda.synchronize(device)
                 path = os.path.join(tempfile.mkdtemp(), "trace.json")
                 prof.export_chrome_trace(path)
-                print("== %s %s: %.1f us a layer (20 replays of %d layers)" % (case.name, part, per_layer,
-                                                                               args.layers))
+                print("== %s %s: %.1f us a layer (median of 20 replays of %d layers)"
+                      % (case.name, part, per_layer, args.layers))
                 report("%s %s" % (case.name, part), kernel_events(path), args.layers, args.replays)
                 del graph
             del data
