@@ -22,23 +22,13 @@
 #include "cuda/kernels.h"
 
 #include <algorithm>
-#include <cstdlib>
 
 namespace qattn::cuda {
 namespace {
 
 constexpr size_t kCublasWorkspaceBytes = size_t(8) << 20;
-// Bound on the fp16 scratch that the large-row path dequantizes into (32 MiB;
-// QATTN_DEQUANT_SCRATCH_MIB in the environment, read once, sets another: a
-// slice small enough to stay in the L2 between its dequantization and its GEMM).
-int64_t dequant_scratch_elements() {
-    static const int64_t elements = [] {
-        const char* v = std::getenv("QATTN_DEQUANT_SCRATCH_MIB");
-        const long mib = v ? std::strtol(v, nullptr, 10) : 0;
-        return (mib > 0 ? int64_t(mib) : int64_t(32)) << 19;
-    }();
-    return elements;
-}
+// Bound on the fp16 scratch that the large-row path dequantizes into (32 MiB).
+constexpr int64_t kDequantScratchElements = int64_t(16) << 20;
 
 struct Adapter {
     qattn_proj proj = QATTN_PROJ_Q;
@@ -190,7 +180,7 @@ private:
         QATTN_CUDA_TRY(cudaMemset(error_flag_.get(), 0, sizeof(int)));
 
         // The large-row path of packed matrices dequantizes whole columns (all
-        // packed rows); a slice of columns is bounded by dequant_scratch_elements().
+        // packed rows); a slice of columns is bounded by kDequantScratchElements.
         // x is gathered into packed row order beside it; a matrix in input order
         // reads x where it lies, gathered only by the small-row path (an input
         // that is not 16-byte aligned), so it needs at most kSmallRows rows.
@@ -203,7 +193,7 @@ private:
             gathered = std::max(gathered, rows_packed * gathered_rows);
             if (info_.max_rows <= kSmallRows) continue;
             need = std::max(need, std::min(rows_packed * m->out_features(),
-                                           std::max(dequant_scratch_elements(), 8 * rows_packed)));
+                                           std::max(kDequantScratchElements, 8 * rows_packed)));
         }
         QATTN_TRY(scratch_->reserve(CudaScratch::kDequant, sizeof(__half) * need));
         QATTN_TRY(scratch_->reserve(CudaScratch::kGathered, sizeof(__half) * gathered));
