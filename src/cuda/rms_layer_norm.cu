@@ -9,6 +9,8 @@
 #include "cuda/reduce.cuh"
 #include "cuda/vec.cuh"
 
+#include <type_traits>
+
 namespace qattn::cuda {
 namespace {
 
@@ -16,7 +18,12 @@ constexpr int kThreads = 256;
 
 // C > 0: the row's C accesses per thread stay in registers, so the row is read
 // from memory once (width <= kThreads * V * C); C = 0 re-reads it per pass.
-template <typename T, int V, int C>
+// GATHER: p.gathered is set (the perm steps ahead are held in registers too).
+// An fp16 row stays in registers as fp16, and only a gathering variant holds
+// perm registers: a prefill's staging is bound by the rows in flight, so the
+// blocks an SM holds matter (sm_90: 48 registers, 5 blocks, for 4096 fp16
+// elements without a gather; 63 and 4 before).
+template <typename T, int V, int C, bool GATHER>
 __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p) {
     extern __shared__ __half staged[];  // [width], only when gathering
     __shared__ float scratch[32];
@@ -27,8 +34,9 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p)
     // the previous kernel: loaded before the wait, so at one row their latency
     // is not added to that of x.
     constexpr int CW = C > 0 && V == 8 ? C : 0;
+    constexpr int CP = GATHER ? CW : 0;
     uint4 wraw[CW > 0 ? CW : 1], braw[CW > 0 ? CW : 1];
-    int4 pre[CW > 0 ? CW : 1][2];
+    int4 pre[CP > 0 ? CP : 1][2];
     if constexpr (CW > 0) {
 #pragma unroll
         for (int c = 0; c < CW; ++c) {
@@ -38,21 +46,29 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p)
                 if (norm.bias) braw[c] = *reinterpret_cast<const uint4*>(norm.bias + i);
             }
             const int j = (threadIdx.x + c * kThreads) * 8;
-            if (p.gathered && j < p.columns) {
-                pre[c][0] = *reinterpret_cast<const int4*>(p.perm + j);
-                pre[c][1] = *reinterpret_cast<const int4*>(p.perm + j + 4);
+            if constexpr (CP > 0) {
+                if (j < p.columns) {
+                    pre[c][0] = *reinterpret_cast<const int4*>(p.perm + j);
+                    pre[c][1] = *reinterpret_cast<const int4*>(p.perm + j + 4);
+                }
             }
         }
     }
     wait_for_producers();
     const T* row = static_cast<const T*>(p.x) + static_cast<size_t>(blockIdx.x) * p.ldx;
 
-    float cache[C > 0 ? C : 1][V];
+    constexpr bool kRaw = std::is_same_v<T, __half> && V == 8;
+    using Cached = std::conditional_t<kRaw, uint4, float[V]>;
+    Cached cache[C > 0 ? C : 1];
     if constexpr (C > 0) {
 #pragma unroll
         for (int c = 0; c < C; ++c) {
             const int i = (threadIdx.x + c * kThreads) * V;
-            if (i < width) load_vec<V>(row + i, cache[c]);
+            if (i >= width) continue;
+            if constexpr (kRaw)
+                cache[c] = *reinterpret_cast<const uint4*>(row + i);
+            else
+                load_vec<V>(row + i, cache[c]);
         }
     }
     // f(i, values, c) for each of this thread's accesses (c: its index when cached).
@@ -61,7 +77,14 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p)
 #pragma unroll
             for (int c = 0; c < C; ++c) {
                 const int i = (threadIdx.x + c * kThreads) * V;
-                if (i < width) f(i, cache[c], c);
+                if (i >= width) continue;
+                if constexpr (kRaw) {
+                    float v[V];
+                    load_vec<V>(reinterpret_cast<const __half*>(&cache[c]), v);
+                    f(i, v, c);
+                } else {
+                    f(i, cache[c], c);
+                }
             }
         } else {
             for (int i = threadIdx.x * V; i < width; i += kThreads * V) {
@@ -123,27 +146,33 @@ __global__ void __launch_bounds__(kThreads) stage_rows_kernel(StageRowsParams p)
         *reinterpret_cast<uint4*>(dst + j) = packed;
     };
     int j0 = threadIdx.x * 8;
-    if constexpr (CW > 0) {
+    if constexpr (CP > 0) {
 #pragma unroll
-        for (int c = 0; c < CW; ++c, j0 += kThreads * 8)
+        for (int c = 0; c < CP; ++c, j0 += kThreads * 8)
             if (j0 < p.columns) gather8(j0, pre[c][0], pre[c][1]);
     }
     for (int j = j0; j < p.columns; j += kThreads * 8)
         gather8(j, *reinterpret_cast<const int4*>(p.perm + j), *reinterpret_cast<const int4*>(p.perm + j + 4));
 }
 
-template <typename T>
-qattn_status launch_typed(const StageRowsParams& p, size_t shared, cudaStream_t stream) {
-    const bool vec = rows_vectorizable(p.x, p.ldx, sizeof(T)) && p.width % 8 == 0 &&
-                     (!p.out || rows_vectorizable(p.out, p.width, 2));
-    auto kernel = !vec                          ? stage_rows_kernel<T, 1, 0>
-                  : p.width <= kThreads * 8 * 2 ? stage_rows_kernel<T, 8, 2>
-                  : p.width <= kThreads * 8 * 4 ? stage_rows_kernel<T, 8, 4>
-                                                : stage_rows_kernel<T, 8, 0>;
+template <typename T, bool GATHER>
+qattn_status launch_variant(const StageRowsParams& p, bool vec, size_t shared, cudaStream_t stream) {
+    auto kernel = !vec                          ? stage_rows_kernel<T, 1, 0, GATHER>
+                  : p.width <= kThreads * 8 * 2 ? stage_rows_kernel<T, 8, 2, GATHER>
+                  : p.width <= kThreads * 8 * 4 ? stage_rows_kernel<T, 8, 4, GATHER>
+                                                : stage_rows_kernel<T, 8, 0, GATHER>;
     if (shared > 48 * 1024)
         QATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(shared)));
     return launch_pdl("stage_rows", kernel, p.rows, kThreads, shared, stream, p);
+}
+
+template <typename T>
+qattn_status launch_typed(const StageRowsParams& p, size_t shared, cudaStream_t stream) {
+    const bool vec = rows_vectorizable(p.x, p.ldx, sizeof(T)) && p.width % 8 == 0 &&
+                     (!p.out || rows_vectorizable(p.out, p.width, 2));
+    return p.gathered ? launch_variant<T, true>(p, vec, shared, stream)
+                      : launch_variant<T, false>(p, vec, shared, stream);
 }
 
 }  // namespace
