@@ -11,7 +11,6 @@ namespace {
 struct DeviceHandles {
     int users = 0;
     std::vector<cublasHandle_t> free;
-    cublasLtHandle_t lt = nullptr;
 };
 
 std::mutex mutex;
@@ -29,15 +28,9 @@ qattn_status attach_blas_user(int device) {
     std::lock_guard<std::mutex> lock(mutex);
     DeviceHandles& d = devices()[device];
     if (d.users == 0) {  // no handle left: the last detach destroyed them, and no call holds one
-        cublasLtHandle_t lt = nullptr;
-        QATTN_CUBLAS_TRY(cublasLtCreate(&lt));
         cublasHandle_t handle = nullptr;
-        if (const cublasStatus_t st = cublasCreate(&handle); st != CUBLAS_STATUS_SUCCESS) {
-            cublasLtDestroy(lt);
-            return fail(QATTN_ERROR_CUDA, "cublasCreate(&handle) failed: %s", cublasGetStatusString(st));
-        }
+        QATTN_CUBLAS_TRY(cublasCreate(&handle));
         d.free.push_back(handle);
-        d.lt = lt;
     }
     ++d.users;
     return QATTN_SUCCESS;
@@ -45,22 +38,12 @@ qattn_status attach_blas_user(int device) {
 
 void detach_blas_user(int device) {
     std::vector<cublasHandle_t> unused;
-    cublasLtHandle_t lt = nullptr;
     {
         std::lock_guard<std::mutex> lock(mutex);
         DeviceHandles& d = devices()[device];
-        if (--d.users == 0) {
-            unused.swap(d.free);
-            std::swap(lt, d.lt);
-        }
+        if (--d.users == 0) unused.swap(d.free);
     }
     for (cublasHandle_t h : unused) cublasDestroy(h);
-    if (lt) cublasLtDestroy(lt);
-}
-
-cublasLtHandle_t device_lt_handle(int device) {
-    std::lock_guard<std::mutex> lock(mutex);
-    return devices()[device].lt;
 }
 
 qattn_status BlasLease::get(bool capturing, cublasHandle_t* out) {

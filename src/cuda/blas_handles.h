@@ -1,5 +1,4 @@
-// cuBLAS handles shared by the CUDA layers of a device (for the LoRA products;
-// the projections run through the device's cuBLASLt handle, below). A handle holds tens of
+// cuBLAS handles shared by the CUDA layers of a device. A handle holds tens of
 // MiB of device memory (64.5 MiB each on an H200 with CUDA 13), and a layer
 // needs one only while one of its calls runs: a call leases a free handle of its
 // device and gives it back at its end, so a device has as many handles as calls
@@ -10,21 +9,16 @@
 // cublasCreate allocates, which a stream capture forbids: a device's first
 // handle is made with its first layer, and a call made during a capture that
 // finds no handle free waits for one instead of making one. A device's handles
-// are destroyed with its last layer. A device's one cuBLASLt handle (it holds
-// no per-call state: a matmul names its stream and workspace) lives as long.
+// are destroyed with its last layer.
 #pragma once
 
 #include "cuda/check.h"
-
-#include <cublasLt.h>
 
 namespace qattn::cuda {
 
 // A layer of `device` exists from attach to detach (both with the device current).
 qattn_status attach_blas_user(int device);
 void detach_blas_user(int device);
-// The device's cuBLASLt handle, valid while a layer of it is attached.
-cublasLtHandle_t device_lt_handle(int device);
 
 // One call's handle: taken on first use, given back when the lease ends.
 class BlasLease {

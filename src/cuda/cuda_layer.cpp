@@ -206,7 +206,6 @@ private:
 
         QATTN_TRY(attach_blas_user(info_.device));
         blas_user_ = true;
-        lt_ = device_lt_handle(info_.device);
         QATTN_TRY(scratch_->reserve(CudaScratch::kWorkspace, kCublasWorkspaceBytes));
         if (info_.use_graphs) {
             graphs_.reset(new GraphCache());
@@ -279,10 +278,9 @@ private:
         return scratch_->reserve(CudaScratch::kSums, std::max(qkv, o));
     }
 
-    // The call's cuBLAS handle for the LoRA products (leased in run), on this
-    // stream with this layer's workspace; cublasSetStream also resets the
-    // workspace, so both are set together, once per call. The projections go
-    // through cuBLASLt (gemm_), which takes stream and workspace per product.
+    // The call's cuBLAS handle (leased in run), on this stream with this layer's
+    // workspace; cublasSetStream also resets the workspace, so both are set
+    // together, once per call.
     qattn_status bind_blas(cudaStream_t s) {
         if (blas_stream_bound_) return QATTN_SUCCESS;
         QATTN_TRY(lease_->get(lease_capturing_, &blas_));
@@ -301,10 +299,10 @@ private:
         const CudaQMatrix& m = *proj_[p];
         if (p == 2 && kv_together_) return QATTN_SUCCESS;  // K's GEMM computed V
         const bool joint = p == 1 && kv_together_;
+        QATTN_TRY(bind_blas(s));
         const int K = static_cast<int>(m.in_features());
         const int N = static_cast<int>(m.out_features() + (joint ? proj_[2]->out_features() : 0));
-        const GemmContext gemm{lt_, s, scratch_->get<void>(CudaScratch::kWorkspace), kCublasWorkspaceBytes};
-        if (!m.packed()) return gemm_.xwT(gemm, rows, N, K, x, ldx, m.dense(), c, ldc, beta);
+        if (!m.packed()) return gemm_xwT(blas_, rows, N, K, x, ldx, m.dense(), c, ldc, beta);
         const int packed_rows = static_cast<int>(m.packed_rows());
         const PackedGptq4& w = m.packed_gptq();
         const __half* xg = x;  // x in packed row order, row stride ldg
@@ -328,7 +326,7 @@ private:
                 const DequantizeSlice d{w, N, n0, count, weights};
                 QATTN_TRY(launch_dequantize_gptq4(&d, 1, s));
             }
-            QATTN_TRY(gemm_.xwT(gemm, rows, count, packed_rows, xg, ldg, weights, c + n0, ldc, beta));
+            QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, weights, c + n0, ldc, beta));
         }
         return QATTN_SUCCESS;
     }
@@ -597,9 +595,6 @@ private:
     bool lease_capturing_ = false;
     cublasHandle_t blas_ = nullptr;
     bool blas_stream_bound_ = false;
-    // The device's cuBLASLt handle and the algorithms of this layer's products.
-    cublasLtHandle_t lt_ = nullptr;
-    ProjectionGemm gemm_;
     std::unique_ptr<GraphCache> graphs_;
     // The second stream of dequantize_ahead, its fork and join events, and the
     // matrix whose first slice it has queued (-1: none).
