@@ -27,7 +27,9 @@ from qattn import bench
 def kernel_events(trace_path):
     with open(trace_path) as f:
         trace = json.load(f)
-    kernels = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    # Memsets and copies too: a graph's memset node takes GPU time between kernels.
+    kernels = [e for e in trace["traceEvents"]
+               if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
     return sorted(kernels, key=lambda e: e["ts"])
 
 
