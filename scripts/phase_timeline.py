@@ -27,9 +27,7 @@ from qattn import bench
 def kernel_events(trace_path):
     with open(trace_path) as f:
         trace = json.load(f)
-    # Memsets and copies too: a graph's memset node takes GPU time between kernels.
-    kernels = [e for e in trace["traceEvents"]
-               if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
+    kernels = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
     return sorted(kernels, key=lambda e: e["ts"])
 
 

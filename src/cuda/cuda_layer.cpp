@@ -479,9 +479,6 @@ private:
         bool finished = false;
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish,
                                           &finished, s));
-        // Q's heads are finished as soon as its product is done, so the epilogue
-        // reads them from the L2 (a row-kernel launch of its own; K and V follow).
-        const bool q_first = acc16 && head_epilogue_by_rows(e);
         for (int p = 0; p < 3; ++p) {
             if (p == 1 && !small_rows) QATTN_TRY(dequantize_kv_together(s));
             if (acc16)
@@ -490,11 +487,6 @@ private:
                 QATTN_TRY(project_large(p, x, H, rows, acc + column_[p], qkv_width_, s));
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
-            if (p == 0 && q_first) {
-                HeadEpilogueParams q = e;
-                q.head_end = e.head_begin = info_.num_heads;
-                QATTN_TRY(launch_head_epilogue(q, s));
-            }
         }
         return finished ? QATTN_SUCCESS : launch_head_epilogue(e, s);
     }

@@ -25,12 +25,12 @@ template <int V, int MAX_D>
 __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogueParams p) {
     extern __shared__ float head_buffers[];
     const int warp = threadIdx.x >> 5;
-    const int heads = p.heads_end() - p.head_begin;
+    const int heads = p.num_heads + 2 * p.num_kv_heads;
     const int task = blockIdx.x * kWarps + warp;
     if (task >= p.rows * heads) return;
     wait_for_producers();
     const int row = task / heads;
-    finish_head<V, MAX_D>(p, row, p.head_begin + task - row * heads, head_buffers + warp * p.head_dim);
+    finish_head<V, MAX_D>(p, row, task - row * heads, head_buffers + warp * p.head_dim);
 }
 
 // Many rows: a block per row and a thread per 8 consecutive elements of a head
@@ -51,8 +51,7 @@ __global__ void __launch_bounds__(row_threads(PIECES), row_blocks_per_sm(PIECES)
     const int D = p.head_dim, lanes = D / 8;  // threads a head
     const int lanes_log2 = __ffs(lanes) - 1;   // pieces to heads by a shift: no integer division
     const float inv_d = 1.0f / D;
-    // Pieces count from the first head of the range (a multiple of lanes, so e below holds).
-    const int first = p.head_begin * lanes, pieces = (p.heads_end() - p.head_begin) * lanes;
+    const int heads = p.num_heads + 2 * p.num_kv_heads, pieces = heads * lanes;
     const int e = (threadIdx.x & (lanes - 1)) * 8;  // this thread's first element of each of its heads
     const bool rope = p.rope != QATTN_ROPE_NONE;
     const bool head_norms = p.norm[0].type != QATTN_NORM_NONE || p.norm[1].type != QATTN_NORM_NONE;
@@ -65,13 +64,13 @@ __global__ void __launch_bounds__(row_threads(PIECES), row_blocks_per_sm(PIECES)
 #pragma unroll
         for (int u = 0; u < 8; ++u) v[k][u] = 0.0f;
         if (piece >= pieces) continue;
-        const size_t at = static_cast<size_t>(row) * p.acc_stride + (first + piece) * 8;
+        const size_t at = static_cast<size_t>(row) * p.acc_stride + piece * 8;
         if (p.acc16)
             load_vec<8>(p.acc16 + at, v[k]);
         else
             load_vec<8>(p.acc + at, v[k]);
         int head = 0;
-        const int proj = head_projection(p, (first + piece) >> lanes_log2, &head);
+        const int proj = head_projection(p, piece >> lanes_log2, &head);
         add_bias<8>(p.bias[proj] ? p.bias[proj] + head * D : nullptr, e, v[k]);
     }
     const HeadRow r = head_row(p, row, rope, true);
@@ -103,7 +102,7 @@ __global__ void __launch_bounds__(row_threads(PIECES), row_blocks_per_sm(PIECES)
         // Every thread takes part in the shuffles (the head's threads are in or out together).
         const int piece = threadIdx.x + k * blockDim.x;
         int head = 0;
-        const int proj = head_projection(p, (first + min(piece, pieces - 1)) >> lanes_log2, &head);
+        const int proj = head_projection(p, min(piece, pieces - 1) >> lanes_log2, &head);
         if (head_norms) {  // the same for the whole grid: the shuffles stay convergent
             const NormParams& n = p.norm[proj < 2 ? proj : 0];
             float sum = 0.0f;
@@ -147,7 +146,7 @@ __global__ void __launch_bounds__(row_threads(PIECES), row_blocks_per_sm(PIECES)
         // Only the small-row kernel accumulates with atomics, and only into rows below kSmallRows.
         if (!p.acc16 && row < kSmallRows) {
             const float zeros[8] = {};
-            store_vec<8>(p.acc + static_cast<size_t>(row) * p.acc_stride + (first + piece) * 8, zeros);
+            store_vec<8>(p.acc + static_cast<size_t>(row) * p.acc_stride + piece * 8, zeros);
         }
     }
 }
@@ -175,7 +174,7 @@ int row_kernel_pieces(const HeadEpilogueParams& p) {
                              p.cache[0], p.cache[1]};
     for (const void* ptr : aligned)
         if (!is_aligned(ptr, 16)) return 0;
-    const int pieces = (p.heads_end() - p.head_begin) * lanes;
+    const int pieces = (p.num_heads + 2 * p.num_kv_heads) * lanes;
     for (int per_thread : {2, 4, 8})
         if (pieces <= per_thread * row_threads(per_thread)) return per_thread;
     return 0;
@@ -188,24 +187,20 @@ bool head_outputs_aligned8(const HeadEpilogueParams& p) {
            is_aligned(p.cache[0], 8) && is_aligned(p.cache[1], 8);
 }
 
-bool head_epilogue_by_rows(const HeadEpilogueParams& p) {
-    return p.rows >= kRowKernelRows && row_kernel_pieces(p) > 0;
-}
-
 qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stream) {
     const bool vec = p.head_dim % 4 == 0 && head_outputs_aligned8(p);
     const bool small = p.head_dim <= 128;
     const size_t buffers = sizeof(float) * kWarps * p.head_dim;
     const int pieces = p.rows >= kRowKernelRows ? row_kernel_pieces(p) : 0;
     if (pieces) {
-        const int per_row = (p.heads_end() - p.head_begin) * (p.head_dim / 8);
+        const int per_row = (p.num_heads + 2 * p.num_kv_heads) * (p.head_dim / 8);
         const int threads = ((per_row + pieces - 1) / pieces + 31) / 32 * 32;
         const auto kernel = pieces == 2   ? head_epilogue_rows_kernel<2>
                             : pieces == 4 ? head_epilogue_rows_kernel<4>
                                           : head_epilogue_rows_kernel<8>;
         return launch_pdl("head_epilogue_rows", kernel, p.rows, threads, 0, stream, p);
     }
-    const int tasks = p.rows * (p.heads_end() - p.head_begin);
+    const int tasks = p.rows * (p.num_heads + 2 * p.num_kv_heads);
     const int blocks = (tasks + kWarps - 1) / kWarps;
     const auto kernel = vec ? (small ? head_epilogue_kernel<4, 128> : head_epilogue_kernel<4, 512>)
                             : (small ? head_epilogue_kernel<1, 128> : head_epilogue_kernel<1, 512>);

@@ -92,16 +92,9 @@ struct HeadEpilogueParams {
     const int32_t* kv_slots = nullptr;  // [rows], or null
     int64_t num_kv_slots = 0;
     int* error_flag = nullptr;  // set to 1 when a row's position or KV slot is out of range
-    // The heads of the fused Q|K|V row to finish, [head_begin, head_end) (head_end
-    // 0: to the last): at many rows Q's heads are finished right after Q's
-    // product, while its sums are still in the L2, and K's and V's after theirs.
-    int head_begin = 0, head_end = 0;
-    __host__ __device__ int heads_end() const { return head_end ? head_end : num_heads + 2 * num_kv_heads; }
 };
 // Whether every destination of the head epilogue is 8-byte aligned (4 halves a lane access).
 bool head_outputs_aligned8(const HeadEpilogueParams& p);
-// Whether launch_head_epilogue runs these params with a block a row (many rows).
-bool head_epilogue_by_rows(const HeadEpilogueParams& p);
 qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stream);
 
 // residual_epilogue.cu: y = acc[r, :] + bias, optional post-norm, then x = x + y
