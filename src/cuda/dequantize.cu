@@ -1,8 +1,8 @@
 // Packed GPTQ 4-bit -> fp16 [n, packed rows], for the large-row path (dequantize
 // a slice of columns, then one cuBLAS GEMM against x gathered into packed row
 // order). Staying in packed order keeps the stores contiguous: a warp dequantizes
-// its 8 columns x 128 rows into shared memory (in the MMA fragment order it
-// loads), then writes each column's 256 bytes with 16-byte stores.
+// its 8 columns a chunk of 128 rows at a time into shared memory (in the MMA
+// fragment order it loads), then writes each column's 256 bytes with 16-byte stores.
 // The arithmetic is the small-row kernel's, so both paths use the same weights.
 #include "cuda/kernels.h"
 
@@ -23,6 +23,11 @@ struct DequantizeBatch {
     int count;
 };
 
+// A warp owns kWarpChunks chunks of its 8 columns: their weights and chunk
+// scales are all loaded before the first is used (one round trip a warp, four
+// times the bytes in flight of a chunk a warp), and the grid is one wave.
+constexpr int kWarpChunks = 4;
+
 __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(DequantizeBatch batch) {
     __shared__ __align__(16) __half tiles[kWarps][8 * kColumnStride];
     const int which = batch.count > 1 && static_cast<int>(blockIdx.x) >= batch.block_begin[1] ? 1 : 0;
@@ -30,38 +35,56 @@ __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(Dequantiz
     const PackedGptq4& w = d.w;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int local_tile = (blockIdx.x - batch.block_begin[which]) * kWarps + warp;
-    const int chunk = blockIdx.y;
-    if (local_tile >= d.n_count / 8 || chunk >= w.chunks) return;
+    const int chunk0 = blockIdx.y * kWarpChunks;
+    if (local_tile >= d.n_count / 8 || chunk0 >= w.chunks) return;
+    const int chunks = min(kWarpChunks, w.chunks - chunk0);
     const int n_tiles = d.n / 8;
     const int nt = d.n_begin / 8 + local_tile;
     __half* __restrict__ out = d.out;
     const int g = lane >> 2, t = lane & 3;
     const int N = n_tiles * 8;
     const int column = nt * 8 + g;
-    __half2* col = reinterpret_cast<__half2*>(tiles[warp] + g * kColumnStride);
-    const uint4 q = w.qpack[(static_cast<size_t>(chunk) * n_tiles + nt) * 32 + lane];
-    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+    uint4 q[kWarpChunks];
+    __half2 first_sz[kWarpChunks];  // the scale and zero of each chunk's first group
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const __half2 sz = w.scale_zero[static_cast<size_t>(w.step_group[chunk * 8 + j]) * N + column];
-        const __half2 scale = __half2half2(__low2half(sz)), zero = __half2half2(__high2half(sz));
-        const uint32_t word = words[j >> 1] >> ((j & 1) * 8);
-#pragma unroll
-        for (int half_step = 0; half_step < 2; ++half_step) {
-            uint32_t h = ((word >> (4 * half_step)) & 0x000F000Fu) | 0x64006400u;
-            // packed rows 2t (+8), 2t + 1 (+8) of step j
-            col[(j * 16 + 2 * t + 8 * half_step) / 2] = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), zero), scale);
+    for (int u = 0; u < kWarpChunks; ++u) {
+        if (u < chunks) {
+            q[u] = w.qpack[(static_cast<size_t>(chunk0 + u) * n_tiles + nt) * 32 + lane];
+            first_sz[u] = w.chunk_scale_zero[static_cast<size_t>(chunk0 + u) * N + column];
         }
     }
-    __syncwarp();
+    __half2* col = reinterpret_cast<__half2*>(tiles[warp] + g * kColumnStride);
     const int rows = w.chunks * kPackRows;
-    // Lane l writes rows 8 (l % 16) .. + 7 of columns l / 16 + 2 i.
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int c = lane / 16 + 2 * i, piece = lane % 16;
-        const uint4 v = *reinterpret_cast<const uint4*>(tiles[warp] + c * kColumnStride + piece * 8);
-        *reinterpret_cast<uint4*>(out + static_cast<size_t>(local_tile * 8 + c) * rows + chunk * kPackRows +
-                                  piece * 8) = v;
+    for (int u = 0; u < kWarpChunks; ++u) {
+        if (u >= chunks) break;
+        const int chunk = chunk0 + u;
+        const bool mixed = (w.mixed_chunks[chunk / 32] >> (chunk % 32)) & 1u;  // warp-uniform
+        const uint32_t words[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const __half2 sz =
+                mixed ? w.scale_zero[static_cast<size_t>(w.step_group[chunk * 8 + j]) * N + column] : first_sz[u];
+            const __half2 scale = __half2half2(__low2half(sz)), zero = __half2half2(__high2half(sz));
+            const uint32_t word = words[j >> 1] >> ((j & 1) * 8);
+#pragma unroll
+            for (int half_step = 0; half_step < 2; ++half_step) {
+                uint32_t h = ((word >> (4 * half_step)) & 0x000F000Fu) | 0x64006400u;
+                // packed rows 2t (+8), 2t + 1 (+8) of step j
+                col[(j * 16 + 2 * t + 8 * half_step) / 2] =
+                    __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), zero), scale);
+            }
+        }
+        __syncwarp();
+        // Lane l writes rows 8 (l % 16) .. + 7 of columns l / 16 + 2 i.
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = lane / 16 + 2 * i, piece = lane % 16;
+            const uint4 v = *reinterpret_cast<const uint4*>(tiles[warp] + c * kColumnStride + piece * 8);
+            *reinterpret_cast<uint4*>(out + static_cast<size_t>(local_tile * 8 + c) * rows + chunk * kPackRows +
+                                      piece * 8) = v;
+        }
+        __syncwarp();  // the tile is the next chunk's
     }
 }
 
@@ -79,7 +102,7 @@ qattn_status launch_dequantize_gptq4(const DequantizeSlice* slices, int count, c
         blocks += (slices[i].n_count / 8 + kWarps - 1) / kWarps;
         chunks = std::max(chunks, slices[i].w.chunks);
     }
-    dequantize_gptq4_kernel<<<dim3(blocks, chunks), kWarps * 32, 0, stream>>>(batch);
+    dequantize_gptq4_kernel<<<dim3(blocks, (chunks + kWarpChunks - 1) / kWarpChunks), kWarps * 32, 0, stream>>>(batch);
     QATTN_LAUNCH_CHECK("dequantize_gptq4");
     return QATTN_SUCCESS;
 }
