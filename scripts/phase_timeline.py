@@ -4,7 +4,9 @@ between them (or how far they overlap, with programmatic launch). The bench's
 own model and case data (`qattn.bench`), a CUDA graph of every layer's call in
 turn, replayed under the torch profiler; times from the kernels' trace events.
 
-    python scripts/phase_timeline.py [--cases D1,D16,P2k] [--parts f1,f2,block] [--layers 8] [--ncu]
+    python scripts/phase_timeline.py [--cases D1,D16,P2k] [--parts f1,f2,block,torch] [--layers 8] [--ncu]
+
+(torch: the bench's plain PyTorch fp16 layer, the same SDPA call after its own kernels.)
 
 Prints per case and part: the kernels of one layer in the middle of the loop,
 each with its start relative to the layer's first kernel, its duration and the
@@ -99,6 +101,8 @@ def main():
                 "f1": lambda: [bench.qattn_forward1(l, d, model, case) for l, d in pairs],
                 "f2": lambda: [l.forward2(d["x"], d["attn"]) for l, d in pairs],
                 "block": lambda: [bench.qattn_block(l, d, model, case, attention) for l, d in pairs],
+                "torch": lambda: [bench.torch_block(w, d, shape, case, data.rope16, attention)
+                                  for w, d in zip(model.torch_weights, data.sets)],
             }
             for part in args.parts.split(","):
                 data.reset()
