@@ -324,7 +324,7 @@ private:
                 dequantized_ahead_ = -1;
             } else if (!joint) {
                 const DequantizeSlice d{w, N, n0, count, weights};
-                QATTN_TRY(launch_dequantize_gptq4(&d, 1, s));
+                QATTN_TRY(launch_dequantize_gptq4(&d, 1, sm_count_, s));
             }
             QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, weights, c + n0, ldc, beta));
         }
@@ -346,7 +346,7 @@ private:
         __half* scratch = scratch_->get<__half>(CudaScratch::kDequant);
         const DequantizeSlice d[2] = {{k.packed_gptq(), nk, 0, nk, scratch},
                                       {v.packed_gptq(), nv, 0, nv, scratch + static_cast<int64_t>(nk) * k.packed_rows()}};
-        QATTN_TRY(launch_dequantize_gptq4(d, 2, s));
+        QATTN_TRY(launch_dequantize_gptq4(d, 2, sm_count_, s));
         kv_together_ = true;
         return QATTN_SUCCESS;
     }
@@ -367,7 +367,7 @@ private:
         QATTN_CUDA_TRY(cudaStreamWaitEvent(side_, fork_, 0));
         const DequantizeSlice d{m.packed_gptq(), static_cast<int>(m.out_features()), 0, dequant_slice(m),
                                 scratch_->get<__half>(CudaScratch::kDequant)};
-        QATTN_TRY(launch_dequantize_gptq4(&d, 1, side_));
+        QATTN_TRY(launch_dequantize_gptq4(&d, 1, sm_count_, side_));
         QATTN_CUDA_TRY(cudaEventRecord(join_, side_));
         dequantized_ahead_ = p;
         return QATTN_SUCCESS;

@@ -23,11 +23,13 @@ struct DequantizeBatch {
     int count;
 };
 
-// A warp owns kWarpChunks chunks of its 8 columns: their weights and chunk
-// scales are all loaded before the first is used (one round trip a warp, four
-// times the bytes in flight of a chunk a warp), and the grid is one wave.
-constexpr int kWarpChunks = 4;
+// A warp owns CH chunks of its 8 columns: their weights and chunk scales are
+// all loaded before the first is used (one round trip a warp, CH times the
+// bytes in flight of a chunk a warp); 4, or 2 where 4 would leave fewer than
+// kMinBlocksPerSm blocks an SM (Llama-3-8B: 4 for Q and O, one wave; 2 for K|V).
+constexpr int kMinBlocksPerSm = 3;
 
+template <int CH>
 __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(DequantizeBatch batch) {
     __shared__ __align__(16) __half tiles[kWarps][8 * kColumnStride];
     const int which = batch.count > 1 && static_cast<int>(blockIdx.x) >= batch.block_begin[1] ? 1 : 0;
@@ -35,19 +37,19 @@ __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(Dequantiz
     const PackedGptq4& w = d.w;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int local_tile = (blockIdx.x - batch.block_begin[which]) * kWarps + warp;
-    const int chunk0 = blockIdx.y * kWarpChunks;
+    const int chunk0 = blockIdx.y * CH;
     if (local_tile >= d.n_count / 8 || chunk0 >= w.chunks) return;
-    const int chunks = min(kWarpChunks, w.chunks - chunk0);
+    const int chunks = min(CH, w.chunks - chunk0);
     const int n_tiles = d.n / 8;
     const int nt = d.n_begin / 8 + local_tile;
     __half* __restrict__ out = d.out;
     const int g = lane >> 2, t = lane & 3;
     const int N = n_tiles * 8;
     const int column = nt * 8 + g;
-    uint4 q[kWarpChunks];
-    __half2 first_sz[kWarpChunks];  // the scale and zero of each chunk's first group
+    uint4 q[CH];
+    __half2 first_sz[CH];  // the scale and zero of each chunk's first group
 #pragma unroll
-    for (int u = 0; u < kWarpChunks; ++u) {
+    for (int u = 0; u < CH; ++u) {
         if (u < chunks) {
             q[u] = w.qpack[(static_cast<size_t>(chunk0 + u) * n_tiles + nt) * 32 + lane];
             first_sz[u] = w.chunk_scale_zero[static_cast<size_t>(chunk0 + u) * N + column];
@@ -56,7 +58,7 @@ __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(Dequantiz
     __half2* col = reinterpret_cast<__half2*>(tiles[warp] + g * kColumnStride);
     const int rows = w.chunks * kPackRows;
 #pragma unroll
-    for (int u = 0; u < kWarpChunks; ++u) {
+    for (int u = 0; u < CH; ++u) {
         if (u >= chunks) break;
         const int chunk = chunk0 + u;
         const bool mixed = (w.mixed_chunks[chunk / 32] >> (chunk % 32)) & 1u;  // warp-uniform
@@ -90,7 +92,7 @@ __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(Dequantiz
 
 }  // namespace
 
-qattn_status launch_dequantize_gptq4(const DequantizeSlice* slices, int count, cudaStream_t stream) {
+qattn_status launch_dequantize_gptq4(const DequantizeSlice* slices, int count, int sm_count, cudaStream_t stream) {
     if (count < 1 || count > kMaxDequantizeSlices)
         return fail(QATTN_ERROR_INTERNAL, "dequantize_gptq4: %d slices", count);
     DequantizeBatch batch{};
@@ -102,7 +104,10 @@ qattn_status launch_dequantize_gptq4(const DequantizeSlice* slices, int count, c
         blocks += (slices[i].n_count / 8 + kWarps - 1) / kWarps;
         chunks = std::max(chunks, slices[i].w.chunks);
     }
-    dequantize_gptq4_kernel<<<dim3(blocks, (chunks + kWarpChunks - 1) / kWarpChunks), kWarps * 32, 0, stream>>>(batch);
+    if (blocks * ((chunks + 3) / 4) >= kMinBlocksPerSm * sm_count)
+        dequantize_gptq4_kernel<4><<<dim3(blocks, (chunks + 3) / 4), kWarps * 32, 0, stream>>>(batch);
+    else
+        dequantize_gptq4_kernel<2><<<dim3(blocks, (chunks + 1) / 2), kWarps * 32, 0, stream>>>(batch);
     QATTN_LAUNCH_CHECK("dequantize_gptq4");
     return QATTN_SUCCESS;
 }

@@ -64,7 +64,7 @@ struct DequantizeSlice {
     __half* out = nullptr;
 };
 constexpr int kMaxDequantizeSlices = 2;
-qattn_status launch_dequantize_gptq4(const DequantizeSlice* slices, int count, cudaStream_t stream);
+qattn_status launch_dequantize_gptq4(const DequantizeSlice* slices, int count, int sm_count, cudaStream_t stream);
 
 // head_norm_rope.cu: reads the fused Q|K|V fp32 accumulator, adds the biases,
 // applies head norms and RoPE, writes fp16 q, k, v (k and v also or only into
