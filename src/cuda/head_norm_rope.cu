@@ -9,10 +9,6 @@
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
 
-#include <mutex>
-#include <set>
-#include <utility>
-
 namespace qattn::cuda {
 namespace {
 
@@ -158,28 +154,6 @@ __global__ void __launch_bounds__(row_threads(PIECES), row_blocks_per_sm(PIECES)
 // From here a block per row has enough rows to fill the GPU.
 constexpr int kRowKernelRows = 128;
 
-// The row kernel uses no shared memory, so the driver would give its SMs' whole
-// unified L1 / shared memory to the L1. The kernel after forward1 at prefill
-// (torch SDPA's cuDNN kernel) wants most of it as shared memory, and on the H200
-// it started ~6 us after this one ended, the SMs being reconfigured in between
-// (the same gap follows torch's own elementwise kernels; after qattn's kernels
-// that use some shared memory it is under 1 us). Asking for the shared-memory
-// split here leaves nothing to reconfigure; this kernel streams past the L1.
-template <typename Kernel>
-qattn_status prefer_shared_memory(Kernel kernel) {
-    static std::mutex mutex;
-    static std::set<std::pair<int, const void*>> done;
-    int device = 0;
-    QATTN_CUDA_TRY(cudaGetDevice(&device));
-    const std::pair<int, const void*> key{device, reinterpret_cast<const void*>(kernel)};
-    std::lock_guard<std::mutex> lock(mutex);
-    if (done.count(key)) return QATTN_SUCCESS;
-    QATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        cudaSharedmemCarveoutMaxShared));
-    done.insert(key);
-    return QATTN_SUCCESS;
-}
-
 bool is_pow2(int n) { return n > 0 && (n & (n - 1)) == 0; }
 
 // The per-row kernel's pieces a thread for these shapes, or 0 where it does not
@@ -224,7 +198,6 @@ qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stre
         const auto kernel = pieces == 2   ? head_epilogue_rows_kernel<2>
                             : pieces == 4 ? head_epilogue_rows_kernel<4>
                                           : head_epilogue_rows_kernel<8>;
-        QATTN_TRY(prefer_shared_memory(kernel));
         return launch_pdl("head_epilogue_rows", kernel, p.rows, threads, 0, stream, p);
     }
     const int tasks = p.rows * (p.num_heads + 2 * p.num_kv_heads);
