@@ -574,10 +574,11 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
                               int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
     constexpr int kMaxChunks = STREAMED ? kSwapMaxChunks : CHUNKS;
-    // Register slots of the weights: at two x tiles four chunks take two, each
-    // slot loaded with its next chunk as soon as its chunk is done (so 16-row
-    // Q|K|V runs in one wave of 4-chunk blocks at the registers of 2).
-    constexpr bool kRolling = !STREAMED && NT == 2 && CHUNKS == 4;
+    // Register slots of the weights: at two x tiles three or four chunks take
+    // two, each slot loaded with its next chunk as soon as its chunk is done (so
+    // 16-row Q|K|V runs in one wave of 4-chunk blocks at the registers of 2, and
+    // the 3-chunk kernels spill less or not at all).
+    constexpr bool kRolling = !STREAMED && NT == 2 && CHUNKS >= 3;
     constexpr int kSlots = STREAMED ? 1 : kRolling ? 2 : CHUNKS;
     extern __shared__ __align__(16) unsigned char shared_base[];
     SwapStage* const all_stages = reinterpret_cast<SwapStage*>(shared_base);
