@@ -25,6 +25,7 @@
 // memory. The epilogue applies
 // bias / head norm / RoPE (forward1) or adds to the residual (forward2), so
 // the phase is one kernel.
+#include "cuda/cp_async.cuh"
 #include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
@@ -356,20 +357,6 @@ __device__ __forceinline__ float* cluster_partials(unsigned char* base, bool str
 size_t cluster_shared_bytes(bool streamed, int nt, int rows, int chunks, int head_dim) {
     return partials_offset(streamed, rows, chunks * kPackRows + 8) +
            sizeof(float) * (nt * 8 * kPartialStride + kWarps * head_dim);
-}
-
-__device__ __forceinline__ void cp_async16(void* shared, const void* global) {
-    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global) : "memory");
-}
-__device__ __forceinline__ void cp_async4(void* shared, const void* global) {
-    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(address), "l"(global) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
 }
 
 template <int NT, bool ONE_GROUP>  // NT: n8 tiles of x rows (rows <= 8 NT)
