@@ -220,8 +220,7 @@ def test_inputs_read_in_place_or_gathered(rows, input_norm, gen):
 # full and partial rotary parts (pass-through tiles after them in twos), GPT-J,
 # none; rotary_dim 40 leaves the NeoX halves off a tile pair (the split-K
 # kernels then); 5 rows go back to those too. Biases, and the O projection's
-# residual in fp16 and fp32, where a block owns 8 columns (O's 512 n-tiles fit
-# one wave at four blocks an SM on 128 SMs or more).
+# residual in fp16 and fp32.
 @pytest.mark.parametrize("rope,rotary_dim", [("neox", None), ("neox", 96), ("neox", 48), ("neox", 40),
                                              ("gptj", 64), (None, None)])
 @pytest.mark.parametrize("rows", [1, 3, 5])
@@ -229,18 +228,6 @@ def test_inputs_read_in_place_or_gathered(rows, input_norm, gen):
 def test_decode_columns_over_the_whole_k(rope, rotary_dim, rows, residual_fp32, gen):
     spec = Spec(hidden=4096, heads=4, kv_heads=2, head_dim=128, rope=rope, rotary_dim=rotary_dim, biases=True,
                 residual_fp32=residual_fp32, max_rows=8)
-    pair = Pair(spec, gen)
-    for step in range(2):
-        pair.check(rows, 1, gen, past_len=4 + step)
-
-
-# O with more n-tiles than four an SM (576 at hidden 4608 on an H100 or H200):
-# the residual's whole-K blocks own 16 columns, as at forward1.
-@pytest.mark.parametrize("rows", [1, 4])
-@pytest.mark.parametrize("residual_fp32", [False, True])
-def test_decode_residual_over_the_whole_k_in_column_pairs(rows, residual_fp32, gen):
-    spec = Spec(hidden=4608, heads=4, kv_heads=2, head_dim=128, biases=True, residual_fp32=residual_fp32,
-                max_rows=8)
     pair = Pair(spec, gen)
     for step in range(2):
         pair.check(rows, 1, gen, past_len=4 + step)

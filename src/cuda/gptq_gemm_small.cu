@@ -21,8 +21,8 @@
 // block cluster that adds them in distributed shared memory and runs the
 // epilogue together (up to 16 rows: finish_in_cluster). Or K is split across
 // the warps of one block that owns 16 columns (gptq4_gemm_whole_k: up to 4
-// rows, K up to 4096, finishing the phase; 8 columns for the residual where
-// that grid is one wave), and the sums meet in its shared memory. The epilogue applies
+// rows, K up to 4096, finishing the phase), and the sums meet in its shared
+// memory. The epilogue applies
 // bias / head norm / RoPE (forward1) or adds to the residual (forward2), so
 // the phase is one kernel.
 #include "cuda/cp_async.cuh"
@@ -359,9 +359,7 @@ size_t cluster_shared_bytes(bool streamed, int nt, int rows, int chunks, int hea
            sizeof(float) * (nt * 8 * kPartialStride + kWarps * head_dim);
 }
 
-// TWO_TILES false: only tile a's weights (columns 0-7 of the m16 operand; rows
-// 8-15 stay zero and their sums are not used).
-template <int NT, bool ONE_GROUP, bool TWO_TILES = true>  // NT: n8 tiles of x rows (rows <= 8 NT)
+template <int NT, bool ONE_GROUP>  // NT: n8 tiles of x rows (rows <= 8 NT)
 __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uint4& qa, const uint4& qb, __half2 sza,
                                                   __half2 szb, const __half* const (&x_row)[NT], int kbase,
                                                   const PackedGptq4& w,
@@ -397,14 +395,11 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
         }
         const uint32_t wa = words_a[j >> 1] >> ((j & 1) * 8), wb = words_b[j >> 1] >> ((j & 1) * 8);
         uint32_t lo_a = (wa & 0x000F000Fu) | 0x64006400u, hi_a = (wa & 0x00F000F0u) | 0x64006400u;
+        uint32_t lo_b = (wb & 0x000F000Fu) | 0x64006400u, hi_b = (wb & 0x00F000F0u) | 0x64006400u;
         __half2 a0 = __hsub2(*reinterpret_cast<__half2*>(&lo_a), za);
         __half2 a2 = __hsub2(*reinterpret_cast<__half2*>(&hi_a), za16);
-        __half2 a1 = __float2half2_rn(0.0f), a3 = a1;
-        if constexpr (TWO_TILES) {
-            uint32_t lo_b = (wb & 0x000F000Fu) | 0x64006400u, hi_b = (wb & 0x00F000F0u) | 0x64006400u;
-            a1 = __hsub2(*reinterpret_cast<__half2*>(&lo_b), zb);
-            a3 = __hsub2(*reinterpret_cast<__half2*>(&hi_b), zb16);
-        }
+        __half2 a1 = __hsub2(*reinterpret_cast<__half2*>(&lo_b), zb);
+        __half2 a3 = __hsub2(*reinterpret_cast<__half2*>(&hi_b), zb16);
         if (!ONE_GROUP) {
             a0 = __hmul2(a0, sa), a2 = __hmul2(a2, sa);
             a1 = __hmul2(a1, sb), a3 = __hmul2(a3, sb);
@@ -782,22 +777,15 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
     }
 }
 
-// TILES 1 (the residual epilogue only, which pairs no columns): a block owns 8
-// columns, half the dequantization a warp, twice the blocks; at 64 registers
-// four are resident an SM, so a matrix of up to 4 x SMs n-tiles still runs in
-// one wave (Llama-3-8B's O: 512 blocks), with twice the warps an SM to hide
-// each one's chain of dependent dequantization and MMA steps.
-template <int TILES>
-__global__ void __launch_bounds__(kWarps * 32, TILES == 2 ? 3 : 4)
+__global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_whole_k_kernel(Batch batch, int rows, SmallGemmEpilogue epilogue) {
-    static_assert(TILES == 1 || TILES == 2);
     extern __shared__ __align__(16) unsigned char shared_base[];
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
-    int tile_a = block_in_problem, tile_b = block_in_problem;
-    if constexpr (TILES == 2) whole_k_tiles(epilogue, P, block_in_problem, &tile_a, &tile_b);
+    int tile_a = 0, tile_b = 0;
+    whole_k_tiles(epilogue, P, block_in_problem, &tile_a, &tile_b);
     const int N = P.n_tiles * 8;
     const int column_a = tile_a * 8 + g, column_b = tile_b * 8 + g;
     const int per_warp = (P.w.chunks + kWarps - 1) / kWarps;
@@ -815,13 +803,9 @@ __global__ void __launch_bounds__(kWarps * 32, TILES == 2 ? 3 : 4)
     for (int u = 0; u < kWholeKWarpChunks; ++u) {
         if (u < chunks) {
             qa[u] = load_streaming(qa_ptr + u * chunk_stride);
+            qb[u] = load_streaming(qb_ptr + u * chunk_stride);
             sza[u] = sza_ptr[static_cast<size_t>(u) * N];
-            if constexpr (TILES == 2) {
-                qb[u] = load_streaming(qb_ptr + u * chunk_stride);
-                szb[u] = szb_ptr[static_cast<size_t>(u) * N];
-            } else {
-                qb[u] = qa[u], szb[u] = sza[u];
-            }
+            szb[u] = szb_ptr[static_cast<size_t>(u) * N];
         }
     }
     uint32_t mixed = 0;  // bit u: chunk chunk0 + u spans several groups
@@ -859,31 +843,28 @@ __global__ void __launch_bounds__(kWarps * 32, TILES == 2 ? 3 : 4)
     for (int u = 0; u < kWholeKWarpChunks; ++u) {
         if (u >= chunks) break;
         if (mixed & (1u << u))
-            chunk_mma_swapped<1, false, TILES == 2>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w,
-                                                    chunk0 + u, N, column_a, column_b);
+            chunk_mma_swapped<1, false>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                        column_a, column_b);
         else
-            chunk_mma_swapped<1, true, TILES == 2>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w,
-                                                   chunk0 + u, N, column_a, column_b);
+            chunk_mma_swapped<1, true>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                       column_a, column_b);
     }
 
     WholeKSums& sums = *reinterpret_cast<WholeKSums*>(shared_base + whole_k_sums_offset(rows));
     sums.part[warp][2 * t][g] = c[0][0];
     sums.part[warp][2 * t + 1][g] = c[0][1];
-    if constexpr (TILES == 2) {
-        sums.part[warp][2 * t][8 + g] = c[0][2];
-        sums.part[warp][2 * t + 1][8 + g] = c[0][3];
-    }
+    sums.part[warp][2 * t][8 + g] = c[0][2];
+    sums.part[warp][2 * t + 1][8 + g] = c[0][3];
     __syncthreads();
     // Thread (row, lc): one output of the block, lc < 8 in tile a, else tile b.
-    constexpr int kColumns = 8 * TILES;
-    const int row = threadIdx.x / kColumns, lc = threadIdx.x % kColumns;
+    const int row = threadIdx.x / kWholeKColumns, lc = threadIdx.x % kWholeKColumns;
     const int n = (lc < 8 ? tile_a : tile_b) * 8 + (lc & 7);  // problem-local column
     const bool owns = row < rows;
     if (owns) {
         float total = 0.0f;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) total += sums.part[w][row][lc];
-        if (TILES == 2 && epilogue.kind == SmallGemmEpilogue::kHeads) {
+        if (epilogue.kind == SmallGemmEpilogue::kHeads) {
             const HeadEpilogueParams& p = epilogue.heads;
             int head = 0;
             const int proj = head_projection(p, (P.col_offset + n) / p.head_dim, &head);
@@ -895,7 +876,7 @@ __global__ void __launch_bounds__(kWarps * 32, TILES == 2 ? 3 : 4)
     }
     __syncthreads();
     if (!owns) return;
-    if (TILES == 2 && epilogue.kind == SmallGemmEpilogue::kHeads) {
+    if (epilogue.kind == SmallGemmEpilogue::kHeads) {
         whole_k_finish_head(epilogue.heads, P, row, lc, n, sums);
     } else {
         float y[1] = {sums.total[row][lc]};
@@ -1059,25 +1040,17 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: %d problems, %d rows%s", count, rows,
                     wants_finish ? " with the epilogue" : "");
     if (wants_finish && whole_k_fits(problems, count, rows, requested)) {
-        int n_tiles = 0;
-        for (int i = 0; i < count; ++i) n_tiles += problems[i].n_tiles;
-        // A block an n-tile where nothing pairs columns and that grid is one wave.
-        const size_t shared = whole_k_shared_bytes(rows);
-        int narrow_per_sm = 0;
-        if (requested.kind == SmallGemmEpilogue::kResidual)
-            QATTN_TRY(blocks_per_sm(gptq4_gemm_whole_k_kernel<1>, shared, shared, &narrow_per_sm));
-        const int tiles = n_tiles <= narrow_per_sm * sm_count ? 1 : 2;
         Batch batch{};
         batch.count = count;
         int blocks = 0;
         for (int i = 0; i < count; ++i) {
             batch.p[i] = problems[i];
             batch.block_begin[i] = blocks;
-            blocks += problems[i].n_tiles / tiles;
+            blocks += problems[i].n_tiles / 2;
         }
         for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks;
-        QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", tiles == 1 ? gptq4_gemm_whole_k_kernel<1> : gptq4_gemm_whole_k_kernel<2>,
-                             dim3(blocks), kWarps * 32, shared, stream, batch, rows, requested));
+        QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", gptq4_gemm_whole_k_kernel, dim3(blocks), kWarps * 32,
+                             whole_k_shared_bytes(rows), stream, batch, rows, requested));
         *finished = true;
         return QATTN_SUCCESS;
     }
