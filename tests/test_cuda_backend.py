@@ -269,6 +269,17 @@ def test_decode_at_llama3_8b_widths(gen):
             pair.check(rows, 1, gen, past_len=3 + step)
 
 
+def test_sixteen_rows_four_chunks_a_block(gen):
+    # 9-16 rows of Llama-3-8B's Q|K|V widths take blocks of 4 chunks (one wave,
+    # the weights in two register slots, each reloaded when its chunk is done);
+    # K = 3200 is 25 chunks, so the last K slice of each column range has one.
+    spec = Spec(hidden=3200, heads=32, kv_heads=8, head_dim=128, max_rows=16, biases=True)
+    pair = Pair(spec, gen)
+    for rows in (9, 16):
+        for step in range(2):
+            pair.check(rows, 1, gen, past_len=3 + step)
+
+
 def test_decode_with_weights_streamed_through_shared_memory(gen):
     # Llama-3-70B-like widths (K = 8192: 64 chunks a column): the register
     # variant of the swapped kernel would take more than two waves, so the

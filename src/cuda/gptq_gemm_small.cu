@@ -561,6 +561,12 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
                               int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
     constexpr int kMaxChunks = STREAMED ? kSwapMaxChunks : CHUNKS;
+    // Register slots of the weights: at two x tiles three or four chunks take
+    // two, each slot loaded with its next chunk as soon as its chunk is done (so
+    // 16-row Q|K|V runs in one wave of 4-chunk blocks at the registers of 2, and
+    // the 3-chunk kernels spill less or not at all).
+    constexpr bool kRolling = !STREAMED && NT == 2 && CHUNKS >= 3;
+    constexpr int kSlots = STREAMED ? 1 : kRolling ? 2 : CHUNKS;
     extern __shared__ __align__(16) unsigned char shared_base[];
     SwapStage* const all_stages = reinterpret_cast<SwapStage*>(shared_base);
     // x [rows][stride], rows 8..15 of each step / 16, after the stages.
@@ -599,8 +605,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         cp_async4(&stage.sz[0][lane], sza_ptr + static_cast<size_t>(u) * N);
         cp_async4(&stage.sz[1][lane], szb_ptr + static_cast<size_t>(u) * N);
     };
-    uint4 qa[STREAMED ? 1 : kMaxChunks], qb[STREAMED ? 1 : kMaxChunks];
-    __half2 sza[STREAMED ? 1 : kMaxChunks], szb[STREAMED ? 1 : kMaxChunks];
+    uint4 qa[kSlots], qb[kSlots];
+    __half2 sza[kSlots], szb[kSlots];
+    const auto load = [&](int slot, int u) {
+        qa[slot] = load_streaming(qa_ptr + u * chunk_stride);
+        qb[slot] = load_streaming(qb_ptr + u * chunk_stride);
+        sza[slot] = sza_ptr[static_cast<size_t>(u) * N];
+        szb[slot] = szb_ptr[static_cast<size_t>(u) * N];
+    };
     if constexpr (STREAMED) {
 #pragma unroll
         for (int u = 0; u < kSwapStages; ++u) {
@@ -609,14 +621,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         }
     } else {
 #pragma unroll
-        for (int u = 0; u < kMaxChunks; ++u) {
-            if (active && u < chunks) {
-                qa[u] = load_streaming(qa_ptr + u * chunk_stride);
-                qb[u] = load_streaming(qb_ptr + u * chunk_stride);
-                sza[u] = sza_ptr[static_cast<size_t>(u) * N];
-                szb[u] = szb_ptr[static_cast<size_t>(u) * N];
-            }
-        }
+        for (int u = 0; u < kSlots; ++u)
+            if (active && u < chunks) load(u, u);
     }
     // Bit u: chunk chunk0 + u spans several groups (at most 16 chunks: two words).
     const int shift = chunk0 % 32;
@@ -658,6 +664,16 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
                 // The stage just read is refilled only now, after its values were used.
                 if (u + kSwapStages < chunks) fetch(u + kSwapStages);
                 cp_async_commit();
+            }
+        } else if constexpr (kRolling) {
+#pragma unroll 1
+            for (int u = 0; u < chunks; u += 2) {
+                compute(u, qa[0], qb[0], sza[0], szb[0]);
+                if (u + 2 < chunks) load(0, u + 2);
+                if (u + 1 < chunks) {
+                    compute(u + 1, qa[1], qb[1], sza[1], szb[1]);
+                    if (u + 3 < chunks) load(1, u + 3);
+                }
             }
         } else {
 #pragma unroll
@@ -1076,10 +1092,12 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         // their plan also sets the cluster variant's split-K count.
         const bool last_block_finishes = wants_finish && rows <= kSmallGemmFusedRows;
         // The register variants: up to 4 chunks at one x tile (finishing the
-        // phase or not); 3 or, with fewer registers, 2 at two x tiles.
+        // phase or not); at two x tiles 4 (in the registers of 3), 3 or, with
+        // fewer registers, 2.
         const auto registers = [&](int chunks) {
-            return rows > 8 ? (chunks > 2 ? gptq4_gemm_swapped_kernel<2, false, false, 3>
-                                          : gptq4_gemm_swapped_kernel<2, false, false, 2>)
+            return rows > 8 ? (chunks > 3   ? gptq4_gemm_swapped_kernel<2, false, false, 4>
+                               : chunks > 2 ? gptq4_gemm_swapped_kernel<2, false, false, 3>
+                                            : gptq4_gemm_swapped_kernel<2, false, false, 2>)
                    : last_block_finishes ? gptq4_gemm_swapped_kernel<1, true, false, 4>
                                          : gptq4_gemm_swapped_kernel<1, false, false, 4>;
         };
@@ -1091,7 +1109,7 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         // kWarps * head_dim floats of either.
         const int head_dim = requested.kind == SmallGemmEpilogue::kHeads ? requested.heads.head_dim : 0;
         const size_t epilogue_shared = last_block_finishes ? sizeof(float) * kWarps * head_dim : 0;
-        const int register_chunks = rows > 8 ? 3 : 4;
+        const int register_chunks = 4;
         const auto register_shared = [&](int c) {
             return std::max(swap_shared_bytes(false, rows, c), epilogue_shared);
         };
@@ -1119,7 +1137,8 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         // cluster that finishes the phase, where it runs in as few waves. Every
         // block of a cluster must reach its barriers: all problems have the
         // same chunks, so no block is left without a K slice.
-        if (wants_finish && same_chunks && grid.y <= kMaxClusterBlocks) {
+        // (No cluster variant holds 4 chunks at two x tiles.)
+        if (wants_finish && same_chunks && grid.y <= kMaxClusterBlocks && (streamed || rows <= 8 || chunks_per_block <= 3)) {
             const auto clustered = streamed ? (rows > 8 ? gptq4_gemm_swapped_kernel<2, true, true, 0, true>
                                                         : gptq4_gemm_swapped_kernel<1, true, true, 0, true>)
                                    : rows > 8 ? (chunks_per_block > 2 ? gptq4_gemm_swapped_kernel<2, true, false, 3, true>
