@@ -561,10 +561,9 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
                               int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
     constexpr int kMaxChunks = STREAMED ? kSwapMaxChunks : CHUNKS;
-    // Register slots of the weights: at two x tiles three or four chunks take
-    // two, each slot loaded with its next chunk as soon as its chunk is done (so
-    // 16-row Q|K|V runs in one wave of 4-chunk blocks at the registers of 2, and
-    // the 3-chunk kernels spill less or not at all).
+    // Register slots of the weights: at two x tiles three chunks take two, each
+    // slot loaded with its next chunk as soon as its chunk is done, so the
+    // 3-chunk kernels spill less or not at all.
     constexpr bool kRolling = !STREAMED && NT == 2 && CHUNKS >= 3;
     constexpr int kSlots = STREAMED ? 1 : kRolling ? 2 : CHUNKS;
     extern __shared__ __align__(16) unsigned char shared_base[];
@@ -1092,12 +1091,11 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         // their plan also sets the cluster variant's split-K count.
         const bool last_block_finishes = wants_finish && rows <= kSmallGemmFusedRows;
         // The register variants: up to 4 chunks at one x tile (finishing the
-        // phase or not); at two x tiles 4 (in the registers of 3), 3 or, with
-        // fewer registers, 2.
+        // phase or not); at two x tiles 3 or, with fewer registers, 2 (4 chunks
+        // there, one wave of 16-row Q|K|V, timed slower on the H200).
         const auto registers = [&](int chunks) {
-            return rows > 8 ? (chunks > 3   ? gptq4_gemm_swapped_kernel<2, false, false, 4>
-                               : chunks > 2 ? gptq4_gemm_swapped_kernel<2, false, false, 3>
-                                            : gptq4_gemm_swapped_kernel<2, false, false, 2>)
+            return rows > 8 ? (chunks > 2 ? gptq4_gemm_swapped_kernel<2, false, false, 3>
+                                          : gptq4_gemm_swapped_kernel<2, false, false, 2>)
                    : last_block_finishes ? gptq4_gemm_swapped_kernel<1, true, false, 4>
                                          : gptq4_gemm_swapped_kernel<1, false, false, 4>;
         };
@@ -1109,7 +1107,7 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         // kWarps * head_dim floats of either.
         const int head_dim = requested.kind == SmallGemmEpilogue::kHeads ? requested.heads.head_dim : 0;
         const size_t epilogue_shared = last_block_finishes ? sizeof(float) * kWarps * head_dim : 0;
-        const int register_chunks = 4;
+        const int register_chunks = rows > 8 ? 3 : 4;
         const auto register_shared = [&](int c) {
             return std::max(swap_shared_bytes(false, rows, c), epilogue_shared);
         };
@@ -1137,8 +1135,7 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         // cluster that finishes the phase, where it runs in as few waves. Every
         // block of a cluster must reach its barriers: all problems have the
         // same chunks, so no block is left without a K slice.
-        // (No cluster variant holds 4 chunks at two x tiles.)
-        if (wants_finish && same_chunks && grid.y <= kMaxClusterBlocks && (streamed || rows <= 8 || chunks_per_block <= 3)) {
+        if (wants_finish && same_chunks && grid.y <= kMaxClusterBlocks) {
             const auto clustered = streamed ? (rows > 8 ? gptq4_gemm_swapped_kernel<2, true, true, 0, true>
                                                         : gptq4_gemm_swapped_kernel<1, true, true, 0, true>)
                                    : rows > 8 ? (chunks_per_block > 2 ? gptq4_gemm_swapped_kernel<2, true, false, 3, true>
