@@ -28,6 +28,7 @@
 #include "cuda/cp_async.cuh"
 #include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
+#include "cuda/occupancy.h"
 #include "cuda/pdl.cuh"
 
 #include <cooperative_groups.h>
@@ -913,34 +914,6 @@ bool small_gemm_can_finish_residual(const ResidualEpilogueParams& p) {
 
 namespace {
 
-// Blocks of `kernel` resident per SM with `shared` bytes of dynamic shared
-// memory, on the current device; remembered, as decode asks the same every
-// step. The kernel is allowed `max_shared` bytes once per device (above the
-// 48 KB default a kernel must be allowed its dynamic shared memory).
-template <typename Kernel>
-qattn_status blocks_per_sm(Kernel kernel, size_t shared, size_t max_shared, int* out) {
-    static std::mutex mutex;
-    static std::set<std::pair<int, const void*>> allowed;
-    static std::map<std::tuple<int, const void*, size_t>, int> known;
-    int device = 0;
-    QATTN_CUDA_TRY(cudaGetDevice(&device));
-    const void* id = reinterpret_cast<const void*>(kernel);
-    std::lock_guard<std::mutex> lock(mutex);
-    const auto found = known.find(std::make_tuple(device, id, shared));
-    if (found != known.end()) {
-        *out = found->second;
-        return QATTN_SUCCESS;
-    }
-    if (max_shared > (48u << 10) && allowed.count({device, id}) == 0) {
-        QATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(max_shared)));
-        allowed.insert({device, id});
-    }
-    QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(out, kernel, kWarps * 32, shared));
-    known.emplace(std::make_tuple(device, id, shared), *out);
-    return QATTN_SUCCESS;
-}
-
 // Chunks per block. one_wave: the fewest (the most blocks: the most SMs
 // streaming) such that the whole grid is resident at once (else the most).
 // Otherwise the fewest waves times chunks per block (a block's time grows with
@@ -955,7 +928,7 @@ qattn_status plan_chunks(Kernel kernel, SharedBytes shared_bytes, size_t max_sha
     int64_t best_work = -1, best_waves = 0;
     for (int c = 1; c <= max_per_block; ++c) {
         int per_sm = 0;
-        QATTN_TRY(blocks_per_sm(kernel, shared_bytes(c), max_shared, &per_sm));
+        QATTN_TRY(blocks_per_sm(kernel, kWarps * 32, shared_bytes(c), max_shared, &per_sm));
         const int64_t resident = int64_t(std::max(per_sm, 1)) * sm_count;
         const int64_t blocks = static_cast<int64_t>(blocks_x) * ((max_chunks + c - 1) / c);
         if (one_wave) {
@@ -991,7 +964,7 @@ qattn_status clusters_fit(Kernel kernel, dim3 grid, size_t shared, size_t max_sh
     QATTN_CUDA_TRY(cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device));
     if (!cluster_launch) return QATTN_SUCCESS;
     int per_sm = 0;  // also allows the kernel its shared memory
-    QATTN_TRY(blocks_per_sm(kernel, shared, max_shared, &per_sm));
+    QATTN_TRY(blocks_per_sm(kernel, kWarps * 32, shared, max_shared, &per_sm));
     const void* id = reinterpret_cast<const void*>(kernel);
     std::lock_guard<std::mutex> lock(mutex);
     const auto key = std::make_tuple(device, id, shared, grid.y);
@@ -1114,8 +1087,8 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         // Every launch of a kernel fits in what 16 rows and its most chunks take.
         const size_t register_max_shared = std::max(swap_shared_bytes(false, 16, 4), epilogue_shared);
         int per_sm = 0;
-        QATTN_TRY(blocks_per_sm(registers(register_chunks), register_shared(register_chunks), register_max_shared,
-                                &per_sm));
+        QATTN_TRY(blocks_per_sm(registers(register_chunks), kWarps * 32, register_shared(register_chunks),
+                                register_max_shared, &per_sm));
         const bool streamed = static_cast<int64_t>(blocks_x) * ((max_chunks + register_chunks - 1) / register_chunks) >
                               int64_t(2) * per_sm * sm_count;
         const auto shared_bytes = [&](int c) {
@@ -1146,7 +1119,7 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
             const size_t cluster_max_shared =
                 cluster_shared_bytes(streamed, 2, 16, streamed ? kSwapMaxChunks : register_chunks, kSwapColumns);
             int plain_per_sm = 0;
-            QATTN_TRY(blocks_per_sm(kernel, shared_bytes(chunks_per_block), max_shared, &plain_per_sm));
+            QATTN_TRY(blocks_per_sm(kernel, kWarps * 32, shared_bytes(chunks_per_block), max_shared, &plain_per_sm));
             const int64_t resident = int64_t(std::max(plain_per_sm, 1)) * sm_count;
             const int64_t plain_waves = (int64_t(grid.x) * grid.y + resident - 1) / resident;
             bool fits = false;

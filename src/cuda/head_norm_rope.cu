@@ -8,12 +8,10 @@
 #include "cuda/cp_async.cuh"
 #include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
+#include "cuda/occupancy.h"
 #include "cuda/pdl.cuh"
 
 #include <algorithm>
-#include <map>
-#include <mutex>
-#include <tuple>
 #include <type_traits>
 
 namespace qattn::cuda {
@@ -264,30 +262,18 @@ int row_kernel_pieces(const HeadEpilogueParams& p) {
 }
 
 // The blocks of the row kernel resident on the device at once with `shared`
-// bytes of stages: its grid. Asked once per device, kernel, block and stages
-// (the kernel is first allowed the device's largest opt-in shared memory).
+// bytes of stages: its grid (the kernel is allowed the device's largest opt-in
+// shared memory, as fp32 sums need more than the 48 KB default).
 template <typename Kernel>
 qattn_status resident_blocks(Kernel kernel, int threads, size_t shared, int* out) {
-    static std::mutex mutex;
-    static std::map<std::tuple<int, const void*, int, size_t>, int> known;
-    int device = 0;
+    int device = 0, optin = 0, sms = 0, per_sm = 0;
     QATTN_CUDA_TRY(cudaGetDevice(&device));
-    const void* id = reinterpret_cast<const void*>(kernel);
-    std::lock_guard<std::mutex> lock(mutex);
-    const auto key = std::make_tuple(device, id, threads, shared);
-    auto found = known.find(key);
-    if (found == known.end()) {
-        int optin = 0, sms = 0, per_sm = 0;
-        QATTN_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-        QATTN_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-        if (shared > static_cast<size_t>(optin))
-            return fail(QATTN_ERROR_INTERNAL, "head epilogue: %zu bytes of row stages exceed the device's %d", shared,
-                        optin);
-        QATTN_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-        QATTN_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, shared));
-        found = known.emplace(key, std::max(per_sm, 1) * sms).first;
-    }
-    *out = found->second;
+    QATTN_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    QATTN_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (shared > static_cast<size_t>(optin))
+        return fail(QATTN_ERROR_INTERNAL, "head epilogue: %zu bytes of row stages exceed the device's %d", shared, optin);
+    QATTN_TRY(blocks_per_sm(kernel, threads, shared, optin, &per_sm));
+    *out = std::max(per_sm, 1) * sms;
     return QATTN_SUCCESS;
 }
 
