@@ -741,10 +741,106 @@ struct WholeKSums {
     float part[kWarps][8][kWholeKColumns];
     float total[8][kWholeKColumns];
 };
+// Then the global inputs of the epilogue of each output (row, lc), held by
+// thread row * kWholeKColumns + lc, which finishes that output. The thread
+// copies them itself by cp.async while the MMAs run (the bias before the wait
+// for the kernel before: it is layer data) and alone reads them back, so no
+// barrier orders them, and the tail after the sums reads shared memory instead
+// of waiting out two or three dependent global loads. An fp16 value travels as
+// the aligned 4-byte word that holds it.
+struct WholeKAhead {
+    uint32_t bias[kWholeKRows * kWholeKColumns];
+    uint32_t residual[kWholeKRows * kWholeKColumns];  // fp32, or the fp16 word
+    float cos[kWholeKRows * kWholeKColumns], sin[kWholeKRows * kWholeKColumns];
+    int32_t slot[kWholeKRows * kWholeKColumns];
+    bool in_range[kWholeKRows * kWholeKColumns];  // the row's position lies in the tables (or needs none)
+};
 __host__ __device__ constexpr size_t whole_k_sums_offset(int rows) {
     return align16(sizeof(__half) * kWarps * rows * kWholeKSliceStride);
 }
-size_t whole_k_shared_bytes(int rows) { return whole_k_sums_offset(rows) + sizeof(WholeKSums); }
+__host__ __device__ constexpr size_t whole_k_ahead_offset(int rows) {
+    return whole_k_sums_offset(rows) + align16(sizeof(WholeKSums));
+}
+size_t whole_k_shared_bytes(int rows) { return whole_k_ahead_offset(rows) + sizeof(WholeKAhead); }
+
+// threadIdx.x, read anew: the compiler does not merge it with an earlier read,
+// so values derived from it need not stay in registers in between.
+__device__ __forceinline__ int thread_index() {
+    int tid;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(tid));
+    return tid;
+}
+
+// Every fp16 array the epilogue reads (the layer's biases, a residual stream of
+// a width divisible by 4, aligned) starts 4-byte aligned and holds an even
+// count of halves, so the aligned word that holds one of them lies inside it.
+__device__ __forceinline__ void cp_async_half_word(uint32_t* shared, const __half* h) {
+    cp_async4(shared, reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(h) & ~uintptr_t(3)));
+}
+__device__ __forceinline__ float half_in_word(uint32_t word, const __half* h) {
+    const __half2 pair = *reinterpret_cast<const __half2*>(&word);
+    return __half2float((reinterpret_cast<uintptr_t>(h) & 2) ? __high2half(pair) : __low2half(pair));
+}
+
+// Where output column n (problem-local) of a whole-K block lies in the q / k / v
+// heads, and whether RoPE turns it (with its partner column).
+struct WholeKHeadColumn {
+    int proj, head, c;
+    bool rotated;
+};
+__device__ __forceinline__ WholeKHeadColumn whole_k_head_column(const HeadEpilogueParams& p,
+                                                                const SmallGemmProblem& P, int n) {
+    WholeKHeadColumn col;
+    col.c = n % p.head_dim;
+    col.proj = head_projection(p, (P.col_offset + n) / p.head_dim, &col.head);
+    col.rotated = col.proj < 2 && p.rope != QATTN_ROPE_NONE && col.c < p.rotary_dim;
+    return col;
+}
+
+// The bias element of output column n, or null.
+__device__ __forceinline__ const __half* whole_k_bias(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
+                                                      int n) {
+    if (ep.kind == SmallGemmEpilogue::kHeads) {
+        const HeadEpilogueParams& p = ep.heads;
+        const WholeKHeadColumn col = whole_k_head_column(p, P, n);
+        return p.bias[col.proj] ? p.bias[col.proj] + col.head * p.head_dim + col.c : nullptr;
+    }
+    return ep.residual.bias ? ep.residual.bias + P.col_offset + n : nullptr;
+}
+
+// The position of `row`, whose RoPE angles the epilogue copies.
+__device__ __forceinline__ int whole_k_position(const HeadEpilogueParams& p, int row) {
+    const int sequence = row / p.q_len;
+    return (p.past_lens ? p.past_lens[sequence] : p.past_len) + (row - sequence * p.q_len);
+}
+
+// The copies after the wait (WholeKAhead) of output (row, n); false where the
+// output is turned by RoPE and its position lies outside the tables.
+__device__ __forceinline__ bool whole_k_fetch_after_wait(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
+                                                         int row, int n, int position, WholeKAhead& ahead) {
+    const int i = threadIdx.x;
+    if (ep.kind != SmallGemmEpilogue::kHeads) {
+        const ResidualEpilogueParams& p = ep.residual;
+        if (!p.has_residual) return true;
+        const size_t at = static_cast<size_t>(row) * p.width + P.col_offset + n;
+        if (p.x_fp32)
+            cp_async4(&ahead.residual[i], static_cast<const float*>(p.x) + at);
+        else
+            cp_async_half_word(&ahead.residual[i], static_cast<const __half*>(p.x) + at);
+        return true;
+    }
+    const HeadEpilogueParams& p = ep.heads;
+    const WholeKHeadColumn col = whole_k_head_column(p, P, n);
+    if (col.proj > 0 && p.kv_slots) cp_async4(&ahead.slot[i], p.kv_slots + row);
+    if (!col.rotated) return true;
+    if (position < 0 || position >= p.max_positions) return false;
+    const int half = p.rotary_dim / 2;
+    const int angle = p.rope == QATTN_ROPE_NEOX ? (col.c < half ? col.c : col.c - half) : col.c / 2;
+    const size_t at = static_cast<size_t>(position) * half + angle;
+    cp_async4(&ahead.cos[i], p.cos + at);
+    cp_async4(&ahead.sin[i], p.sin + at);
+    return true;
+}
 
 // The problem-local n-tiles (a, b) of block `pair` of P (pairing above).
 __device__ __forceinline__ void whole_k_tiles(const SmallGemmEpilogue& ep, const SmallGemmProblem& P, int pair,
@@ -761,33 +857,32 @@ __device__ __forceinline__ void whole_k_tiles(const SmallGemmEpilogue& ep, const
     *tb = *ta + (k < half_tiles ? half_tiles : 1);
 }
 
-// Output (row, local column lc) of a whole-K block: bias, RoPE with its partner
-// column (in the same block), fp16 q / k / v and the KV-cache slot.
+// Output (row, local column lc) of a whole-K block: RoPE with its partner
+// column (in the same block), fp16 q / k / v and the KV-cache slot; y has its
+// bias. in_range: whether the row's position lies in the tables.
 __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p, const SmallGemmProblem& P, int row,
-                                                    int lc, int n, const WholeKSums& sums) {
-    const int D = p.head_dim, c = n % D;
-    int head = 0;
-    const int proj = head_projection(p, (P.col_offset + n) / D, &head);
-    const bool rotated = proj < 2 && p.rope != QATTN_ROPE_NONE;
-    const HeadRow r = head_row(p, row, rotated, proj > 0);
-    float y = sums.total[row][lc];
-    if (rotated && c < p.rotary_dim) {
-        if (!r.in_range) {
+                                                    int lc, int n, float y, bool in_range, const WholeKSums& sums,
+                                                    const WholeKAhead& ahead) {
+    const int D = p.head_dim;
+    const WholeKHeadColumn col = whole_k_head_column(p, P, n);
+    if (col.rotated) {
+        if (!in_range) {
             atomicExch(p.error_flag, 1);  // not rotated; see check_device_errors
         } else {
-            const bool neox = p.rope == QATTN_ROPE_NEOX, first = neox ? c < p.rotary_dim / 2 : (c & 1) == 0;
-            const int angle = neox ? (first ? c : c - p.rotary_dim / 2) : c / 2;
+            const bool neox = p.rope == QATTN_ROPE_NEOX;
+            const bool first = neox ? col.c < p.rotary_dim / 2 : (col.c & 1) == 0;
             const float partner = sums.total[row][neox ? lc ^ 8 : lc ^ 1];
-            const float cs = r.cos[angle], sn = r.sin[angle];
+            const float cs = ahead.cos[threadIdx.x], sn = ahead.sin[threadIdx.x];
             y = first ? y * cs - partner * sn : y * cs + partner * sn;
         }
     }
-    const int width = (proj == 0 ? p.num_heads : p.num_kv_heads) * D;
+    const int width = (col.proj == 0 ? p.num_heads : p.num_kv_heads) * D;
     const __half out = __float2half(y);
-    if (p.out[proj]) p.out[proj][static_cast<size_t>(row) * width + head * D + c] = out;
-    if (proj > 0 && p.kv_slots) {
-        if (r.slot >= 0 && r.slot < p.num_kv_slots)
-            p.cache[proj - 1][r.slot * width + head * D + c] = out;
+    if (p.out[col.proj]) p.out[col.proj][static_cast<size_t>(row) * width + col.head * D + col.c] = out;
+    if (col.proj > 0 && p.kv_slots) {
+        const int64_t slot = ahead.slot[threadIdx.x];
+        if (slot >= 0 && slot < p.num_kv_slots)
+            p.cache[col.proj - 1][slot * width + col.head * D + col.c] = out;
         else
             atomicExch(p.error_flag, 1);  // not written to the cache; see check_device_errors
     }
@@ -831,8 +926,27 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         if (shift + chunks > 32) mixed |= P.w.mixed_chunks[chunk0 / 32 + 1] << (32 - shift);
     }
 
+    // Thread (row, lc) finishes output column n of the block, lc < 8 in tile a,
+    // else tile b (problem-local), where row < rows. Computed anew after the
+    // MMAs (thread_index: not merged with this), which keeps them out of the
+    // registers across them.
+    const auto output_of = [&](int tid, int* row, int* lc) {
+        *row = tid / kWholeKColumns, *lc = tid % kWholeKColumns;
+        return (*lc < 8 ? tile_a : tile_b) * 8 + (*lc & 7);
+    };
+    WholeKAhead& ahead = *reinterpret_cast<WholeKAhead*>(shared_base + whole_k_ahead_offset(rows));
+    int row = 0, lc = 0;
+    int n = output_of(threadIdx.x, &row, &lc);
+    if (row < rows) {
+        const __half* const bias = whole_k_bias(epilogue, P, n);
+        if (bias) cp_async_half_word(&ahead.bias[threadIdx.x], bias);
+    }
+
     wait_for_producers();
     allow_dependents();
+    // Issued before the x slice's loads so that the two round trips overlap.
+    const int position =
+        row < rows && epilogue.kind == SmallGemmEpilogue::kHeads ? whole_k_position(epilogue.heads, row) : 0;
     // This warp's slice of x [rows][kWholeKSliceStride], rows 8..15 of each MMA
     // step divided by 16 (the dequantization of the high nibbles expects it).
     __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
@@ -852,6 +966,8 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         }
     }
     __syncwarp();
+    if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait(epilogue, P, row, n, position, ahead);
+    cp_async_commit();
 
     float c[1][4] = {};
     const __half* const x_row[1] = {xs + ((lane & 7) < rows ? (lane & 7) : 0) * kWholeKSliceStride + (lane >> 3) * 8};
@@ -871,32 +987,33 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     sums.part[warp][2 * t + 1][g] = c[0][1];
     sums.part[warp][2 * t][8 + g] = c[0][2];
     sums.part[warp][2 * t + 1][8 + g] = c[0][3];
-    __syncthreads();
-    // Thread (row, lc): one output of the block, lc < 8 in tile a, else tile b.
-    const int row = threadIdx.x / kWholeKColumns, lc = threadIdx.x % kWholeKColumns;
-    const int n = (lc < 8 ? tile_a : tile_b) * 8 + (lc & 7);  // problem-local column
+    cp_async_wait<0>();
+    n = output_of(thread_index(), &row, &lc);
     const bool owns = row < rows;
+    __syncthreads();
     if (owns) {
         float total = 0.0f;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) total += sums.part[w][row][lc];
-        if (epilogue.kind == SmallGemmEpilogue::kHeads) {
-            const HeadEpilogueParams& p = epilogue.heads;
-            int head = 0;
-            const int proj = head_projection(p, (P.col_offset + n) / p.head_dim, &head);
-            if (p.bias[proj]) total += __half2float(p.bias[proj][head * p.head_dim + n % p.head_dim]);
-        } else if (epilogue.residual.bias) {
-            total += __half2float(epilogue.residual.bias[P.col_offset + n]);
-        }
+        const __half* const bias = whole_k_bias(epilogue, P, n);  // again: fewer registers across the MMAs
+        if (bias) total += half_in_word(ahead.bias[threadIdx.x], bias);
         sums.total[row][lc] = total;
     }
     __syncthreads();
     if (!owns) return;
+    const float y = sums.total[row][lc];
     if (epilogue.kind == SmallGemmEpilogue::kHeads) {
-        whole_k_finish_head(epilogue.heads, P, row, lc, n, sums);
+        whole_k_finish_head(epilogue.heads, P, row, lc, n, y, ahead.in_range[threadIdx.x], sums, ahead);
+        return;
+    }
+    const ResidualEpilogueParams& p = epilogue.residual;
+    const size_t at = static_cast<size_t>(row) * p.width + P.col_offset + n;
+    if (p.x_fp32) {
+        float* const x = static_cast<float*>(p.x) + at;
+        *x = p.has_residual ? y + __uint_as_float(ahead.residual[threadIdx.x]) : y;
     } else {
-        float y[1] = {sums.total[row][lc]};
-        add_to_residual<1>(epilogue.residual, static_cast<size_t>(row) * epilogue.residual.width + P.col_offset + n, y);
+        __half* const x = static_cast<__half*>(p.x) + at;
+        *x = __float2half(p.has_residual ? y + half_in_word(ahead.residual[threadIdx.x], x) : y);
     }
 }
 
