@@ -372,7 +372,9 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
     __half2 sa = __half2half2(__low2half(sza)), sb = __half2half2(__low2half(szb));
     int current = ONE_GROUP ? 0 : w.step_group[chunk * 8];
     const uint32_t words_a[4] = {qa.x, qa.y, qa.z, qa.w}, words_b[4] = {qb.x, qb.y, qb.z, qb.w};
-    float d[2][NT][4] = {};
+    // Independent MMA chains: at two x tiles the tiles are two already.
+    constexpr int kChains = NT == 2 ? 1 : 2;
+    float d[kChains][NT][4] = {};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
         if (!ONE_GROUP && j > 0) {
@@ -408,7 +410,7 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
         static_assert(sizeof(__half2) == sizeof(uint32_t));
 #pragma unroll
         for (int n = 0; n < NT; ++n)
-            mma_16816(d[j & 1][n], *reinterpret_cast<uint32_t*>(&a0), *reinterpret_cast<uint32_t*>(&a1),
+            mma_16816(d[j % kChains][n], *reinterpret_cast<uint32_t*>(&a0), *reinterpret_cast<uint32_t*>(&a1),
                       *reinterpret_cast<uint32_t*>(&a2), *reinterpret_cast<uint32_t*>(&a3), b[n][(j & 1) * 2],
                       b[n][(j & 1) * 2 + 1]);
     }
@@ -416,10 +418,11 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
     const float fa = ONE_GROUP ? __low2float(sza) : 1.0f, fb = ONE_GROUP ? __low2float(szb) : 1.0f;
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
-        acc[n][0] = fmaf(fa, d[0][n][0] + d[1][n][0], acc[n][0]);
-        acc[n][1] = fmaf(fa, d[0][n][1] + d[1][n][1], acc[n][1]);
-        acc[n][2] = fmaf(fb, d[0][n][2] + d[1][n][2], acc[n][2]);
-        acc[n][3] = fmaf(fb, d[0][n][3] + d[1][n][3], acc[n][3]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float sum = kChains == 2 ? d[0][n][e] + d[kChains - 1][n][e] : d[0][n][e];
+            acc[n][e] = fmaf(e < 2 ? fa : fb, sum, acc[n][e]);
+        }
     }
 }
 
@@ -557,8 +560,9 @@ __device__ __forceinline__ void finish_in_cluster(const SmallGemmEpilogue& ep, c
 // thread block cluster of the column range's split-K blocks (finish_in_cluster),
 // else by the last of them to arrive (finish_columns). STREAMED: weights through
 // shared memory, else registers, CHUNKS at most.
+// The plain 2-chunk kernel at two x tiles fits 64 registers: 4 blocks an SM.
 template <int NT, bool FINISH, bool STREAMED, int CHUNKS, bool CLUSTER = false>
-__global__ void __launch_bounds__(kWarps * 32, 3)
+__global__ void __launch_bounds__(kWarps * 32, (NT == 2 && !FINISH && !STREAMED && CHUNKS == 2) ? 4 : 3)
     gptq4_gemm_swapped_kernel(Batch batch, const __half* __restrict__ x, int x_stride, int rows, float* acc,
                               int acc_stride, int chunks_per_block, SmallGemmEpilogue epilogue) {
     constexpr int kMaxChunks = STREAMED ? kSwapMaxChunks : CHUNKS;
@@ -1031,21 +1035,22 @@ bool small_gemm_can_finish_residual(const ResidualEpilogueParams& p) {
 
 namespace {
 
-// Chunks per block. one_wave: the fewest (the most blocks: the most SMs
-// streaming) such that the whole grid is resident at once (else the most).
-// Otherwise the fewest waves times chunks per block (a block's time grows with
-// its chunks; a partly filled wave costs as much as a full one), fewer waves
-// on a tie: at Llama-3-8B decode that picks 4 chunks (one wave) at one row, 2
-// (two full waves) for 16 rows of Q|K|V and 3 (one wave) for 16 rows of O,
-// each the fastest measured.
-template <typename Kernel, typename SharedBytes>
-qattn_status plan_chunks(Kernel kernel, SharedBytes shared_bytes, size_t max_shared, int max_per_block,
+// Chunks per block, each count c run by kernel_for(c). one_wave: the fewest
+// (the most blocks: the most SMs streaming) such that the whole grid is
+// resident at once (else the most). Otherwise the least work: waves times
+// (c + 1), a block's time growing with its chunks plus fixed work (x staged,
+// the split-K sums) of about one chunk, and a partly filled wave costing as
+// much as a full one; fewer waves on a tie. At Llama-3-8B decode that picks 4
+// chunks (one wave) at one row, 2 for 16 rows of Q|K|V (two waves) and of O
+// (one wave of the 2-chunk kernel at 4 blocks an SM).
+template <typename KernelFor, typename SharedBytes>
+qattn_status plan_chunks(KernelFor kernel_for, SharedBytes shared_bytes, size_t max_shared, int max_per_block,
                          bool one_wave, int blocks_x, int max_chunks, int sm_count, int* chunks_per_block) {
     *chunks_per_block = max_per_block;
     int64_t best_work = -1, best_waves = 0;
     for (int c = 1; c <= max_per_block; ++c) {
         int per_sm = 0;
-        QATTN_TRY(blocks_per_sm(kernel, kWarps * 32, shared_bytes(c), max_shared, &per_sm));
+        QATTN_TRY(blocks_per_sm(kernel_for(c), kWarps * 32, shared_bytes(c), max_shared, &per_sm));
         const int64_t resident = int64_t(std::max(per_sm, 1)) * sm_count;
         const int64_t blocks = static_cast<int64_t>(blocks_x) * ((max_chunks + c - 1) / c);
         if (one_wave) {
@@ -1055,7 +1060,7 @@ qattn_status plan_chunks(Kernel kernel, SharedBytes shared_bytes, size_t max_sha
             }
             continue;
         }
-        const int64_t waves = (blocks + resident - 1) / resident, work = waves * c;
+        const int64_t waves = (blocks + resident - 1) / resident, work = waves * (c + 1);
         if (best_work < 0 || work < best_work || (work == best_work && waves < best_waves)) {
             best_work = work;
             best_waves = waves;
@@ -1181,8 +1186,8 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         // their plan also sets the cluster variant's split-K count.
         const bool last_block_finishes = wants_finish && rows <= kSmallGemmFusedRows;
         // The register variants: up to 4 chunks at one x tile (finishing the
-        // phase or not); at two x tiles 3 or, with fewer registers, 2 (4 chunks
-        // there, one wave of 16-row Q|K|V, timed slower on the H200).
+        // phase or not); at two x tiles 3 or, in 64 registers (4 blocks an SM),
+        // 2 (4 chunks there, one wave of 16-row Q|K|V, timed slower on the H200).
         const auto registers = [&](int chunks) {
             return rows > 8 ? (chunks > 2 ? gptq4_gemm_swapped_kernel<2, false, false, 3>
                                           : gptq4_gemm_swapped_kernel<2, false, false, 2>)
@@ -1213,11 +1218,11 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
         };
         const size_t max_shared = streamed ? swap_shared_bytes(true, 16, kSwapMaxChunks) : register_max_shared;
         if (streamed)
-            QATTN_TRY(plan_chunks(streamed_kernel, shared_bytes, max_shared, kSwapMaxChunks, true, blocks_x,
-                                  max_chunks, sm_count, &chunks_per_block));
+            QATTN_TRY(plan_chunks([&](int) { return streamed_kernel; }, shared_bytes, max_shared, kSwapMaxChunks,
+                                  true, blocks_x, max_chunks, sm_count, &chunks_per_block));
         else
-            QATTN_TRY(plan_chunks(registers(register_chunks), shared_bytes, max_shared, register_chunks, false,
-                                  blocks_x, max_chunks, sm_count, &chunks_per_block));
+            QATTN_TRY(plan_chunks(registers, shared_bytes, max_shared, register_chunks, false, blocks_x, max_chunks,
+                                  sm_count, &chunks_per_block));
         const auto kernel = streamed ? streamed_kernel : registers(chunks_per_block);
         const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
 
@@ -1260,7 +1265,7 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     const int max_by_shared = std::max(1, ((48 << 10) / (2 * rows) - 8) / kPackRows);
     const auto shared_bytes = [rows](int c) { return sizeof(__half) * rows * (c * kPackRows + 8); };
     const int max_per_block = std::min(kMaxChunksPerBlock, max_by_shared);
-    QATTN_TRY(plan_chunks(gptq4_gemm_small_kernel<2>, shared_bytes, shared_bytes(max_per_block), max_per_block, true,
+    QATTN_TRY(plan_chunks([](int) { return gptq4_gemm_small_kernel<2>; }, shared_bytes, shared_bytes(max_per_block), max_per_block, true,
                           blocks_x, max_chunks, sm_count, &chunks_per_block));
     const dim3 grid(blocks_x, (max_chunks + chunks_per_block - 1) / chunks_per_block);
     return launch_pdl("gptq4_gemm_small", gptq4_gemm_small_kernel<2>, grid, kWarps * 32,
