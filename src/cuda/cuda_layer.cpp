@@ -199,13 +199,7 @@ private:
         QATTN_TRY(scratch_->reserve(CudaScratch::kGathered, sizeof(__half) * gathered));
         dequant_elements_ = need;
         if (need > 0) {
-            // The highest priority: the block scheduler then places the first
-            // dequantization's blocks as soon as an SM has room, beside the
-            // staging of x (both memory-bound, together nearer the bandwidth),
-            // rather than after the last of the staging's queued blocks.
-            int least = 0, greatest = 0;
-            QATTN_CUDA_TRY(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-            QATTN_CUDA_TRY(cudaStreamCreateWithPriority(&side_, cudaStreamNonBlocking, greatest));
+            QATTN_CUDA_TRY(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
             QATTN_CUDA_TRY(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
             QATTN_CUDA_TRY(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
         }
