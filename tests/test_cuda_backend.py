@@ -219,10 +219,9 @@ def test_inputs_read_in_place_or_gathered(rows, input_norm, gen):
 # 16 columns over the whole K and finishes them, NeoX partners paired into it:
 # full and partial rotary parts (pass-through tiles after them in twos), GPT-J,
 # none; rotary_dim 40 leaves the NeoX halves off a tile pair (the split-K
-# kernels then). 1 and 3 rows stage x at once (one x tile); forward1 at 9 and
-# 16 rows streams it through each warp's ring (two tiles), forward2 there and
-# both phases at 5 rows take the split-K kernels. Biases, and the O
-# projection's residual in fp16 and fp32.
+# kernels then). 1 and 3 rows stage x at once (one x tile); 5, 9 and 16 stream
+# it through each warp's ring (two tiles; at 5 the second is all padding).
+# Biases, and the O projection's residual in fp16 and fp32.
 @pytest.mark.parametrize("rope,rotary_dim", [("neox", None), ("neox", 96), ("neox", 48), ("neox", 40),
                                              ("gptj", 64), (None, None)])
 @pytest.mark.parametrize("rows", [1, 3, 5, 9, 16])
@@ -277,8 +276,8 @@ def test_sixteen_rows_with_a_short_last_k_slice(head_norm, gen):
     # widths take the split-K blocks of up to 3 chunks (at 3 the weights roll
     # through two register slots, each reloaded when its chunk is done): the
     # last K slice of each column range is shorter than the rest and the rolled
-    # loop ends on an odd chunk. Without them forward1's whole-K blocks take it,
-    # whose warps then hold 4, 4, 4, 4, 4, 4, 1 and 0 chunks.
+    # loop ends on an odd chunk. Without them the whole-K blocks take it, whose
+    # warps then hold 4, 4, 4, 4, 4, 4, 1 and 0 chunks.
     spec = Spec(hidden=3200, heads=32, kv_heads=8, head_dim=128, max_rows=16, biases=True, head_norm=head_norm)
     pair = Pair(spec, gen)
     for rows in (9, 16):

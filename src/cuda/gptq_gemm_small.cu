@@ -1255,13 +1255,8 @@ int whole_k_tiles_for(const SmallGemmProblem* problems, int count, int rows, con
     if (rows > kWholeKWideRows) return 0;
     for (int i = 0; i < count; ++i)
         if (!problems[i].xg || problems[i].w.chunks > kWholeKMaxChunks || problems[i].n_tiles % 2) return 0;
-    // Two tiles (9-16 rows) for forward1 only: measured in the H200's D16 block,
-    // the whole-K forward2 after cuDNN's SDPA (no programmatic launch, so no
-    // weight loads ahead) took 10.2 us against 9.3 for the split-K kernel and
-    // its residual epilogue; and at 5-8 rows the second tile is padding (the
-    // 8-row block 44.5 -> 46.9 us).
-    const int tiles = rows <= kWholeKRows ? 1 : rows > 8 && ep.kind == SmallGemmEpilogue::kHeads ? 2 : 0;
-    if (tiles == 0 || ep.kind != SmallGemmEpilogue::kHeads) return tiles;
+    const int tiles = rows <= kWholeKRows ? 1 : 2;
+    if (ep.kind != SmallGemmEpilogue::kHeads) return tiles;
     const HeadEpilogueParams& p = ep.heads;
     if (p.norm[0].type != QATTN_NORM_NONE || p.norm[1].type != QATTN_NORM_NONE || p.head_dim % kWholeKColumns)
         return 0;

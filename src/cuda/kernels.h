@@ -115,8 +115,7 @@ qattn_status launch_residual_epilogue(const ResidualEpilogueParams& p, cudaStrea
 // needs whole rows). Only the projections of the GEMM may feed the accumulator
 // (no LoRA, no cuBLAS part). At up to 16 rows, K up to 4096 and no head norms,
 // a block computes 16 columns over the whole K and finishes them (no
-// accumulator at all; at 9-16 rows forward1 only, where that grid is one
-// wave); else two
+// accumulator at all; beyond 4 rows only where that grid is one wave); else two
 // ways, for up to kSmallGemmFinishRows rows:
 //  - its split-K blocks of a column range form a thread block cluster (sm_90)
 //    and add their partial sums in distributed shared memory; the epilogue is
