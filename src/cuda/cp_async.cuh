@@ -12,9 +12,6 @@ __device__ __forceinline__ void cp_async16(void* shared, const void* global) {
     const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global) : "memory");
 }
-__device__ __forceinline__ void cp_async16(uint32_t shared_address, const void* global) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address), "l"(global) : "memory");
-}
 __device__ __forceinline__ void cp_async4(void* shared, const void* global) {
     const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(address), "l"(global) : "memory");

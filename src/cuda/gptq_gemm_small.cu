@@ -20,7 +20,7 @@
 // on sm_90 where they fit, the split-K blocks of a column range as one thread
 // block cluster that adds them in distributed shared memory and runs the
 // epilogue together (up to 16 rows: finish_in_cluster). Or K is split across
-// the warps of one block that owns 16 columns (gptq4_gemm_whole_k: up to 16
+// the warps of one block that owns 16 columns (gptq4_gemm_whole_k: up to 4
 // rows, K up to 4096, finishing the phase), and the sums meet in its shared
 // memory. The epilogue applies
 // bias / head norm / RoPE (forward1) or adds to the residual (forward2), so
@@ -169,18 +169,12 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t bits, __half2 scale, _
 
 // The four 8x8 fp16 tiles of an m16k16 A fragment from shared memory: lane l
 // names row l % 8 of tile l / 8 (tiles: rows 0-7 / 8-15 x columns 0-7 / 8-15).
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 __device__ __forceinline__ void ldmatrix_x4(uint32_t& a0, uint32_t& a1, uint32_t& a2, uint32_t& a3,
-                                            uint32_t address) {
+                                            const __half* row) {
+    const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(row));
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
                  : "r"(address));
-}
-__device__ __forceinline__ void ldmatrix_x4(uint32_t& a0, uint32_t& a1, uint32_t& a2, uint32_t& a3,
-                                            const __half* row) {
-    ldmatrix_x4(a0, a1, a2, a3, shared_address(row));
 }
 
 __device__ __forceinline__ void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -366,27 +360,15 @@ size_t cluster_shared_bytes(bool streamed, int nt, int rows, int chunks, int hea
            sizeof(float) * (nt * 8 * kPartialStride + kWarps * head_dim);
 }
 
-// x_at(n, j): the shared address of lane's ldmatrix row of x tile n at the even
-// step j of the chunk (the fragments of steps j and j + 1). HI_SCALED: x of rows
-// 8..15 of each step was divided by 16 when staged, so a high nibble (1024 + 16
-// q) only loses 1024 + 16 z; otherwise one fma takes it to q - z itself
-// ((1024 + 16 q) / 16 - (64 + z): exact), and x is used as it lies in memory.
-template <int NT, bool ONE_GROUP, bool HI_SCALED, typename XAt>  // NT: n8 tiles of x rows (rows <= 8 NT)
+template <int NT, bool ONE_GROUP>  // NT: n8 tiles of x rows (rows <= 8 NT)
 __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uint4& qa, const uint4& qb, __half2 sza,
-                                                  __half2 szb, XAt x_at, const PackedGptq4& w, int chunk, int N,
-                                                  int column_a, int column_b) {
+                                                  __half2 szb, const __half* const (&x_row)[NT], int kbase,
+                                                  const PackedGptq4& w,
+                                                  int chunk, int N, int column_a, int column_b) {
     const __half2 sixteen = __float2half2_rn(16.0f), bias16 = __float2half2_rn(15360.0f);
-    const __half2 sixteenth = __float2half2_rn(0.0625f), bias_hi = __float2half2_rn(960.0f);
-    const auto hi_zero = [&](__half2 z) {  // what the high nibbles' dequantization subtracts or adds
-        return HI_SCALED ? __hsub2(__hmul2(z, sixteen), bias16) : __hsub2(bias_hi, z);
-    };
-    const auto hi_weight = [&](uint32_t bits, __half2 z_hi) {
-        const __half2 h = *reinterpret_cast<const __half2*>(&bits);
-        return HI_SCALED ? __hsub2(h, z_hi) : __hfma2(h, sixteenth, z_hi);
-    };
-    // (1024 + z, the high nibbles' term) per column; scales as fp16 (mixed) or fp32 (one group).
+    // (1024 + z, 1024 + 16 z) per column; scales as fp16 (mixed) or fp32 (one group).
     __half2 za = __half2half2(__high2half(sza)), zb = __half2half2(__high2half(szb));
-    __half2 za16 = hi_zero(za), zb16 = hi_zero(zb);
+    __half2 za16 = __hsub2(__hmul2(za, sixteen), bias16), zb16 = __hsub2(__hmul2(zb, sixteen), bias16);
     __half2 sa = __half2half2(__low2half(sza)), sb = __half2half2(__low2half(szb));
     int current = ONE_GROUP ? 0 : w.step_group[chunk * 8];
     const uint32_t words_a[4] = {qa.x, qa.y, qa.z, qa.w}, words_b[4] = {qb.x, qb.y, qb.z, qb.w};
@@ -403,8 +385,8 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
                 const __half2 b = w.scale_zero[static_cast<size_t>(gj) * N + column_b];
                 za = __half2half2(__high2half(a));
                 zb = __half2half2(__high2half(b));
-                za16 = hi_zero(za);
-                zb16 = hi_zero(zb);
+                za16 = __hsub2(__hmul2(za, sixteen), bias16);
+                zb16 = __hsub2(__hmul2(zb, sixteen), bias16);
                 sa = __half2half2(__low2half(a));
                 sb = __half2half2(__low2half(b));
             }
@@ -412,15 +394,15 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
         uint32_t b[NT][4];
         if ((j & 1) == 0) {
 #pragma unroll
-            for (int n = 0; n < NT; ++n) ldmatrix_x4(b[n][0], b[n][1], b[n][2], b[n][3], x_at(n, j));
+            for (int n = 0; n < NT; ++n) ldmatrix_x4(b[n][0], b[n][1], b[n][2], b[n][3], x_row[n] + kbase + j * 16);
         }
         const uint32_t wa = words_a[j >> 1] >> ((j & 1) * 8), wb = words_b[j >> 1] >> ((j & 1) * 8);
         uint32_t lo_a = (wa & 0x000F000Fu) | 0x64006400u, hi_a = (wa & 0x00F000F0u) | 0x64006400u;
         uint32_t lo_b = (wb & 0x000F000Fu) | 0x64006400u, hi_b = (wb & 0x00F000F0u) | 0x64006400u;
         __half2 a0 = __hsub2(*reinterpret_cast<__half2*>(&lo_a), za);
-        __half2 a2 = hi_weight(hi_a, za16);
+        __half2 a2 = __hsub2(*reinterpret_cast<__half2*>(&hi_a), za16);
         __half2 a1 = __hsub2(*reinterpret_cast<__half2*>(&lo_b), zb);
-        __half2 a3 = hi_weight(hi_b, zb16);
+        __half2 a3 = __hsub2(*reinterpret_cast<__half2*>(&hi_b), zb16);
         if (!ONE_GROUP) {
             a0 = __hmul2(a0, sa), a2 = __hmul2(a2, sa);
             a1 = __hmul2(a1, sb), a3 = __hmul2(a3, sb);
@@ -670,11 +652,12 @@ __global__ void __launch_bounds__(kWarps * 32, (NT == 2 && !FINISH && !STREAMED 
         }
         float c[NT][4] = {};
         const auto compute = [&](int u, const uint4& wa, const uint4& wb, __half2 sa, __half2 sb) {
-            const auto x_at = [&](int n, int j) { return shared_address(x_row[n] + u * kPackRows + j * 16); };
             if (mixed & (1u << u))
-                chunk_mma_swapped<NT, false, true>(c, wa, wb, sa, sb, x_at, P.w, chunk0 + u, N, column_a, column_b);
+                chunk_mma_swapped<NT, false>(c, wa, wb, sa, sb, x_row, u * kPackRows, P.w, chunk0 + u, N, column_a,
+                                             column_b);
             else
-                chunk_mma_swapped<NT, true, true>(c, wa, wb, sa, sb, x_at, P.w, chunk0 + u, N, column_a, column_b);
+                chunk_mma_swapped<NT, true>(c, wa, wb, sa, sb, x_row, u * kPackRows, P.w, chunk0 + u, N, column_a,
+                                            column_b);
         };
         if constexpr (STREAMED) {
 #pragma unroll 1
@@ -740,39 +723,24 @@ __global__ void __launch_bounds__(kWarps * 32, (NT == 2 && !FINISH && !STREAMED 
     }
 }
 
-// Up to 16 rows, K <= kWholeKMaxChunks chunks, when the GEMM finishes the
+// rows <= kWholeKRows, K <= kWholeKMaxChunks chunks, when the GEMM finishes the
 // phase: a block owns 16 output columns over the whole of K, its 8 warps
 // splitting K (up to 4 chunks each: as many weight bytes in flight a lane as
 // the register variant above), so the split-K sums meet in shared memory and
 // the block finishes its columns itself: no atomics, no arrival ticket, no
-// accumulator to reload and zero, no epilogue kernel, and the same sums every
-// call. Each warp stages only the x of its own chunks: all of them at once up
-// to kWholeKRows rows (one x tile); with more rows (two tiles) that would take
-// 16 KB a warp, so a warp streams its chunks' x through a ring of two slots by
-// cp.async instead (x as it lies in memory: the high nibbles are dequantized to
-// q - z themselves), which keeps a block at 70 KB, three an SM, and
-// Llama-3-8B's Q|K|V one wave. A block's two n-tiles are paired so that the
-// RoPE partners of its columns lie in it: NeoX-rotated heads pair tile j of
+// accumulator to reload and zero, and the same sums every call. Each warp
+// stages only the x of its own chunks. A block's two n-tiles are paired so that
+// the RoPE partners of its columns lie in it: NeoX-rotated heads pair tile j of
 // the rotary half with tile j + rotary_dim / 16 (the pass-through tiles after
 // the rotary part in twos); everything else, adjacent tiles.
 constexpr int kWholeKRows = 4;
-constexpr int kWholeKWideRows = 16;
 constexpr int kWholeKMaxChunks = 32;
 constexpr int kWholeKWarpChunks = kWholeKMaxChunks / kWarps;
 constexpr int kWholeKColumns = 16;
 constexpr int kWholeKSliceStride = kWholeKWarpChunks * kPackRows + 8;  // +8: ldmatrix rows on distinct banks
-// The two-tile variant's x ring, per warp: slots of one chunk of 16 rows, 256
-// bytes a row, its 16-byte pieces swizzled (piece c of row r at c ^ (r % 8)),
-// so the 8 rows of an ldmatrix tile hit distinct banks without padding.
-constexpr int kXRingSlots = 2;
-constexpr int kXRingRowBytes = kPackRows * 2;
-constexpr int kXRingSlotBytes = kWholeKWideRows * kXRingRowBytes;
-constexpr int kXRingBytes = kXRingSlots * kXRingSlotBytes;
 
-// One x tile: after the warps' x slices, the warps' partial sums of the 8 rows
-// of the tile, then their totals (bias added). Two tiles: each warp's partial
-// sums [16][16] take the start of its ring once its MMAs are done, and the
-// totals follow the rings.
+// After the warps' x slices: the warps' partial sums of the 8 rows of an x
+// tile, then their totals (bias added).
 struct WholeKSums {
     float part[kWarps][8][kWholeKColumns];
     float total[8][kWholeKColumns];
@@ -784,29 +752,20 @@ struct WholeKSums {
 // barrier orders them, and the tail after the sums reads shared memory instead
 // of waiting out two or three dependent global loads. An fp16 value travels as
 // the aligned 4-byte word that holds it.
-template <int OUTPUTS>
 struct WholeKAhead {
-    uint32_t bias[OUTPUTS];
-    uint32_t residual[OUTPUTS];  // fp32, or the fp16 word
-    float cos[OUTPUTS], sin[OUTPUTS];
-    int32_t slot[OUTPUTS];
-    bool in_range[OUTPUTS];  // the row's position lies in the tables (or needs none)
+    uint32_t bias[kWholeKRows * kWholeKColumns];
+    uint32_t residual[kWholeKRows * kWholeKColumns];  // fp32, or the fp16 word
+    float cos[kWholeKRows * kWholeKColumns], sin[kWholeKRows * kWholeKColumns];
+    int32_t slot[kWholeKRows * kWholeKColumns];
+    bool in_range[kWholeKRows * kWholeKColumns];  // the row's position lies in the tables (or needs none)
 };
-template <int NT>
-using WholeKAheadOf = WholeKAhead<(NT == 1 ? kWholeKRows : kWholeKWideRows) * kWholeKColumns>;
-template <int NT>
 __host__ __device__ constexpr size_t whole_k_sums_offset(int rows) {
-    return NT == 1 ? align16(sizeof(__half) * kWarps * rows * kWholeKSliceStride) : size_t(kWarps) * kXRingBytes;
+    return align16(sizeof(__half) * kWarps * rows * kWholeKSliceStride);
 }
-template <int NT>
 __host__ __device__ constexpr size_t whole_k_ahead_offset(int rows) {
-    return whole_k_sums_offset<NT>(rows) +
-           align16(NT == 1 ? sizeof(WholeKSums) : sizeof(float) * kWholeKWideRows * kWholeKColumns);
+    return whole_k_sums_offset(rows) + align16(sizeof(WholeKSums));
 }
-template <int NT>
-size_t whole_k_shared_bytes(int rows) {
-    return whole_k_ahead_offset<NT>(rows) + sizeof(WholeKAheadOf<NT>);
-}
+size_t whole_k_shared_bytes(int rows) { return whole_k_ahead_offset(rows) + sizeof(WholeKAhead); }
 
 // threadIdx.x, read anew: the compiler does not merge it with an earlier read,
 // so values derived from it need not stay in registers in between.
@@ -861,9 +820,8 @@ __device__ __forceinline__ int whole_k_position(const HeadEpilogueParams& p, int
 
 // The copies after the wait (WholeKAhead) of output (row, n); false where the
 // output is turned by RoPE and its position lies outside the tables.
-template <typename Ahead>
 __device__ __forceinline__ bool whole_k_fetch_after_wait(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
-                                                         int row, int n, int position, Ahead& ahead) {
+                                                         int row, int n, int position, WholeKAhead& ahead) {
     const int i = threadIdx.x;
     if (ep.kind != SmallGemmEpilogue::kHeads) {
         const ResidualEpilogueParams& p = ep.residual;
@@ -905,12 +863,10 @@ __device__ __forceinline__ void whole_k_tiles(const SmallGemmEpilogue& ep, const
 
 // Output (row, local column lc) of a whole-K block: RoPE with its partner
 // column (in the same block), fp16 q / k / v and the KV-cache slot; y has its
-// bias; totals: the block's outputs [row][kWholeKColumns]. in_range: whether
-// the row's position lies in the tables.
-template <typename Ahead>
+// bias. in_range: whether the row's position lies in the tables.
 __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p, const SmallGemmProblem& P, int row,
-                                                    int lc, int n, float y, bool in_range, const float* totals,
-                                                    const Ahead& ahead) {
+                                                    int lc, int n, float y, bool in_range, const WholeKSums& sums,
+                                                    const WholeKAhead& ahead) {
     const int D = p.head_dim;
     const WholeKHeadColumn col = whole_k_head_column(p, P, n);
     if (col.rotated) {
@@ -919,7 +875,7 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
         } else {
             const bool neox = p.rope == QATTN_ROPE_NEOX;
             const bool first = neox ? col.c < p.rotary_dim / 2 : (col.c & 1) == 0;
-            const float partner = totals[row * kWholeKColumns + (neox ? lc ^ 8 : lc ^ 1)];
+            const float partner = sums.total[row][neox ? lc ^ 8 : lc ^ 1];
             const float cs = ahead.cos[threadIdx.x], sn = ahead.sin[threadIdx.x];
             y = first ? y * cs - partner * sn : y * cs + partner * sn;
         }
@@ -936,7 +892,6 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
     }
 }
 
-template <int NT>  // x tiles: rows <= kWholeKRows (1) or kWholeKWideRows (2)
 __global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_whole_k_kernel(Batch batch, int rows, SmallGemmEpilogue epilogue) {
     extern __shared__ __align__(16) unsigned char shared_base[];
@@ -983,7 +938,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         *row = tid / kWholeKColumns, *lc = tid % kWholeKColumns;
         return (*lc < 8 ? tile_a : tile_b) * 8 + (*lc & 7);
     };
-    auto& ahead = *reinterpret_cast<WholeKAheadOf<NT>*>(shared_base + whole_k_ahead_offset<NT>(rows));
+    WholeKAhead& ahead = *reinterpret_cast<WholeKAhead*>(shared_base + whole_k_ahead_offset(rows));
     int row = 0, lc = 0;
     int n = output_of(threadIdx.x, &row, &lc);
     if (row < rows) {
@@ -996,126 +951,46 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     // Issued before the x slice's loads so that the two round trips overlap.
     const int position =
         row < rows && epilogue.kind == SmallGemmEpilogue::kHeads ? whole_k_position(epilogue.heads, row) : 0;
-    const int x_stride = P.w.chunks * kPackRows;
-    float c[NT][4] = {};
-    if constexpr (NT == 1) {
-        // This warp's slice of x [rows][kWholeKSliceStride], rows 8..15 of each MMA
-        // step divided by 16 (the dequantization of the high nibbles expects it).
-        __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
-        {
-            const __half2 sixteenth = __float2half2_rn(0.0625f);
-            const int pieces = chunks * kPackRows / 8;
-            for (int i = lane; i < rows * pieces; i += 32) {
-                const int r = i / pieces, c = i - r * pieces;
-                uint4 v = *reinterpret_cast<const uint4*>(P.xg + static_cast<size_t>(r) * x_stride +
-                                                          chunk0 * kPackRows + c * 8);
-                if (c & 1) {
-                    __half2* h = reinterpret_cast<__half2*>(&v);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) h[e] = __hmul2(h[e], sixteenth);
-                }
-                *reinterpret_cast<uint4*>(xs + r * kWholeKSliceStride + c * 8) = v;
-            }
-        }
-        __syncwarp();
-        if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait(epilogue, P, row, n, position, ahead);
-        cp_async_commit();
-
-        const __half* const x_row = xs + ((lane & 7) < rows ? (lane & 7) : 0) * kWholeKSliceStride + (lane >> 3) * 8;
-#pragma unroll
-        for (int u = 0; u < kWholeKWarpChunks; ++u) {
-            if (u >= chunks) break;
-            const auto x_at = [&](int, int j) { return shared_address(x_row + u * kPackRows + j * 16); };
-            if (mixed & (1u << u))
-                chunk_mma_swapped<1, false, true>(c, qa[u], qb[u], sza[u], szb[u], x_at, P.w, chunk0 + u, N, column_a,
-                                                  column_b);
-            else
-                chunk_mma_swapped<1, true, true>(c, qa[u], qb[u], sza[u], szb[u], x_at, P.w, chunk0 + u, N, column_a,
-                                                 column_b);
-        }
-    } else {
-        // Chunk u of this warp's x into ring slot u % 2: lane l copies piece l % 16
-        // of rows l / 16 + 2 k (rows past `rows` are not copied; the ldmatrix
-        // rows of those read row 0).
-        const uint32_t ring = shared_address(shared_base) + warp * kXRingBytes;
-        const int piece = lane & 15, first_row = lane >> 4;
-        const __half* const x_src = P.xg + chunk0 * kPackRows + first_row * x_stride + piece * 8;
-        const auto stage = [&](int u) {
-#pragma unroll
-            for (int k = 0; k < kWholeKWideRows / 2; ++k) {
-                const int r = first_row + 2 * k;
-                if (r < rows)
-                    cp_async16(ring + (u % kXRingSlots) * kXRingSlotBytes + r * kXRingRowBytes +
-                                   ((piece ^ (r & 7)) << 4),
-                               x_src + 2 * k * x_stride + u * kPackRows);
-            }
-        };
-        // The epilogue's inputs travel with the first two chunks' x: one group.
-        if (chunks > 0) stage(0);
-        if (chunks > 1) stage(1);
-        if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait(epilogue, P, row, n, position, ahead);
-        cp_async_commit();
-
-        // Lane's ldmatrix row of tile n and its swizzle: pieces 2j + (lane >> 3)
-        // of the even step j lie at (2j ^ h) << 4, h = (lane >> 3) ^ (row % 8),
-        // which is p0 + 0 / 128 bytes for j = 0 / 4 and p4 + 0 / 128 for j = 2 / 6.
-        uint32_t p0[2], p4[2];
-#pragma unroll
-        for (int t2 = 0; t2 < 2; ++t2) {
-            const int r = t2 * 8 + (lane & 7), rc = r < rows ? r : 0, h = (lane >> 3) ^ (rc & 7);
-            const uint32_t base = ring + rc * kXRingRowBytes;
-            p0[t2] = base + (h << 4);
-            p4[t2] = base + ((4 ^ h) << 4);
-        }
-#pragma unroll
-        for (int u = 0; u < kWholeKWarpChunks; ++u) {
-            if (u >= chunks) break;
-            // Slot u was filled by the first group (u < 2) or by the group staged
-            // after chunk u - 2; at most the next chunk's may still be in flight.
-            if (u == 0 || u + 1 >= chunks)
-                cp_async_wait<0>();
-            else if (u >= 2)
-                cp_async_wait<1>();
-            __syncwarp();
-            const uint32_t slot = (u % kXRingSlots) * kXRingSlotBytes;
-            const auto x_at = [&](int t2, int j) {
-                return (j % 4 == 0 ? p0[t2] : p4[t2]) + slot + (j >= 4 ? 128 : 0);
-            };
-            if (mixed & (1u << u))
-                chunk_mma_swapped<2, false, false>(c, qa[u], qb[u], sza[u], szb[u], x_at, P.w, chunk0 + u, N,
-                                                   column_a, column_b);
-            else
-                chunk_mma_swapped<2, true, false>(c, qa[u], qb[u], sza[u], szb[u], x_at, P.w, chunk0 + u, N,
-                                                  column_a, column_b);
-            if (u + kXRingSlots < chunks) {
-                __syncwarp();  // every lane's ldmatrix of the slot is done
-                stage(u + kXRingSlots);
-                cp_async_commit();
-            }
-        }
-        __syncwarp();  // the ring's first bytes take the partial sums next
-    }
-
-    // The warps' partial sums [8 NT rows][16 columns]: lane (g, t) holds column
-    // g (tile a) and 8 + g (tile b) of rows 8 n + 2 t and 8 n + 2 t + 1.
-    const auto partial_sums = [&](int w) {
-        return NT == 1 ? &reinterpret_cast<WholeKSums*>(shared_base + whole_k_sums_offset<NT>(rows))->part[w][0][0]
-                       : reinterpret_cast<float*>(shared_base + w * kXRingBytes);
-    };
-    float* const totals =
-        NT == 1 ? &reinterpret_cast<WholeKSums*>(shared_base + whole_k_sums_offset<NT>(rows))->total[0][0]
-                : reinterpret_cast<float*>(shared_base + whole_k_sums_offset<NT>(rows));
+    // This warp's slice of x [rows][kWholeKSliceStride], rows 8..15 of each MMA
+    // step divided by 16 (the dequantization of the high nibbles expects it).
+    __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
     {
-        float* const part = partial_sums(warp);
+        const __half2 sixteenth = __float2half2_rn(0.0625f);
+        const int pieces = chunks * kPackRows / 8;
+        for (int i = lane; i < rows * pieces; i += 32) {
+            const int r = i / pieces, c = i - r * pieces;
+            uint4 v = *reinterpret_cast<const uint4*>(P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows +
+                                                      chunk0 * kPackRows + c * 8);
+            if (c & 1) {
+                __half2* h = reinterpret_cast<__half2*>(&v);
 #pragma unroll
-        for (int t2 = 0; t2 < NT; ++t2) {
-            const int r0 = t2 * 8 + 2 * t;
-            part[r0 * kWholeKColumns + g] = c[t2][0];
-            part[(r0 + 1) * kWholeKColumns + g] = c[t2][1];
-            part[r0 * kWholeKColumns + 8 + g] = c[t2][2];
-            part[(r0 + 1) * kWholeKColumns + 8 + g] = c[t2][3];
+                for (int e = 0; e < 4; ++e) h[e] = __hmul2(h[e], sixteenth);
+            }
+            *reinterpret_cast<uint4*>(xs + r * kWholeKSliceStride + c * 8) = v;
         }
     }
+    __syncwarp();
+    if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait(epilogue, P, row, n, position, ahead);
+    cp_async_commit();
+
+    float c[1][4] = {};
+    const __half* const x_row[1] = {xs + ((lane & 7) < rows ? (lane & 7) : 0) * kWholeKSliceStride + (lane >> 3) * 8};
+#pragma unroll
+    for (int u = 0; u < kWholeKWarpChunks; ++u) {
+        if (u >= chunks) break;
+        if (mixed & (1u << u))
+            chunk_mma_swapped<1, false>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                        column_a, column_b);
+        else
+            chunk_mma_swapped<1, true>(c, qa[u], qb[u], sza[u], szb[u], x_row, u * kPackRows, P.w, chunk0 + u, N,
+                                       column_a, column_b);
+    }
+
+    WholeKSums& sums = *reinterpret_cast<WholeKSums*>(shared_base + whole_k_sums_offset(rows));
+    sums.part[warp][2 * t][g] = c[0][0];
+    sums.part[warp][2 * t + 1][g] = c[0][1];
+    sums.part[warp][2 * t][8 + g] = c[0][2];
+    sums.part[warp][2 * t + 1][8 + g] = c[0][3];
     cp_async_wait<0>();
     n = output_of(thread_index(), &row, &lc);
     const bool owns = row < rows;
@@ -1123,16 +998,16 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     if (owns) {
         float total = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) total += partial_sums(w)[row * kWholeKColumns + lc];
+        for (int w = 0; w < kWarps; ++w) total += sums.part[w][row][lc];
         const __half* const bias = whole_k_bias(epilogue, P, n);  // again: fewer registers across the MMAs
         if (bias) total += half_in_word(ahead.bias[threadIdx.x], bias);
-        totals[row * kWholeKColumns + lc] = total;
+        sums.total[row][lc] = total;
     }
     __syncthreads();
     if (!owns) return;
-    const float y = totals[row * kWholeKColumns + lc];
+    const float y = sums.total[row][lc];
     if (epilogue.kind == SmallGemmEpilogue::kHeads) {
-        whole_k_finish_head(epilogue.heads, P, row, lc, n, y, ahead.in_range[threadIdx.x], totals, ahead);
+        whole_k_finish_head(epilogue.heads, P, row, lc, n, y, ahead.in_range[threadIdx.x], sums, ahead);
         return;
     }
     const ResidualEpilogueParams& p = epilogue.residual;
@@ -1246,23 +1121,21 @@ qattn_status clusters_fit(Kernel kernel, dim3 grid, size_t shared, size_t max_sh
     return QATTN_SUCCESS;
 }
 
-// The whole-K kernel's x tiles for this call (0: it does not take it): few
-// rows, K within its warps' registers, x staged or read in place (its warps
-// copy their slices), an even n-tile count, and an epilogue it can run on its
-// 16 columns: no head norms (they need whole heads), NeoX RoPE whose rotary and
-// pass-through parts come in whole tile pairs.
-int whole_k_tiles_for(const SmallGemmProblem* problems, int count, int rows, const SmallGemmEpilogue& ep) {
-    if (rows > kWholeKWideRows) return 0;
+// Whether the whole-K kernel takes this call: few rows, K within its warps'
+// registers, x staged or read in place (its warps copy their slices), an even
+// n-tile count, and an epilogue it can run on its 16 columns: no head norms (they
+// need whole heads), NeoX RoPE whose rotary and pass-through parts come in
+// whole tile pairs.
+bool whole_k_fits(const SmallGemmProblem* problems, int count, int rows, const SmallGemmEpilogue& ep) {
+    if (rows > kWholeKRows) return false;
     for (int i = 0; i < count; ++i)
-        if (!problems[i].xg || problems[i].w.chunks > kWholeKMaxChunks || problems[i].n_tiles % 2) return 0;
-    const int tiles = rows <= kWholeKRows ? 1 : 2;
-    if (ep.kind != SmallGemmEpilogue::kHeads) return tiles;
+        if (!problems[i].xg || problems[i].w.chunks > kWholeKMaxChunks || problems[i].n_tiles % 2) return false;
+    if (ep.kind != SmallGemmEpilogue::kHeads) return true;
     const HeadEpilogueParams& p = ep.heads;
     if (p.norm[0].type != QATTN_NORM_NONE || p.norm[1].type != QATTN_NORM_NONE || p.head_dim % kWholeKColumns)
-        return 0;
-    const bool pairs = p.rope != QATTN_ROPE_NEOX ||
-                       (p.rotary_dim % kWholeKColumns == 0 && (p.head_dim - p.rotary_dim) % kWholeKColumns == 0);
-    return pairs ? tiles : 0;
+        return false;
+    return p.rope != QATTN_ROPE_NEOX ||
+           (p.rotary_dim % kWholeKColumns == 0 && (p.head_dim - p.rotary_dim) % kWholeKColumns == 0);
 }
 
 }  // namespace
@@ -1276,8 +1149,7 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
     if (count > kMaxProblems || rows < 1 || rows > kSmallRows || (wants_finish && rows > kSmallGemmFinishRows))
         return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: %d problems, %d rows%s", count, rows,
                     wants_finish ? " with the epilogue" : "");
-    const int whole_k_tiles = wants_finish ? whole_k_tiles_for(problems, count, rows, requested) : 0;
-    if (whole_k_tiles > 0) {
+    if (wants_finish && whole_k_fits(problems, count, rows, requested)) {
         Batch batch{};
         batch.count = count;
         int blocks = 0;
@@ -1287,24 +1159,10 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
             blocks += problems[i].n_tiles / 2;
         }
         for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks;
-        if (whole_k_tiles == 1) {
-            QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", gptq4_gemm_whole_k_kernel<1>, dim3(blocks), kWarps * 32,
-                                 whole_k_shared_bytes<1>(rows), stream, batch, rows, requested));
-            *finished = true;
-            return QATTN_SUCCESS;
-        }
-        // Two tiles: only where the grid is one wave (a block's 4 chunks a warp
-        // are the most it can hold; the split-K kernels spread wider grids).
-        int per_sm = 0;
-        const size_t shared = whole_k_shared_bytes<2>(rows);
-        QATTN_TRY(blocks_per_sm(gptq4_gemm_whole_k_kernel<2>, kWarps * 32, shared,
-                                whole_k_shared_bytes<2>(kWholeKWideRows), &per_sm));
-        if (blocks <= int64_t(per_sm) * std::max(sm_count, 1)) {
-            QATTN_TRY(launch_pdl("gptq4_gemm_whole_k (two x tiles)", gptq4_gemm_whole_k_kernel<2>, dim3(blocks),
-                                 kWarps * 32, shared, stream, batch, rows, requested));
-            *finished = true;
-            return QATTN_SUCCESS;
-        }
+        QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", gptq4_gemm_whole_k_kernel, dim3(blocks), kWarps * 32,
+                             whole_k_shared_bytes(rows), stream, batch, rows, requested));
+        *finished = true;
+        return QATTN_SUCCESS;
     }
     // rows <= 16: the swapped kernel, 16 columns a warp; else 8 columns a warp.
     const bool swapped = rows <= 16;

@@ -113,10 +113,9 @@ qattn_status launch_residual_epilogue(const ResidualEpilogueParams& p, cudaStrea
 // The small-row GEMM can finish the phase itself (kHeads: bias, head norm, RoPE
 // on ranges of whole heads, 128 % head_dim == 0; kResidual: no post-norm, which
 // needs whole rows). Only the projections of the GEMM may feed the accumulator
-// (no LoRA, no cuBLAS part). At up to 16 rows, K up to 4096 and no head norms,
-// a block computes 16 columns over the whole K and finishes them (no
-// accumulator at all; beyond 4 rows only where that grid is one wave); else two
-// ways, for up to kSmallGemmFinishRows rows:
+// (no LoRA, no cuBLAS part). At up to 4 rows, K up to 4096 and no head norms, a
+// block computes 16 columns over the whole K and finishes them (no accumulator
+// at all); else two ways, for up to kSmallGemmFinishRows rows:
 //  - its split-K blocks of a column range form a thread block cluster (sm_90)
 //    and add their partial sums in distributed shared memory; the epilogue is
 //    spread over the cluster's blocks. No atomics and no global round trip.
