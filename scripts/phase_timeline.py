@@ -10,8 +10,8 @@ turn, replayed under the torch profiler; times from the kernels' trace events.
 
 Prints per case and part: the kernels of one layer in the middle of the loop,
 each with its start relative to the layer's first kernel, its duration, the
-gap since the previous kernel ended (negative: overlap) and its shared memory a
-block and blocks an SM (as the profiler records them), then the layer's span
+gap since the previous kernel ended (negative: overlap), its shared memory a
+block and its grid over the SMs (the profiler's "blocks per SM"), then the layer's span
 and its kernels' summed time. The per-layer time of a replay divided by the
 layers (median of 20 replays) is printed too, the number the bench reports
 (there: medians of 100)."""
@@ -63,8 +63,8 @@ def report(label, kernels, layers, replays):
     for e in one:
         gap = "" if end is None else "%+7.1f" % (e["ts"] - end)
         a = e.get("args", {})
-        # Shared memory a block and blocks an SM: what decides the SMs' L1 /
-        # shared split, which an SM changes only when idle.
+        # Shared memory a block decides the SMs' L1 / shared split, which an SM
+        # changes only when idle; "blocks per SM" is the grid over the SMs.
         occupancy = "%6s B %5s/SM" % (a.get("shared memory", "?"), a.get("blocks per SM", "?"))
         print("  %8.1f  %7.1f  %7s  %s  %s" % (e["ts"] - t0, e["dur"], gap, occupancy, short(e["name"])))
         end = max(end or 0.0, e["ts"] + e["dur"])
