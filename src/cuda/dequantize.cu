@@ -4,6 +4,7 @@
 // its 8 columns a chunk of 128 rows at a time into shared memory (in the MMA
 // fragment order it loads), then writes each column's 256 bytes with 16-byte stores.
 // The arithmetic is the small-row kernel's, so both paths use the same weights.
+#include "cuda/gptq4_nibbles.cuh"
 #include "cuda/kernels.h"
 
 #include <algorithm>
@@ -69,13 +70,9 @@ __global__ void __launch_bounds__(kWarps * 32) dequantize_gptq4_kernel(Dequantiz
                 mixed ? w.scale_zero[static_cast<size_t>(w.step_group[chunk * 8 + j]) * N + column] : first_sz[u];
             const __half2 scale = __half2half2(__low2half(sz)), zero = __half2half2(__high2half(sz));
             const uint32_t word = words[j >> 1] >> ((j & 1) * 8);
-#pragma unroll
-            for (int half_step = 0; half_step < 2; ++half_step) {
-                uint32_t h = ((word >> (4 * half_step)) & 0x000F000Fu) | 0x64006400u;
-                // packed rows 2t (+8), 2t + 1 (+8) of step j
-                col[(j * 16 + 2 * t + 8 * half_step) / 2] =
-                    __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), zero), scale);
-            }
+            // packed rows 2t, 2t + 1 of step j, then the same + 8
+            col[(j * 16 + 2 * t) / 2] = __hmul2(low_nibbles_minus_zero(word, minus_low_offset(zero)), scale);
+            col[(j * 16 + 2 * t + 8) / 2] = __hmul2(high_nibbles_minus_zero(word, minus_high_offset(zero)), scale);
         }
         __syncwarp();
         // Lane l writes rows 8 (l % 16) .. + 7 of columns l / 16 + 2 i.

@@ -7,8 +7,8 @@
 //    for the kernel that wrote x: programmatic launch), dequantized straight
 //    into the B fragment:
 //      nibble pair -> (lop3 with 0x6400) -> fp16 1024 + q -> minus (1024 + z) -> times scale
-//    (all exact but the final rounding: the fp16 value of the weight); x comes
-//    from shared memory by ldmatrix.
+//    (all exact but the final rounding: the fp16 value of the weight;
+//    gptq4_nibbles.cuh); x comes from shared memory by ldmatrix.
 //  - gptq4_gemm_swapped (1..16 rows): the weights are the m16 operand and x the
 //    n8 one; the weights wait in registers (grids of up to two waves) or stream
 //    through a cp.async pipeline in shared memory (longer K slices).
@@ -27,6 +27,7 @@
 // the phase is one kernel.
 #include "cuda/cp_async.cuh"
 #include "cuda/epilogues.cuh"
+#include "cuda/gptq4_nibbles.cuh"
 #include "cuda/kernels.h"
 #include "cuda/occupancy.h"
 #include "cuda/pdl.cuh"
@@ -84,25 +85,14 @@ __device__ __forceinline__ void load_perm(int (&src)[PU], const SmallGemmProblem
 
 // xs[r * stride + kk] = x of row r at packed row chunk0 * 128 + kk, kk < span,
 // from x pre-gathered into packed row order (by the input staging): a
-// contiguous copy with 16-byte accesses. HI_SIXTEENTH: rows 8..15 of every
-// 16-row MMA step are divided by 16 (exact in fp16 but for results below
-// 2^-14), which the swapped kernel's dequantization of the high nibbles (16 q
-// without a shift) expects.
-template <bool HI_SIXTEENTH>
+// contiguous copy with 16-byte accesses.
 __device__ __forceinline__ void copy_x(__half* xs, int stride, const SmallGemmProblem& P, int rows, int chunk0,
                                        int span) {
-    const __half2 sixteenth = __float2half2_rn(0.0625f);
     const int pieces = span / 8, total = rows * pieces;
     for (int i = threadIdx.x; i < total; i += blockDim.x) {
         const int r = i / pieces, c = i - r * pieces;
-        uint4 v = *reinterpret_cast<const uint4*>(P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows +
-                                                  chunk0 * kPackRows + c * 8);
-        if (HI_SIXTEENTH && (c & 1)) {
-            __half2* h = reinterpret_cast<__half2*>(&v);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) h[e] = __hmul2(h[e], sixteenth);
-        }
-        *reinterpret_cast<uint4*>(xs + r * stride + c * 8) = v;
+        *reinterpret_cast<uint4*>(xs + r * stride + c * 8) = *reinterpret_cast<const uint4*>(
+            P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows + c * 8);
     }
 }
 
@@ -111,7 +101,7 @@ __device__ __forceinline__ void copy_x(__half* xs, int stride, const SmallGemmPr
 // few rows; 8 (perm, x) load pairs per thread in flight.
 __device__ __forceinline__ void stage_x(__half* xs, int stride, const SmallGemmProblem& P, const __half* x,
                                         int x_stride, int rows, int chunk0, int span) {
-    if (P.xg) return copy_x<false>(xs, stride, P, rows, chunk0, span);
+    if (P.xg) return copy_x(xs, stride, P, rows, chunk0, span);
     const int total = rows * span;
     for (int base = threadIdx.x; base < total; base += 8 * blockDim.x) {
         __half v[8];
@@ -136,35 +126,25 @@ __device__ __forceinline__ void stage_x(__half* xs, int stride, const SmallGemmP
     }
 }
 
-// The swapped kernel's staging (rows 8..15 of a step / 16); the gather reads
-// perm from registers (src, loaded before the wait for x).
+// The swapped kernel's staging; its gather reads perm from registers (src,
+// loaded before the wait for x).
 template <int PU>
 __device__ __forceinline__ void stage_x_swapped(__half* xs, int stride, const SmallGemmProblem& P,
                                                 const int (&src)[PU], const __half* x, int x_stride, int rows,
                                                 int chunk0, int span) {
-    if (P.xg) return copy_x<true>(xs, stride, P, rows, chunk0, span);
-    const __half sixteenth = __float2half(0.0625f);
+    if (P.xg) return copy_x(xs, stride, P, rows, chunk0, span);
 #pragma unroll 2
     for (int r = 0; r < rows; ++r) {
         __half v[PU];
 #pragma unroll
-        for (int u = 0; u < PU; ++u) {
+        for (int u = 0; u < PU; ++u)
             v[u] = src[u] >= 0 ? x[static_cast<size_t>(r) * x_stride + src[u]] : __float2half(0.0f);
-            if ((threadIdx.x + u * blockDim.x) & 8) v[u] = __hmul(v[u], sixteenth);
-        }
 #pragma unroll
         for (int u = 0; u < PU; ++u) {
             const int kk = threadIdx.x + u * blockDim.x;
             if (kk < span) xs[r * stride + kk] = v[u];
         }
     }
-}
-
-// Two nibbles at bits [0,4) and [16,20) of `bits` -> fp16x2 weights.
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t bits, __half2 scale, __half2 zero) {
-    uint32_t h = (bits & 0x000F000Fu) | 0x64006400u;
-    __half2 v = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&h), zero), scale);
-    return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // The four 8x8 fp16 tiles of an m16k16 A fragment from shared memory: lane l
@@ -196,7 +176,8 @@ __device__ __forceinline__ void chunk_mma(float (&c)[2][MT][4], const uint4& q, 
                                           int chunk, int N, int column) {
     int current = ONE_GROUP ? 0 : w.step_group[chunk * 8];
     __half2 scale = __half2half2(__low2half(sz));
-    __half2 zero = __half2half2(__high2half(sz));
+    __half2 low = minus_low_offset(__half2half2(__high2half(sz)));
+    __half2 high = minus_high_offset(__half2half2(__high2half(sz)));
     const uint32_t words[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
@@ -206,12 +187,14 @@ __device__ __forceinline__ void chunk_mma(float (&c)[2][MT][4], const uint4& q, 
                 current = gj;
                 const __half2 s = w.scale_zero[static_cast<size_t>(gj) * N + column];
                 scale = __half2half2(__low2half(s));
-                zero = __half2half2(__high2half(s));
+                low = minus_low_offset(__half2half2(__high2half(s)));
+                high = minus_high_offset(__half2half2(__high2half(s)));
             }
         }
         const uint32_t bits = words[j >> 1] >> ((j & 1) * 8);
-        const uint32_t b0 = dequant_pair(bits, scale, zero);
-        const uint32_t b1 = dequant_pair(bits >> 4, scale, zero);
+        const __half2 w0 = __hmul2(low_nibbles_minus_zero(bits, low), scale);
+        const __half2 w1 = __hmul2(high_nibbles_minus_zero(bits, high), scale);
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&w0), b1 = *reinterpret_cast<const uint32_t*>(&w1);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
             uint32_t a0, a1, a2, a3;
@@ -309,12 +292,10 @@ __global__ void __launch_bounds__(kWarps * 32, 3) gptq4_gemm_small_kernel(Batch 
 // columns: the packed n-tiles 2i and 2i+1, whose B fragments of lane (g, t) are
 // exactly its A fragment registers a0/a2 and a1/a3) and x one or two n8
 // operands, so at most 7 MMA rows are wasted and each weight fragment serves
-// both x tiles. The low nibbles
-// of a word (rows 0..7 of a step) give 1024 + q and the high ones (rows 8..15)
-// 1024 + 16 q by one lop3 each without a shift, x of rows 8..15 having been
-// divided by 16 when staged. ONE_GROUP chunks subtract the zero only (exact
-// small integers) and apply the scale once per chunk in fp32; chunks spanning
-// several groups scale in fp16 per step.
+// both x tiles. The low nibbles of a word (rows 0..7 of a step) and the high
+// ones (rows 8..15) become q - z without a shift (gptq4_nibbles.cuh). ONE_GROUP
+// chunks subtract the zero only (exact small integers) and apply the scale once
+// per chunk in fp32; chunks spanning several groups scale in fp16 per step.
 // Two ways to keep the weights in flight. In registers: each lane issues the
 // loads of all the block's chunks (CHUNKS: up to 4, 8 loads of 16 bytes, at
 // one x tile; two x tiles take 2, or 3 with a few spills) before anything else,
@@ -365,10 +346,11 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
                                                   __half2 szb, const __half* const (&x_row)[NT], int kbase,
                                                   const PackedGptq4& w,
                                                   int chunk, int N, int column_a, int column_b) {
-    const __half2 sixteen = __float2half2_rn(16.0f), bias16 = __float2half2_rn(15360.0f);
-    // (1024 + z, 1024 + 16 z) per column; scales as fp16 (mixed) or fp32 (one group).
+    // -(1024 + z) and -(64 + z) per column (gptq4_nibbles.cuh); scales as fp16
+    // (mixed) or fp32 (one group).
     __half2 za = __half2half2(__high2half(sza)), zb = __half2half2(__high2half(szb));
-    __half2 za16 = __hsub2(__hmul2(za, sixteen), bias16), zb16 = __hsub2(__hmul2(zb, sixteen), bias16);
+    __half2 low_a = minus_low_offset(za), high_a = minus_high_offset(za);
+    __half2 low_b = minus_low_offset(zb), high_b = minus_high_offset(zb);
     __half2 sa = __half2half2(__low2half(sza)), sb = __half2half2(__low2half(szb));
     int current = ONE_GROUP ? 0 : w.step_group[chunk * 8];
     const uint32_t words_a[4] = {qa.x, qa.y, qa.z, qa.w}, words_b[4] = {qb.x, qb.y, qb.z, qb.w};
@@ -385,8 +367,8 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
                 const __half2 b = w.scale_zero[static_cast<size_t>(gj) * N + column_b];
                 za = __half2half2(__high2half(a));
                 zb = __half2half2(__high2half(b));
-                za16 = __hsub2(__hmul2(za, sixteen), bias16);
-                zb16 = __hsub2(__hmul2(zb, sixteen), bias16);
+                low_a = minus_low_offset(za), high_a = minus_high_offset(za);
+                low_b = minus_low_offset(zb), high_b = minus_high_offset(zb);
                 sa = __half2half2(__low2half(a));
                 sb = __half2half2(__low2half(b));
             }
@@ -397,12 +379,8 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
             for (int n = 0; n < NT; ++n) ldmatrix_x4(b[n][0], b[n][1], b[n][2], b[n][3], x_row[n] + kbase + j * 16);
         }
         const uint32_t wa = words_a[j >> 1] >> ((j & 1) * 8), wb = words_b[j >> 1] >> ((j & 1) * 8);
-        uint32_t lo_a = (wa & 0x000F000Fu) | 0x64006400u, hi_a = (wa & 0x00F000F0u) | 0x64006400u;
-        uint32_t lo_b = (wb & 0x000F000Fu) | 0x64006400u, hi_b = (wb & 0x00F000F0u) | 0x64006400u;
-        __half2 a0 = __hsub2(*reinterpret_cast<__half2*>(&lo_a), za);
-        __half2 a2 = __hsub2(*reinterpret_cast<__half2*>(&hi_a), za16);
-        __half2 a1 = __hsub2(*reinterpret_cast<__half2*>(&lo_b), zb);
-        __half2 a3 = __hsub2(*reinterpret_cast<__half2*>(&hi_b), zb16);
+        __half2 a0 = low_nibbles_minus_zero(wa, low_a), a2 = high_nibbles_minus_zero(wa, high_a);
+        __half2 a1 = low_nibbles_minus_zero(wb, low_b), a3 = high_nibbles_minus_zero(wb, high_b);
         if (!ONE_GROUP) {
             a0 = __hmul2(a0, sa), a2 = __hmul2(a2, sa);
             a1 = __hmul2(a1, sb), a3 = __hmul2(a3, sb);
@@ -573,7 +551,7 @@ __global__ void __launch_bounds__(kWarps * 32, (NT == 2 && !FINISH && !STREAMED 
     constexpr int kSlots = STREAMED ? 1 : kRolling ? 2 : CHUNKS;
     extern __shared__ __align__(16) unsigned char shared_base[];
     SwapStage* const all_stages = reinterpret_cast<SwapStage*>(shared_base);
-    // x [rows][stride], rows 8..15 of each step / 16, after the stages.
+    // x [rows][stride], after the stages.
     __half* const xs = reinterpret_cast<__half*>(shared_base + (STREAMED ? kSwapStagesBytes : 0));
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
@@ -951,22 +929,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     // Issued before the x slice's loads so that the two round trips overlap.
     const int position =
         row < rows && epilogue.kind == SmallGemmEpilogue::kHeads ? whole_k_position(epilogue.heads, row) : 0;
-    // This warp's slice of x [rows][kWholeKSliceStride], rows 8..15 of each MMA
-    // step divided by 16 (the dequantization of the high nibbles expects it).
+    // This warp's slice of x [rows][kWholeKSliceStride].
     __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
     {
-        const __half2 sixteenth = __float2half2_rn(0.0625f);
         const int pieces = chunks * kPackRows / 8;
         for (int i = lane; i < rows * pieces; i += 32) {
             const int r = i / pieces, c = i - r * pieces;
-            uint4 v = *reinterpret_cast<const uint4*>(P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows +
-                                                      chunk0 * kPackRows + c * 8);
-            if (c & 1) {
-                __half2* h = reinterpret_cast<__half2*>(&v);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) h[e] = __hmul2(h[e], sixteenth);
-            }
-            *reinterpret_cast<uint4*>(xs + r * kWholeKSliceStride + c * 8) = v;
+            *reinterpret_cast<uint4*>(xs + r * kWholeKSliceStride + c * 8) = *reinterpret_cast<const uint4*>(
+                P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows + c * 8);
         }
     }
     __syncwarp();
