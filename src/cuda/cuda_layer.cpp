@@ -488,7 +488,9 @@ private:
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
         }
-        return finished ? QATTN_SUCCESS : launch_head_epilogue(e, s);
+        if (finished) return QATTN_SUCCESS;
+        e.caller_data_ready_at_start = small_count == 3 && !any_lora;
+        return launch_head_epilogue(e, s);
     }
 
     HeadEpilogueParams head_epilogue(const Forward1Call& call, float* acc) const {

@@ -24,7 +24,10 @@ __device__ __forceinline__ void load_vec_l2(const float* p, float (&v)[V]) {
 
 // What the heads of one row share: its position (RoPE; in_range: inside the
 // tables), its KV-cache slot (-1 without kv_slots) and its rows of the sin/cos
-// tables (in global or shared memory; null when not rotated).
+// tables (in global or shared memory; null when not rotated). past_lens and
+// kv_slots are read through the L2, so that a kernel may read them before its
+// wait for the kernel before it: no SM's L1 then holds a copy older than the
+// caller's last write.
 struct HeadRow {
     bool in_range = true;
     int64_t slot = -1;
@@ -36,14 +39,14 @@ __device__ __forceinline__ HeadRow head_row(const HeadEpilogueParams& p, int row
     HeadRow r;
     if (rotate) {
         const int sequence = row / p.q_len;
-        const int position = (p.past_lens ? p.past_lens[sequence] : p.past_len) + (row - sequence * p.q_len);
+        const int position = (p.past_lens ? __ldcg(p.past_lens + sequence) : p.past_len) + (row - sequence * p.q_len);
         r.in_range = position >= 0 && position < p.max_positions;
         if (r.in_range) {
             r.sin = p.sin + static_cast<size_t>(position) * (p.rotary_dim / 2);
             r.cos = p.cos + static_cast<size_t>(position) * (p.rotary_dim / 2);
         }
     }
-    if (slot && p.kv_slots) r.slot = p.kv_slots[row];
+    if (slot && p.kv_slots) r.slot = __ldcg(p.kv_slots + row);
     return r;
 }
 
@@ -192,14 +195,19 @@ __device__ __forceinline__ void finish_loaded_head(const HeadEpilogueParams& p, 
     __syncwarp();
 }
 
+// The row data that head h of `row` needs (head_row).
+__device__ __forceinline__ HeadRow head_row_of(const HeadEpilogueParams& p, int row, int h) {
+    int head = 0;
+    const int proj = head_projection(p, h, &head);
+    return head_row(p, row, proj < 2 && p.rope != QATTN_ROPE_NONE, proj > 0);
+}
+
 // Both steps for one (row, head), the head reading its row's position and slot
 // itself. All its global loads (accumulator, bias, position, then sin/cos) are
 // issued before the first use, so the warp waits out about two memory latencies.
 template <int V, int MAX_D>
 __device__ __forceinline__ void finish_head(const HeadEpilogueParams& p, int row, int h, float* buf) {
-    int head = 0;
-    const int proj = head_projection(p, h, &head);
-    const HeadRow r = head_row(p, row, proj < 2 && p.rope != QATTN_ROPE_NONE, proj > 0);
+    const HeadRow r = head_row_of(p, row, h);
     HeadValues<V, MAX_D> in;
     load_head<V, MAX_D>(p, row, h, in);
     finish_loaded_head<V, MAX_D>(p, row, h, buf, r, in);

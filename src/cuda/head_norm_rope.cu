@@ -33,9 +33,21 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogue
     const int heads = p.num_heads + 2 * p.num_kv_heads;
     const int task = blockIdx.x * kWarps + warp;
     if (task >= p.rows * heads) return;
+    const int row = task / heads, h = task - row * heads;
+    float* const buf = head_buffers + warp * p.head_dim;
+    if (!p.caller_data_ready_at_start) {
+        wait_for_producers();
+        finish_head<V, MAX_D>(p, row, h, buf);
+        return;
+    }
+    // The position (and so the sin/cos rows) and the KV slot before the wait:
+    // after it only the accumulator, bias and tables are read, all at once, so
+    // the tail after the GEMM is one memory latency instead of two.
+    const HeadRow r = head_row_of(p, row, h);
     wait_for_producers();
-    const int row = task / heads;
-    finish_head<V, MAX_D>(p, row, task - row * heads, head_buffers + warp * p.head_dim);
+    HeadValues<V, MAX_D> in;
+    load_head<V, MAX_D>(p, row, h, in);
+    finish_loaded_head<V, MAX_D>(p, row, h, buf, r, in);
 }
 
 // Many rows: a block finishes a row at a time, a thread per 8 consecutive

@@ -92,6 +92,11 @@ struct HeadEpilogueParams {
     const int32_t* kv_slots = nullptr;  // [rows], or null
     int64_t num_kv_slots = 0;
     int* error_flag = nullptr;  // set to 1 when a row's position or KV slot is out of range
+    // The kernel before the epilogue is the decode GEMM, which lets the next
+    // kernel start only after its own wait: everything the caller ran before the
+    // phase has then ended, so the epilogue may read past_lens and kv_slots
+    // before its wait (head_norm_rope.cu).
+    bool caller_data_ready_at_start = false;
 };
 // Whether every destination of the head epilogue is 8-byte aligned (4 halves a lane access).
 bool head_outputs_aligned8(const HeadEpilogueParams& p);
