@@ -58,7 +58,7 @@ note "card: ${CARD:-none}; commit: $COMMIT; date: $(date -u +%FT%TZ)"
 # .whl (see docs/GPU.md) and are installed only where the import fails.
 if [[ -d .whl ]]; then
     missing=()
-    python3 -c "import pytest" 2>/dev/null || missing+=(.whl/pytest-* .whl/pluggy-* .whl/iniconfig-*)
+    python3 -c "import pytest" 2>/dev/null || missing+=(.whl/pytest-* .whl/pluggy-* .whl/iniconfig-* .whl/pygments-*)
     python3 -c "import matplotlib" 2>/dev/null || missing+=(.whl/matplotlib-* .whl/contourpy-* .whl/cycler-* \
         .whl/fonttools-* .whl/kiwisolver-* .whl/pyparsing-* .whl/python_dateutil-*)
     if ((${#missing[@]})); then
