@@ -38,9 +38,4 @@ __device__ __forceinline__ __half2 minus_high_offset(__half2 zero_1024) {
     return __hsub2(__float2half2_rn(960.0f), zero_1024);
 }
 
-// Both offsets in one register: low half -(1024 + z), high half -(64 + z).
-__device__ __forceinline__ __half2 nibble_offsets(__half zero_1024) {
-    return __halves2half2(__hneg(zero_1024), __hsub(__float2half(960.0f), zero_1024));
-}
-
 }  // namespace qattn::cuda

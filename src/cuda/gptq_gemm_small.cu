@@ -346,11 +346,11 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
                                                   __half2 szb, const __half* const (&x_row)[NT], int kbase,
                                                   const PackedGptq4& w,
                                                   int chunk, int N, int column_a, int column_b) {
-    // Both offsets of a column's zero in one register (gptq4_nibbles.cuh), each
-    // half taken by the HADD2 / HFMA2 operand's half selector: a register a
-    // column fewer than one an offset, where the 16-row 2-chunk kernel spilled at
-    // its 64 registers. Scales as fp16 (mixed) or fp32 (one group).
-    __half2 off_a = nibble_offsets(__high2half(sza)), off_b = nibble_offsets(__high2half(szb));
+    // -(1024 + z) and -(64 + z) per column (gptq4_nibbles.cuh); scales as fp16
+    // (mixed) or fp32 (one group).
+    __half2 za = __half2half2(__high2half(sza)), zb = __half2half2(__high2half(szb));
+    __half2 low_a = minus_low_offset(za), high_a = minus_high_offset(za);
+    __half2 low_b = minus_low_offset(zb), high_b = minus_high_offset(zb);
     __half2 sa = __half2half2(__low2half(sza)), sb = __half2half2(__low2half(szb));
     int current = ONE_GROUP ? 0 : w.step_group[chunk * 8];
     const uint32_t words_a[4] = {qa.x, qa.y, qa.z, qa.w}, words_b[4] = {qb.x, qb.y, qb.z, qb.w};
@@ -365,8 +365,10 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
                 current = gj;
                 const __half2 a = w.scale_zero[static_cast<size_t>(gj) * N + column_a];
                 const __half2 b = w.scale_zero[static_cast<size_t>(gj) * N + column_b];
-                off_a = nibble_offsets(__high2half(a));
-                off_b = nibble_offsets(__high2half(b));
+                za = __half2half2(__high2half(a));
+                zb = __half2half2(__high2half(b));
+                low_a = minus_low_offset(za), high_a = minus_high_offset(za);
+                low_b = minus_low_offset(zb), high_b = minus_high_offset(zb);
                 sa = __half2half2(__low2half(a));
                 sb = __half2half2(__low2half(b));
             }
@@ -377,10 +379,8 @@ __device__ __forceinline__ void chunk_mma_swapped(float (&acc)[NT][4], const uin
             for (int n = 0; n < NT; ++n) ldmatrix_x4(b[n][0], b[n][1], b[n][2], b[n][3], x_row[n] + kbase + j * 16);
         }
         const uint32_t wa = words_a[j >> 1] >> ((j & 1) * 8), wb = words_b[j >> 1] >> ((j & 1) * 8);
-        __half2 a0 = low_nibbles_minus_zero(wa, __low2half2(off_a));
-        __half2 a2 = high_nibbles_minus_zero(wa, __high2half2(off_a));
-        __half2 a1 = low_nibbles_minus_zero(wb, __low2half2(off_b));
-        __half2 a3 = high_nibbles_minus_zero(wb, __high2half2(off_b));
+        __half2 a0 = low_nibbles_minus_zero(wa, low_a), a2 = high_nibbles_minus_zero(wa, high_a);
+        __half2 a1 = low_nibbles_minus_zero(wb, low_b), a3 = high_nibbles_minus_zero(wb, high_b);
         if (!ONE_GROUP) {
             a0 = __hmul2(a0, sa), a2 = __hmul2(a2, sa);
             a1 = __hmul2(a1, sb), a3 = __hmul2(a3, sb);
