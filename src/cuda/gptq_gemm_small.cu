@@ -21,7 +21,7 @@
 // block cluster that adds them in distributed shared memory and runs the
 // epilogue together (up to 16 rows: finish_in_cluster). Or K is split across
 // the warps of one block that owns 16 columns (gptq4_gemm_whole_k: up to 4
-// rows, K up to 4096, finishing the phase; up to 2 rows in input order it also
+// rows, K up to 4096, finishing the phase; at one row in input order it also
 // applies the input norm, as every block reads the whole row of x), and the
 // sums meet in its shared memory. The epilogue applies
 // bias / head norm / RoPE (forward1) or adds to the residual (forward2), so

@@ -144,7 +144,7 @@ struct SmallGemmEpilogue {
 // the layer input [rows, width] (fp16 or fp32, 16-byte aligned, row stride
 // width), normalised (or only converted, norm.type NONE) as stage_rows would,
 // which saves the staging kernel and its boundary at decode.
-constexpr int kSmallGemmNormRows = 2;
+constexpr int kSmallGemmNormRows = 1;
 struct SmallGemmInputNorm {
     const void* x = nullptr;
     bool x_fp32 = false;
