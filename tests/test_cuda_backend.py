@@ -233,23 +233,6 @@ def test_decode_columns_over_the_whole_k(rope, rotary_dim, rows, residual_fp32, 
         pair.check(rows, 1, gen, past_len=4 + step)
 
 
-# At one row, with every matrix in input order (no act-order), the
-# whole-K GEMM applies the input norm itself instead of a staging kernel: each
-# norm (None: only the fp32 residual's conversion), fp16 and fp32 residuals, K =
-# 4096 and 512 (warps without a chunk still join the block's sums), and 2 and 3
-# rows, staged as before. Two calls each.
-@pytest.mark.parametrize("input_norm", [None, "rms", "layer", "layer_bias"])
-@pytest.mark.parametrize("hidden", [4096, 512])
-@pytest.mark.parametrize("rows", [1, 2, 3])
-@pytest.mark.parametrize("residual_fp32", [False, True])
-def test_decode_input_norm_in_the_gemm(input_norm, hidden, rows, residual_fp32, gen):
-    spec = Spec(hidden=hidden, heads=4, kv_heads=2, head_dim=128, input_norm=input_norm, biases=True,
-                residual_fp32=residual_fp32, max_rows=4)
-    pair = Pair(spec, gen)
-    for step in range(2):
-        pair.check(rows, 1, gen, past_len=4 + step)
-
-
 @pytest.mark.parametrize("batch,q_len", [(1, 1), (8, 4), (3, 40)])
 def test_uneven_shapes_pad_groups(batch, q_len, gen):
     # K = 200 is not a multiple of 128 and group 6 holds only 8 rows: the packed

@@ -1,7 +1,6 @@
 // The attention block on a CUDA device. forward1:
 //   [input norm -> fp16, written in input order and/or gathered into the packed
-//   row order of the GPTQ matrices, one kernel; at up to kSmallGemmNormRows rows
-//   in input order the decode GEMM normalises x itself]  ->  Q|K|V into one fp32
+//   row order of the GPTQ matrices, one kernel]  ->  Q|K|V into one fp32
 //   accumulator (packed GPTQ 4-bit and <= 32 rows: one tensor-core launch for all
 //   three; otherwise cuBLAS, with packed weights dequantized a bounded slice of
 //   columns at a time against the gathered x)  ->  LoRA
@@ -408,47 +407,11 @@ private:
     qattn_status forward1_body(const Forward1Call& call, cudaStream_t s) {
         const int rows = call.rows, H = info_.hidden_size;
         const bool small_rows = rows <= kSmallRows;
-        bool any_lora = false;
-        for (int p = 0; p < 3; ++p) any_lora = any_lora || !(*call.loras)[p].empty();
-        // Beyond the small-row path and without LoRA, Q|K|V leave cuBLAS in fp16
-        // (its fp32 sums rounded once, as the outputs will be): half the bytes to
-        // write and for the epilogue to read back.
-        float* acc = small_rows ? scratch_->get<float>(CudaScratch::kAccQkv) : scratch_->get<float>(CudaScratch::kSums);
-        __half* acc16 = !small_rows && !any_lora ? scratch_->get<__half>(CudaScratch::kSums) : nullptr;
-        HeadEpilogueParams e = head_epilogue(call, acc);
-        e.acc16 = acc16;
-        SmallGemmProblem small[3];
-        int small_proj[3] = {}, small_count = 0;
-        for (int p = 0; p < 3; ++p)
-            if (proj_[p]->packed() && small_rows) {
-                small_proj[small_count] = p;
-                small[small_count++] = SmallGemmProblem{proj_[p]->packed_gptq(),
-                                                        static_cast<int>(proj_[p]->out_features() / 8), column_[p]};
-            }
-        SmallGemmEpilogue finish;
-        if (small_count == 3 && !any_lora && rows <= kSmallGemmFinishRows && small_gemm_can_finish_heads(e)) {
-            finish.kind = SmallGemmEpilogue::kHeads;
-            finish.counters = scratch_->get<int>(CudaScratch::kCounters);
-            finish.heads = e;
-        }
-        // At a few rows the GEMM normalises x itself where every matrix reads it
-        // in input order: the phase is one kernel.
-        SmallGemmInputNorm input;
-        input.x = call.x;
-        input.x_fp32 = info_.residual_fp32;
-        input.width = H;
-        input.norm = input_norm_.params();
-        bool identity = true;
-        for (int p = 0; p < 3; ++p) identity = identity && proj_[p]->identity_order();
-        const bool norm_in_gemm = stages_input_ && small_count == 3 && identity &&
-                                  finish.kind != SmallGemmEpilogue::kNone &&
-                                  small_gemm_can_normalize_input(small, small_count, rows, finish, input);
-
-        // Otherwise the staging of x (norm, fp32 -> fp16) also gathers it into the
-        // packed row order of the first packed matrix that has one; x in input order
-        // is written only where something reads it: dense matrices, packed ones in
-        // input order (no act-order), LoRA, a packed matrix with another row order,
-        // or the small-row kernel gathering for itself.
+        // The staging of x (norm, fp32 -> fp16) also gathers it into the packed row
+        // order of the first packed matrix that has one; x in input order is
+        // written only where something reads it: dense matrices, packed ones in
+        // input order (no act-order), LoRA, a packed matrix with another row
+        // order, or the small-row kernel gathering for itself.
         int gather_for = -1;
         bool need_plain = false;
         for (int p = 0; p < 3; ++p) {
@@ -464,14 +427,14 @@ private:
         gathered_order_ = -1;
         if (!small_rows) QATTN_TRY(dequantize_ahead(0, s));
         const __half* x = static_cast<const __half*>(call.x);
-        if (stages_input_ && !norm_in_gemm) {
+        if (stages_input_) {
             StageRowsParams st;
             st.x = call.x;
             st.x_fp32 = info_.residual_fp32;
             st.rows = rows;
             st.width = H;
             st.ldx = H;
-            st.norm = input.norm;
+            st.norm = input_norm_.params();
             if (need_plain) {
                 st.out = scratch_->get<__half>(CudaScratch::kNormed);
                 x = st.out;
@@ -487,15 +450,35 @@ private:
         }
         if (stage_gather) gathered_order_ = gather_for;
 
-        for (int i = 0; i < small_count; ++i) {
-            const int p = small_proj[i];
-            small[i].xg = proj_[p]->identity_order() && is_aligned(x, 16) ? x
-                          : gathered_order_ == order_[p]                  ? scratch_->get<__half>(CudaScratch::kGathered)
-                                                                          : nullptr;
+        bool any_lora = false;
+        for (int p = 0; p < 3; ++p) any_lora = any_lora || !(*call.loras)[p].empty();
+        // Beyond the small-row path and without LoRA, Q|K|V leave cuBLAS in fp16
+        // (its fp32 sums rounded once, as the outputs will be): half the bytes to
+        // write and for the epilogue to read back.
+        float* acc = small_rows ? scratch_->get<float>(CudaScratch::kAccQkv) : scratch_->get<float>(CudaScratch::kSums);
+        __half* acc16 = !small_rows && !any_lora ? scratch_->get<__half>(CudaScratch::kSums) : nullptr;
+        HeadEpilogueParams e = head_epilogue(call, acc);
+        e.acc16 = acc16;
+        SmallGemmProblem small[3];
+        int small_count = 0;
+        for (int p = 0; p < 3; ++p) {
+            const CudaQMatrix& m = *proj_[p];
+            if (m.packed() && small_rows)
+                small[small_count++] = SmallGemmProblem{
+                    m.packed_gptq(), static_cast<int>(m.out_features() / 8), column_[p],
+                    m.identity_order() && is_aligned(x, 16) ? x
+                    : gathered_order_ == order_[p]     ? scratch_->get<__half>(CudaScratch::kGathered)
+                                                       : nullptr};
+        }
+        SmallGemmEpilogue finish;
+        if (small_count == 3 && !any_lora && rows <= kSmallGemmFinishRows && small_gemm_can_finish_heads(e)) {
+            finish.kind = SmallGemmEpilogue::kHeads;
+            finish.counters = scratch_->get<int>(CudaScratch::kCounters);
+            finish.heads = e;
         }
         bool finished = false;
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish,
-                                          norm_in_gemm ? &input : nullptr, &finished, s));
+                                          &finished, s));
         for (int p = 0; p < 3; ++p) {
             if (p == 1 && !small_rows) QATTN_TRY(dequantize_kv_together(s));
             if (acc16)
@@ -571,8 +554,7 @@ private:
                 finish.residual = e;
             }
             const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0, xg};
-            QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, finish, nullptr,
-                                              &finished, s));
+            QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, finish, &finished, s));
         } else {
             if (!m.identity_order()) QATTN_TRY(dequantize_ahead(3, s));  // beside the gather of attn_out
             // With nothing between the projection and the residual, cuBLAS adds it

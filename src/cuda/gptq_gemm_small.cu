@@ -21,9 +21,8 @@
 // block cluster that adds them in distributed shared memory and runs the
 // epilogue together (up to 16 rows: finish_in_cluster). Or K is split across
 // the warps of one block that owns 16 columns (gptq4_gemm_whole_k: up to 4
-// rows, K up to 4096, finishing the phase; at one row in input order it also
-// applies the input norm, as every block reads the whole row of x), and the
-// sums meet in its shared memory. The epilogue applies
+// rows, K up to 4096, finishing the phase), and the sums meet in its shared
+// memory. The epilogue applies
 // bias / head norm / RoPE (forward1) or adds to the residual (forward2), so
 // the phase is one kernel.
 #include "cuda/cp_async.cuh"
@@ -40,7 +39,6 @@
 #include <mutex>
 #include <set>
 #include <tuple>
-#include <type_traits>
 
 namespace qattn::cuda {
 namespace {
@@ -739,34 +737,13 @@ struct WholeKAhead {
     int32_t slot[kWholeKRows * kWholeKColumns];
     bool in_range[kWholeKRows * kWholeKColumns];  // the row's position lies in the tables (or needs none)
 };
-// Then, where the kernel normalises x itself: the row statistics' partial sums
-// (a round for the mean of a LayerNorm, one for the squares) and the norm's
-// weight and bias over the whole K, copied by cp.async before the wait.
-struct WholeKNormStats {
-    float part[2][kSmallGemmNormRows][kWarps];
-};
 __host__ __device__ constexpr size_t whole_k_sums_offset(int rows) {
     return align16(sizeof(__half) * kWarps * rows * kWholeKSliceStride);
 }
 __host__ __device__ constexpr size_t whole_k_ahead_offset(int rows) {
     return whole_k_sums_offset(rows) + align16(sizeof(WholeKSums));
 }
-__host__ __device__ constexpr size_t whole_k_norm_offset(int rows) {
-    return align16(whole_k_ahead_offset(rows) + sizeof(WholeKAhead));
-}
-size_t whole_k_shared_bytes(int rows, const SmallGemmInputNorm* input) {
-    if (!input) return whole_k_ahead_offset(rows) + sizeof(WholeKAhead);
-    const int vectors = input->norm.type == QATTN_NORM_NONE ? 0 : input->norm.bias ? 2 : 1;
-    return whole_k_norm_offset(rows) + sizeof(WholeKNormStats) + sizeof(__half) * vectors * input->width;
-}
-
-// How a whole-K block gets x: staged in packed order (P.xg), or the layer input
-// of this type, which it normalises itself.
-enum class WholeKInput { kStaged, kNormHalf, kNormFloat };
-template <WholeKInput IN>
-using WholeKInputType = std::conditional_t<IN == WholeKInput::kNormFloat, float, __half>;
-// 16-byte pieces of x a lane holds while the block sums its rows' statistics.
-constexpr int kWholeKNormPieces = kSmallGemmNormRows * kWholeKWarpChunks * kPackRows / 8 / 32;
+size_t whole_k_shared_bytes(int rows) { return whole_k_ahead_offset(rows) + sizeof(WholeKAhead); }
 
 // threadIdx.x, read anew: the compiler does not merge it with an earlier read,
 // so values derived from it need not stay in registers in between.
@@ -893,148 +870,8 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
     }
 }
 
-// The norm's weight (and bias) over this warp's K slice into shared memory,
-// before the wait: layer data.
-__device__ __forceinline__ void whole_k_copy_norm_vectors(const SmallGemmInputNorm& in, __half* vectors, int k0,
-                                                          int span) {
-    if (in.norm.type == QATTN_NORM_NONE) return;
-    for (int c = (threadIdx.x & 31) * 8; c < span; c += 32 * 8) {
-        cp_async16(vectors + k0 + c, in.norm.weight + k0 + c);
-        if (in.norm.bias) cp_async16(vectors + in.width + k0 + c, in.norm.bias + k0 + c);
-    }
-}
-
-// Row r's sum over the block of every thread's `partial[r]`, round `round` of
-// `stats` (each round its own slots, so no thread overwrites what another still reads).
-__device__ __forceinline__ void whole_k_block_sums(float (&partial)[kSmallGemmNormRows], WholeKNormStats& stats,
-                                                   int round) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-#pragma unroll
-    for (int r = 0; r < kSmallGemmNormRows; ++r) {
-        const float v = warp_sum(partial[r]);
-        if (lane == 0) stats.part[round][r][warp] = v;
-    }
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < kSmallGemmNormRows; ++r) {
-        float total = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) total += stats.part[round][r][w];
-        partial[r] = total;
-    }
-}
-
-// This warp's slice of x, normalised as stage_rows does (fp32 statistics over
-// the whole row, (x - mean) * inv * weight + bias rounded once to fp16): load()
-// issues the lane's 16-byte pieces, which wait in registers (fp16 as loaded)
-// until store() has the block's row statistics (every thread of the block
-// calls it) and writes them to xs [rows][kWholeKSliceStride].
-template <WholeKInput IN>
-struct WholeKNormedSlice {
-    using T = WholeKInputType<IN>;
-    using Raw = std::conditional_t<IN == WholeKInput::kNormHalf, uint4, float[8]>;
-    Raw raw[kWholeKNormPieces];
-    int row_of[kWholeKNormPieces];  // the row of each piece (>= rows: the lane has none)
-    int pieces = 0;                 // per row of the slice
-
-    __device__ __forceinline__ void load(const SmallGemmInputNorm& in, int rows, int k0, int span) {
-        const int lane = threadIdx.x & 31;
-        pieces = span / 8;
-        const T* const x = static_cast<const T*>(in.x);
-#pragma unroll
-        for (int j = 0; j < kWholeKNormPieces; ++j) {
-            const int i = lane + 32 * j;
-            row_of[j] = pieces > 0 ? i / pieces : rows;
-            if (row_of[j] >= rows) continue;
-            const T* const at = x + static_cast<size_t>(row_of[j]) * in.width + k0 + (i - row_of[j] * pieces) * 8;
-            if constexpr (IN == WholeKInput::kNormHalf)
-                raw[j] = *reinterpret_cast<const uint4*>(at);
-            else
-                load_vec<8>(at, raw[j]);
-        }
-    }
-
-    __device__ __forceinline__ void values(int j, float (&v)[8]) const {
-        if constexpr (IN == WholeKInput::kNormHalf)
-            load_vec<8>(reinterpret_cast<const __half*>(&raw[j]), v);
-        else
-#pragma unroll
-            for (int u = 0; u < 8; ++u) v[u] = raw[j][u];
-    }
-
-    // Each row's sum of f(value, row) over this lane's pieces.
-    template <typename F>
-    __device__ __forceinline__ void row_sums(float (&sum)[kSmallGemmNormRows], F&& f) const {
-#pragma unroll
-        for (int r = 0; r < kSmallGemmNormRows; ++r) sum[r] = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kWholeKNormPieces; ++j) {
-            float v[8], piece = 0.0f;
-            values(j, v);
-#pragma unroll
-            for (int u = 0; u < 8; ++u) piece += f(v[u], row_of[j]);
-#pragma unroll
-            for (int r = 0; r < kSmallGemmNormRows; ++r)
-                if (row_of[j] == r) sum[r] += piece;
-        }
-    }
-
-    static __device__ __forceinline__ float pick(const float (&a)[kSmallGemmNormRows], int r) {
-        float value = a[0];
-#pragma unroll
-        for (int q = 1; q < kSmallGemmNormRows; ++q)
-            if (r == q) value = a[q];
-        return value;
-    }
-
-    // The norm vectors' cp.async group must be the only one committed before
-    // the last (the epilogue's copies).
-    __device__ __forceinline__ void store(__half* xs, const SmallGemmInputNorm& in, const __half* vectors,
-                                          WholeKNormStats& stats, int rows, int k0) const {
-        const int lane = threadIdx.x & 31;
-        const NormParams& norm = in.norm;
-        float mean[kSmallGemmNormRows] = {}, inv[kSmallGemmNormRows];
-#pragma unroll
-        for (int r = 0; r < kSmallGemmNormRows; ++r) inv[r] = 1.0f;
-        if (norm.type != QATTN_NORM_NONE) {
-            cp_async_wait<1>();  // this thread's copies of the norm vectors; the barriers show everyone's
-            if (norm.type == QATTN_NORM_LAYER) {
-                row_sums(mean, [](float value, int) { return value; });
-                whole_k_block_sums(mean, stats, 0);
-#pragma unroll
-                for (int r = 0; r < kSmallGemmNormRows; ++r) mean[r] /= in.width;
-            }
-            float squares[kSmallGemmNormRows];
-            row_sums(squares, [&](float value, int r) {
-                const float d = value - pick(mean, r);
-                return d * d;
-            });
-            whole_k_block_sums(squares, stats, 1);
-#pragma unroll
-            for (int r = 0; r < kSmallGemmNormRows; ++r) inv[r] = rsqrtf(squares[r] / in.width + norm.eps);
-        }
-#pragma unroll
-        for (int j = 0; j < kWholeKNormPieces; ++j) {
-            if (row_of[j] >= rows) continue;
-            const int c = (lane + 32 * j - row_of[j] * pieces) * 8;
-            float v[8];
-            values(j, v);
-            if (norm.type != QATTN_NORM_NONE) {
-                float w[8], b[8];
-                load_vec<8>(vectors + k0 + c, w);
-                if (norm.bias) load_vec<8>(vectors + in.width + k0 + c, b);
-                const float m = pick(mean, row_of[j]), s = pick(inv, row_of[j]);
-#pragma unroll
-                for (int u = 0; u < 8; ++u) v[u] = (v[u] - m) * s * w[u] + (norm.bias ? b[u] : 0.0f);
-            }
-            store_vec<8>(xs + row_of[j] * kWholeKSliceStride + c, v);
-        }
-    }
-};
-
-template <WholeKInput IN>
 __global__ void __launch_bounds__(kWarps * 32, 3)
-    gptq4_gemm_whole_k_kernel(Batch batch, int rows, SmallGemmEpilogue epilogue, SmallGemmInputNorm input) {
+    gptq4_gemm_whole_k_kernel(Batch batch, int rows, SmallGemmEpilogue epilogue) {
     extern __shared__ __align__(16) unsigned char shared_base[];
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
@@ -1086,12 +923,6 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         const __half* const bias = whole_k_bias(epilogue, P, n);
         if (bias) cp_async_half_word(&ahead.bias[threadIdx.x], bias);
     }
-    __half* const norm_vectors =
-        reinterpret_cast<__half*>(shared_base + whole_k_norm_offset(rows) + sizeof(WholeKNormStats));
-    if constexpr (IN != WholeKInput::kStaged) {
-        whole_k_copy_norm_vectors(input, norm_vectors, chunk0 * kPackRows, chunks * kPackRows);
-        cp_async_commit();
-    }
 
     wait_for_producers();
     allow_dependents();
@@ -1100,26 +931,17 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         row < rows && epilogue.kind == SmallGemmEpilogue::kHeads ? whole_k_position(epilogue.heads, row) : 0;
     // This warp's slice of x [rows][kWholeKSliceStride].
     __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
-    WholeKNormedSlice<IN> normed;
-    if constexpr (IN != WholeKInput::kStaged) {
-        normed.load(input, rows, chunk0 * kPackRows, chunks * kPackRows);
-    } else {
+    {
         const int pieces = chunks * kPackRows / 8;
         for (int i = lane; i < rows * pieces; i += 32) {
             const int r = i / pieces, c = i - r * pieces;
             *reinterpret_cast<uint4*>(xs + r * kWholeKSliceStride + c * 8) = *reinterpret_cast<const uint4*>(
                 P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows + c * 8);
         }
-        __syncwarp();
     }
+    __syncwarp();
     if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait(epilogue, P, row, n, position, ahead);
     cp_async_commit();
-    if constexpr (IN != WholeKInput::kStaged) {
-        normed.store(xs, input, norm_vectors,
-                     *reinterpret_cast<WholeKNormStats*>(shared_base + whole_k_norm_offset(rows)), rows,
-                     chunk0 * kPackRows);
-        __syncwarp();
-    }
 
     float c[1][4] = {};
     const __half* const x_row[1] = {xs + ((lane & 7) < rows ? (lane & 7) : 0) * kWholeKSliceStride + (lane >> 3) * 8};
@@ -1274,12 +1096,10 @@ qattn_status clusters_fit(Kernel kernel, dim3 grid, size_t shared, size_t max_sh
 // n-tile count, and an epilogue it can run on its 16 columns: no head norms (they
 // need whole heads), NeoX RoPE whose rotary and pass-through parts come in
 // whole tile pairs.
-bool whole_k_fits(const SmallGemmProblem* problems, int count, int rows, const SmallGemmEpilogue& ep,
-                  bool staged = true) {
-    if (rows > kWholeKRows || ep.kind == SmallGemmEpilogue::kNone) return false;
+bool whole_k_fits(const SmallGemmProblem* problems, int count, int rows, const SmallGemmEpilogue& ep) {
+    if (rows > kWholeKRows) return false;
     for (int i = 0; i < count; ++i)
-        if ((staged && !problems[i].xg) || problems[i].w.chunks > kWholeKMaxChunks || problems[i].n_tiles % 2)
-            return false;
+        if (!problems[i].xg || problems[i].w.chunks > kWholeKMaxChunks || problems[i].n_tiles % 2) return false;
     if (ep.kind != SmallGemmEpilogue::kHeads) return true;
     const HeadEpilogueParams& p = ep.heads;
     if (p.norm[0].type != QATTN_NORM_NONE || p.norm[1].type != QATTN_NORM_NONE || p.head_dim % kWholeKColumns)
@@ -1290,29 +1110,16 @@ bool whole_k_fits(const SmallGemmProblem* problems, int count, int rows, const S
 
 }  // namespace
 
-bool small_gemm_can_normalize_input(const SmallGemmProblem* problems, int count, int rows,
-                                    const SmallGemmEpilogue& epilogue, const SmallGemmInputNorm& input) {
-    if (rows > kSmallGemmNormRows || !is_aligned(input.x, 16) || input.width % 8 ||
-        (input.norm.type != QATTN_NORM_NONE && !input.norm.weight))
-        return false;
-    for (int i = 0; i < count; ++i)
-        if (static_cast<int64_t>(problems[i].w.chunks) * kPackRows != input.width) return false;
-    return whole_k_fits(problems, count, rows, epilogue, false);
-}
-
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
                                      int rows, float* acc, int acc_stride, int sm_count,
-                                     const SmallGemmEpilogue& requested, const SmallGemmInputNorm* input,
-                                     bool* finished, cudaStream_t stream) {
+                                     const SmallGemmEpilogue& requested, bool* finished, cudaStream_t stream) {
     *finished = false;
     if (count <= 0) return QATTN_SUCCESS;
-    if (input && !small_gemm_can_normalize_input(problems, count, rows, requested, *input))
-        return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: cannot normalise the input of %d rows", rows);
     const bool wants_finish = requested.kind != SmallGemmEpilogue::kNone;
     if (count > kMaxProblems || rows < 1 || rows > kSmallRows || (wants_finish && rows > kSmallGemmFinishRows))
         return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_small: %d problems, %d rows%s", count, rows,
                     wants_finish ? " with the epilogue" : "");
-    if (input || (wants_finish && whole_k_fits(problems, count, rows, requested))) {
+    if (wants_finish && whole_k_fits(problems, count, rows, requested)) {
         Batch batch{};
         batch.count = count;
         int blocks = 0;
@@ -1322,12 +1129,8 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
             blocks += problems[i].n_tiles / 2;
         }
         for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks;
-        const auto kernel = !input         ? gptq4_gemm_whole_k_kernel<WholeKInput::kStaged>
-                            : input->x_fp32 ? gptq4_gemm_whole_k_kernel<WholeKInput::kNormFloat>
-                                            : gptq4_gemm_whole_k_kernel<WholeKInput::kNormHalf>;
-        QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", kernel, dim3(blocks), kWarps * 32,
-                             whole_k_shared_bytes(rows, input), stream, batch, rows, requested,
-                             input ? *input : SmallGemmInputNorm{}));
+        QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", gptq4_gemm_whole_k_kernel, dim3(blocks), kWarps * 32,
+                             whole_k_shared_bytes(rows), stream, batch, rows, requested));
         *finished = true;
         return QATTN_SUCCESS;
     }

@@ -139,29 +139,12 @@ struct SmallGemmEpilogue {
     HeadEpilogueParams heads;
     ResidualEpilogueParams residual;
 };
-// The input norm the whole-K kernel can run itself (forward1 at up to
-// kSmallGemmNormRows rows, every matrix in input order, K = width): x is then
-// the layer input [rows, width] (fp16 or fp32, 16-byte aligned, row stride
-// width), normalised (or only converted, norm.type NONE) as stage_rows would,
-// which saves the staging kernel and its boundary at decode.
-constexpr int kSmallGemmNormRows = 1;
-struct SmallGemmInputNorm {
-    const void* x = nullptr;
-    bool x_fp32 = false;
-    int width = 0;
-    NormParams norm;
-};
 int small_gemm_counters(int columns);
 bool small_gemm_can_finish_heads(const HeadEpilogueParams& p);
 bool small_gemm_can_finish_residual(const ResidualEpilogueParams& p);
-// Whether launch_gptq4_gemm_small can take `input` for these problems (their xg unused).
-bool small_gemm_can_normalize_input(const SmallGemmProblem* problems, int count, int rows,
-                                    const SmallGemmEpilogue& epilogue, const SmallGemmInputNorm& input);
 
-// input: null, or the layer input to normalise (small_gemm_can_normalize_input).
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
                                      int rows, float* acc, int acc_stride, int sm_count,
-                                     const SmallGemmEpilogue& epilogue, const SmallGemmInputNorm* input,
-                                     bool* finished, cudaStream_t stream);
+                                     const SmallGemmEpilogue& epilogue, bool* finished, cudaStream_t stream);
 
 }  // namespace qattn::cuda
