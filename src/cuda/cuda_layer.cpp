@@ -30,23 +30,6 @@ constexpr size_t kCublasWorkspaceBytes = size_t(8) << 20;
 // Bound on the fp16 scratch that the large-row path dequantizes into (32 MiB).
 constexpr int64_t kDequantScratchElements = int64_t(16) << 20;
 
-// The bytes a decode-sized GEMM of m reads: packed weights and each chunk's
-// scales, or the dense matrix (its whole 16-byte units).
-L2Prefetch decode_bytes(const CudaQMatrix& m) {
-    L2Prefetch p;
-    if (m.packed()) {
-        const PackedGptq4& w = m.packed_gptq();
-        p.ptr[0] = w.qpack;
-        p.bytes[0] = static_cast<int64_t>(sizeof(uint4)) * w.chunks * (m.out_features() / 8) * 32;
-        p.ptr[1] = w.chunk_scale_zero;
-        p.bytes[1] = static_cast<int64_t>(sizeof(__half2)) * w.chunks * m.out_features();
-    } else {
-        p.ptr[0] = m.dense();
-        p.bytes[0] = static_cast<int64_t>(sizeof(__half)) * m.in_features() * m.out_features() / 16 * 16;
-    }
-    return p;
-}
-
 struct Adapter {
     qattn_proj proj = QATTN_PROJ_Q;
     int rank = 0;
@@ -537,7 +520,6 @@ private:
         e.kv_slots = call.kv_slots;
         e.num_kv_slots = call.num_kv_slots;
         e.error_flag = error_flag_.get<int>();
-        e.next_phase = decode_bytes(*proj_[3]);
         return e;
     }
 

@@ -29,7 +29,6 @@
 #include "cuda/epilogues.cuh"
 #include "cuda/gptq4_nibbles.cuh"
 #include "cuda/kernels.h"
-#include "cuda/l2_prefetch.cuh"
 #include "cuda/occupancy.h"
 #include "cuda/pdl.cuh"
 
@@ -691,8 +690,6 @@ __global__ void __launch_bounds__(kWarps * 32, (NT == 2 && !FINISH && !STREAMED 
             }
         }
     }
-    if (FINISH && threadIdx.x == 0 && epilogue.kind == SmallGemmEpilogue::kHeads)
-        prefetch_part_to_l2(epilogue.heads.next_phase, blockIdx.y * gridDim.x + blockIdx.x, gridDim.x * gridDim.y);
     if constexpr (CLUSTER) {
         float* const part = cluster_partials(shared_base, STREAMED, rows, stride);
         finish_in_cluster(epilogue, P, block_in_problem, rows, part, part + NT * 8 * kPartialStride);
@@ -977,8 +974,6 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         sums.total[row][lc] = total;
     }
     __syncthreads();
-    if (threadIdx.x == 0 && epilogue.kind == SmallGemmEpilogue::kHeads)
-        prefetch_part_to_l2(epilogue.heads.next_phase, blockIdx.x, gridDim.x);
     if (!owns) return;
     const float y = sums.total[row][lc];
     if (epilogue.kind == SmallGemmEpilogue::kHeads) {

@@ -8,7 +8,6 @@
 #include "cuda/cp_async.cuh"
 #include "cuda/epilogues.cuh"
 #include "cuda/kernels.h"
-#include "cuda/l2_prefetch.cuh"
 #include "cuda/occupancy.h"
 #include "cuda/pdl.cuh"
 
@@ -38,7 +37,6 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogue
     float* const buf = head_buffers + warp * p.head_dim;
     if (!p.caller_data_ready_at_start) {
         wait_for_producers();
-        if (threadIdx.x == 0) prefetch_part_to_l2(p.next_phase, blockIdx.x, gridDim.x);
         finish_head<V, MAX_D>(p, row, h, buf);
         return;
     }
@@ -47,7 +45,6 @@ __global__ void __launch_bounds__(kWarps * 32) head_epilogue_kernel(HeadEpilogue
     // the tail after the GEMM is one memory latency instead of two.
     const HeadRow r = head_row_of(p, row, h);
     wait_for_producers();
-    if (threadIdx.x == 0) prefetch_part_to_l2(p.next_phase, blockIdx.x, gridDim.x);
     HeadValues<V, MAX_D> in;
     load_head<V, MAX_D>(p, row, h, in);
     finish_loaded_head<V, MAX_D>(p, row, h, buf, r, in);
@@ -229,7 +226,6 @@ __global__ void __launch_bounds__(row_threads(PIECES), row_blocks_per_sm(PIECES)
     };
 
     wait_for_producers();
-    if (threadIdx.x == 0) prefetch_part_to_l2(p.next_phase, blockIdx.x, gridDim.x);
     const int step = gridDim.x;
 #pragma unroll
     for (int i = 0; i < kRowStages - 1; ++i) {

@@ -24,14 +24,6 @@ struct NormParams {
     int per_head = 0;
 };
 
-// Device memory for the L2 to fetch ahead of the kernel that reads it
-// (l2_prefetch.cuh): 16-byte aligned ranges, sizes multiples of 16 (0: unused).
-struct L2Prefetch {
-    static constexpr int kRanges = 2;
-    const void* ptr[kRanges] = {};
-    int64_t bytes[kRanges] = {};
-};
-
 // rms_layer_norm.cu: the fp16 activations of rows of x (fp16 or fp32, row stride
 // ldx): y = norm(x[r, :]) (a plain conversion when norm.type is NONE), written to
 // out [rows, width] in input order when out is set, and to gathered [rows, columns]
@@ -105,9 +97,6 @@ struct HeadEpilogueParams {
     // phase has then ended, so the epilogue may read past_lens and kv_slots
     // before its wait (head_norm_rope.cu).
     bool caller_data_ready_at_start = false;
-    // What forward2 reads first (the O weights): the kernel that ends forward1
-    // has the L2 fetch it, spread over its blocks, once its own sums are done.
-    L2Prefetch next_phase;
 };
 // Whether every destination of the head epilogue is 8-byte aligned (4 halves a lane access).
 bool head_outputs_aligned8(const HeadEpilogueParams& p);
