@@ -85,32 +85,15 @@ __device__ __forceinline__ void load_perm(int (&src)[PU], const SmallGemmProblem
 
 // xs[r * stride + kk] = x of row r at packed row chunk0 * 128 + kk, kk < span,
 // from x pre-gathered into packed row order (by the input staging): a
-// contiguous copy in 16-byte pieces, thread `first` taking pieces first, first
-// + step, ... ASYNC: by cp.async, so all of a thread's pieces are in flight at
-// once (a load-store loop waits out an L2 round trip a piece) and hold no
-// registers; the caller commits and waits.
-template <bool ASYNC>
+// contiguous copy with 16-byte accesses.
 __device__ __forceinline__ void copy_x(__half* xs, int stride, const SmallGemmProblem& P, int rows, int chunk0,
-                                       int span, int first, int step) {
+                                       int span) {
     const int pieces = span / 8, total = rows * pieces;
-    for (int i = first; i < total; i += step) {
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
         const int r = i / pieces, c = i - r * pieces;
-        __half* const to = xs + r * stride + c * 8;
-        const __half* const from = P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows + c * 8;
-        if constexpr (ASYNC)
-            cp_async16(to, from);
-        else
-            *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
+        *reinterpret_cast<uint4*>(xs + r * stride + c * 8) = *reinterpret_cast<const uint4*>(
+            P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows + c * 8);
     }
-}
-
-// copy_x by the whole block, done when it returns (for kernels with no other
-// cp.async copies in flight).
-__device__ __forceinline__ void copy_x_now(__half* xs, int stride, const SmallGemmProblem& P, int rows, int chunk0,
-                                           int span) {
-    copy_x<true>(xs, stride, P, rows, chunk0, span, threadIdx.x, blockDim.x);
-    cp_async_commit();
-    cp_async_wait<0>();
 }
 
 // The same for the small kernel, gathering through perm where x is not
@@ -118,7 +101,7 @@ __device__ __forceinline__ void copy_x_now(__half* xs, int stride, const SmallGe
 // few rows; 8 (perm, x) load pairs per thread in flight.
 __device__ __forceinline__ void stage_x(__half* xs, int stride, const SmallGemmProblem& P, const __half* x,
                                         int x_stride, int rows, int chunk0, int span) {
-    if (P.xg) return copy_x_now(xs, stride, P, rows, chunk0, span);
+    if (P.xg) return copy_x(xs, stride, P, rows, chunk0, span);
     const int total = rows * span;
     for (int base = threadIdx.x; base < total; base += 8 * blockDim.x) {
         __half v[8];
@@ -144,14 +127,12 @@ __device__ __forceinline__ void stage_x(__half* xs, int stride, const SmallGemmP
 }
 
 // The swapped kernel's staging; its gather reads perm from registers (src,
-// loaded before the wait for x). STREAMED: the weights' cp.async groups are in
-// flight, so the copy is plain.
-template <bool STREAMED, int PU>
+// loaded before the wait for x).
+template <int PU>
 __device__ __forceinline__ void stage_x_swapped(__half* xs, int stride, const SmallGemmProblem& P,
                                                 const int (&src)[PU], const __half* x, int x_stride, int rows,
                                                 int chunk0, int span) {
-    if (P.xg && STREAMED) return copy_x<false>(xs, stride, P, rows, chunk0, span, threadIdx.x, blockDim.x);
-    if (P.xg) return copy_x_now(xs, stride, P, rows, chunk0, span);
+    if (P.xg) return copy_x(xs, stride, P, rows, chunk0, span);
 #pragma unroll 2
     for (int r = 0; r < rows; ++r) {
         __half v[PU];
@@ -634,7 +615,7 @@ __global__ void __launch_bounds__(kWarps * 32, (NT == 2 && !FINISH && !STREAMED 
 
     wait_for_producers();
     allow_dependents();
-    stage_x_swapped<STREAMED>(xs, stride, P, src, x, x_stride, rows, chunk0, span);
+    stage_x_swapped(xs, stride, P, src, x, x_stride, rows, chunk0, span);
     __syncthreads();
 
     if (active) {
@@ -948,14 +929,19 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     // Issued before the x slice's loads so that the two round trips overlap.
     const int position =
         row < rows && epilogue.kind == SmallGemmEpilogue::kHeads ? whole_k_position(epilogue.heads, row) : 0;
-    // This warp's slice of x [rows][kWholeKSliceStride], one group with the bias.
+    // This warp's slice of x [rows][kWholeKSliceStride].
     __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
-    copy_x<true>(xs, kWholeKSliceStride, P, rows, chunk0, chunks * kPackRows, lane, 32);
-    cp_async_commit();
+    {
+        const int pieces = chunks * kPackRows / 8;
+        for (int i = lane; i < rows * pieces; i += 32) {
+            const int r = i / pieces, c = i - r * pieces;
+            *reinterpret_cast<uint4*>(xs + r * kWholeKSliceStride + c * 8) = *reinterpret_cast<const uint4*>(
+                P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows + c * 8);
+        }
+    }
+    __syncwarp();
     if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait(epilogue, P, row, n, position, ahead);
     cp_async_commit();
-    cp_async_wait<1>();
-    __syncwarp();
 
     float c[1][4] = {};
     const __half* const x_row[1] = {xs + ((lane & 7) < rows ? (lane & 7) : 0) * kWholeKSliceStride + (lane >> 3) * 8};
