@@ -802,7 +802,7 @@ __device__ __forceinline__ const __half* whole_k_bias(const SmallGemmEpilogue& e
 
 // The position of `row`, whose RoPE angles the epilogue copies.
 __device__ __forceinline__ int whole_k_position(const HeadEpilogueParams& p, int row) {
-    const int sequence = row / p.q_len;
+    const int sequence = p.q_len == 1 ? row : row / p.q_len;  // decode: no division
     return (p.past_lens ? p.past_lens[sequence] : p.past_len) + (row - sequence * p.q_len);
 }
 
@@ -946,11 +946,21 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     // This warp's slice of x [rows][kWholeKSliceStride].
     __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
     {
+        // Two pieces a lane in flight before their stores (a load-store loop
+        // waits out an L2 round trip a piece): at one row the slice's 64
+        // pieces are one round trip.
         const int pieces = chunks * kPackRows / 8;
-        for (int i = lane; i < rows * pieces; i += 32) {
-            const int r = i / pieces, c = i - r * pieces;
-            *reinterpret_cast<uint4*>(xs + r * kWholeKSliceStride + c * 8) = *reinterpret_cast<const uint4*>(
-                P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows + c * 8);
+        for (int r = 0; r < rows; ++r) {
+            const __half* const from = P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows;
+            __half* const to = xs + r * kWholeKSliceStride;
+            for (int c = lane; c < pieces; c += 64) {
+                const bool second = c + 32 < pieces;
+                const uint4 a = *reinterpret_cast<const uint4*>(from + c * 8);
+                uint4 b = {};
+                if (second) b = *reinterpret_cast<const uint4*>(from + (c + 32) * 8);
+                *reinterpret_cast<uint4*>(to + c * 8) = a;
+                if (second) *reinterpret_cast<uint4*>(to + (c + 32) * 8) = b;
+            }
         }
     }
     __syncwarp();
