@@ -85,28 +85,14 @@ __device__ __forceinline__ void load_perm(int (&src)[PU], const SmallGemmProblem
 
 // xs[r * stride + kk] = x of row r at packed row chunk0 * 128 + kk, kk < span,
 // from x pre-gathered into packed row order (by the input staging): a
-// contiguous copy with 16-byte accesses, two pieces a thread in flight before
-// their stores (a load-store loop waits out an L2 round trip a piece: at 16
-// rows of two chunks a thread copies two).
+// contiguous copy with 16-byte accesses.
 __device__ __forceinline__ void copy_x(__half* xs, int stride, const SmallGemmProblem& P, int rows, int chunk0,
                                        int span) {
     const int pieces = span / 8, total = rows * pieces;
-    const auto from = [&](int i) {
-        const int r = i / pieces;
-        return reinterpret_cast<const uint4*>(P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows +
-                                              chunk0 * kPackRows + (i - r * pieces) * 8);
-    };
-    const auto to = [&](int i) {
-        const int r = i / pieces;
-        return reinterpret_cast<uint4*>(xs + r * stride + (i - r * pieces) * 8);
-    };
-    for (int i = threadIdx.x; i < total; i += 2 * blockDim.x) {
-        const int j = i + blockDim.x;
-        const uint4 a = *from(i);
-        uint4 b = {};
-        if (j < total) b = *from(j);
-        *to(i) = a;
-        if (j < total) *to(j) = b;
+    for (int i = threadIdx.x; i < total; i += blockDim.x) {
+        const int r = i / pieces, c = i - r * pieces;
+        *reinterpret_cast<uint4*>(xs + r * stride + c * 8) = *reinterpret_cast<const uint4*>(
+            P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows + c * 8);
     }
 }
 
