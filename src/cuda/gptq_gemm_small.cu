@@ -764,40 +764,51 @@ __device__ __forceinline__ float half_in_word(uint32_t word, const __half* h) {
     return __half2float((reinterpret_cast<uintptr_t>(h) & 2) ? __high2half(pair) : __low2half(pair));
 }
 
+// The head dim of the whole-K helpers: HEAD_DIM where the kernel is built for
+// one (its divisions then are shifts), else the call's.
+template <int HEAD_DIM>
+__device__ __forceinline__ int whole_k_head_dim(const HeadEpilogueParams& p) {
+    return HEAD_DIM ? HEAD_DIM : p.head_dim;
+}
+
 // Where output column n (problem-local) of a whole-K block lies in the q / k / v
 // heads, and whether RoPE turns it (with its partner column).
 struct WholeKHeadColumn {
     int proj, head, c;
     bool rotated;
 };
+template <int HEAD_DIM>
 __device__ __forceinline__ WholeKHeadColumn whole_k_head_column(const HeadEpilogueParams& p,
                                                                 const SmallGemmProblem& P, int n) {
+    const int D = whole_k_head_dim<HEAD_DIM>(p);
     WholeKHeadColumn col;
-    col.c = n % p.head_dim;
-    col.proj = head_projection(p, (P.col_offset + n) / p.head_dim, &col.head);
+    col.c = n % D;
+    col.proj = head_projection(p, (P.col_offset + n) / D, &col.head);
     col.rotated = col.proj < 2 && p.rope != QATTN_ROPE_NONE && col.c < p.rotary_dim;
     return col;
 }
 
 // The bias element of output column n, or null.
+template <int HEAD_DIM>
 __device__ __forceinline__ const __half* whole_k_bias(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
                                                       int n) {
     if (ep.kind == SmallGemmEpilogue::kHeads) {
         const HeadEpilogueParams& p = ep.heads;
-        const WholeKHeadColumn col = whole_k_head_column(p, P, n);
-        return p.bias[col.proj] ? p.bias[col.proj] + col.head * p.head_dim + col.c : nullptr;
+        const WholeKHeadColumn col = whole_k_head_column<HEAD_DIM>(p, P, n);
+        return p.bias[col.proj] ? p.bias[col.proj] + col.head * whole_k_head_dim<HEAD_DIM>(p) + col.c : nullptr;
     }
     return ep.residual.bias ? ep.residual.bias + P.col_offset + n : nullptr;
 }
 
 // The position of `row`, whose RoPE angles the epilogue copies.
 __device__ __forceinline__ int whole_k_position(const HeadEpilogueParams& p, int row) {
-    const int sequence = row / p.q_len;
+    const int sequence = p.q_len == 1 ? row : row / p.q_len;  // decode: no division
     return (p.past_lens ? p.past_lens[sequence] : p.past_len) + (row - sequence * p.q_len);
 }
 
 // The copies after the wait (WholeKAhead) of output (row, n); false where the
 // output is turned by RoPE and its position lies outside the tables.
+template <int HEAD_DIM>
 __device__ __forceinline__ bool whole_k_fetch_after_wait(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
                                                          int row, int n, int position, WholeKAhead& ahead) {
     const int i = threadIdx.x;
@@ -812,7 +823,7 @@ __device__ __forceinline__ bool whole_k_fetch_after_wait(const SmallGemmEpilogue
         return true;
     }
     const HeadEpilogueParams& p = ep.heads;
-    const WholeKHeadColumn col = whole_k_head_column(p, P, n);
+    const WholeKHeadColumn col = whole_k_head_column<HEAD_DIM>(p, P, n);
     if (col.proj > 0 && p.kv_slots) cp_async4(&ahead.slot[i], p.kv_slots + row);
     if (!col.rotated) return true;
     if (position < 0 || position >= p.max_positions) return false;
@@ -825,12 +836,13 @@ __device__ __forceinline__ bool whole_k_fetch_after_wait(const SmallGemmEpilogue
 }
 
 // The problem-local n-tiles (a, b) of block `pair` of P (pairing above).
+template <int HEAD_DIM>
 __device__ __forceinline__ void whole_k_tiles(const SmallGemmEpilogue& ep, const SmallGemmProblem& P, int pair,
                                               int* ta, int* tb) {
     *ta = 2 * pair, *tb = 2 * pair + 1;
     if (ep.kind != SmallGemmEpilogue::kHeads || ep.heads.rope != QATTN_ROPE_NEOX) return;
     const HeadEpilogueParams& p = ep.heads;
-    const int D = p.head_dim, pairs_per_head = D / kWholeKColumns;
+    const int D = whole_k_head_dim<HEAD_DIM>(p), pairs_per_head = D / kWholeKColumns;
     const int head_tile = pair / pairs_per_head * (D / 8), k = pair % pairs_per_head;
     int head = 0;
     if (head_projection(p, (P.col_offset + head_tile * 8) / D, &head) == 2) return;  // v: not rotated
@@ -842,11 +854,12 @@ __device__ __forceinline__ void whole_k_tiles(const SmallGemmEpilogue& ep, const
 // Output (row, local column lc) of a whole-K block: RoPE with its partner
 // column (in the same block), fp16 q / k / v and the KV-cache slot; y has its
 // bias. in_range: whether the row's position lies in the tables.
+template <int HEAD_DIM>
 __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p, const SmallGemmProblem& P, int row,
                                                     int lc, int n, float y, bool in_range, const WholeKSums& sums,
                                                     const WholeKAhead& ahead) {
-    const int D = p.head_dim;
-    const WholeKHeadColumn col = whole_k_head_column(p, P, n);
+    const int D = whole_k_head_dim<HEAD_DIM>(p);
+    const WholeKHeadColumn col = whole_k_head_column<HEAD_DIM>(p, P, n);
     if (col.rotated) {
         if (!in_range) {
             atomicExch(p.error_flag, 1);  // not rotated; see check_device_errors
@@ -870,6 +883,7 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
     }
 }
 
+template <int HEAD_DIM>  // 0: the call's head_dim
 __global__ void __launch_bounds__(kWarps * 32, 3)
     gptq4_gemm_whole_k_kernel(Batch batch, int rows, SmallGemmEpilogue epilogue) {
     extern __shared__ __align__(16) unsigned char shared_base[];
@@ -878,7 +892,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     int tile_a = 0, tile_b = 0;
-    whole_k_tiles(epilogue, P, block_in_problem, &tile_a, &tile_b);
+    whole_k_tiles<HEAD_DIM>(epilogue, P, block_in_problem, &tile_a, &tile_b);
     const int N = P.n_tiles * 8;
     const int column_a = tile_a * 8 + g, column_b = tile_b * 8 + g;
     const int per_warp = (P.w.chunks + kWarps - 1) / kWarps;
@@ -920,7 +934,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     int row = 0, lc = 0;
     int n = output_of(threadIdx.x, &row, &lc);
     if (row < rows) {
-        const __half* const bias = whole_k_bias(epilogue, P, n);
+        const __half* const bias = whole_k_bias<HEAD_DIM>(epilogue, P, n);
         if (bias) cp_async_half_word(&ahead.bias[threadIdx.x], bias);
     }
 
@@ -932,15 +946,25 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     // This warp's slice of x [rows][kWholeKSliceStride].
     __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
     {
+        // Two pieces a lane in flight before their stores (a load-store loop
+        // waits out an L2 round trip a piece): at one row the slice's 64
+        // pieces are one round trip.
         const int pieces = chunks * kPackRows / 8;
-        for (int i = lane; i < rows * pieces; i += 32) {
-            const int r = i / pieces, c = i - r * pieces;
-            *reinterpret_cast<uint4*>(xs + r * kWholeKSliceStride + c * 8) = *reinterpret_cast<const uint4*>(
-                P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows + c * 8);
+        for (int r = 0; r < rows; ++r) {
+            const __half* const from = P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows;
+            __half* const to = xs + r * kWholeKSliceStride;
+            for (int c = lane; c < pieces; c += 64) {
+                const bool second = c + 32 < pieces;
+                const uint4 a = *reinterpret_cast<const uint4*>(from + c * 8);
+                uint4 b = {};
+                if (second) b = *reinterpret_cast<const uint4*>(from + (c + 32) * 8);
+                *reinterpret_cast<uint4*>(to + c * 8) = a;
+                if (second) *reinterpret_cast<uint4*>(to + (c + 32) * 8) = b;
+            }
         }
     }
     __syncwarp();
-    if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait(epilogue, P, row, n, position, ahead);
+    if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait<HEAD_DIM>(epilogue, P, row, n, position, ahead);
     cp_async_commit();
 
     float c[1][4] = {};
@@ -969,7 +993,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         float total = 0.0f;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) total += sums.part[w][row][lc];
-        const __half* const bias = whole_k_bias(epilogue, P, n);  // again: fewer registers across the MMAs
+        const __half* const bias = whole_k_bias<HEAD_DIM>(epilogue, P, n);  // again: fewer registers across the MMAs
         if (bias) total += half_in_word(ahead.bias[threadIdx.x], bias);
         sums.total[row][lc] = total;
     }
@@ -977,7 +1001,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     if (!owns) return;
     const float y = sums.total[row][lc];
     if (epilogue.kind == SmallGemmEpilogue::kHeads) {
-        whole_k_finish_head(epilogue.heads, P, row, lc, n, y, ahead.in_range[threadIdx.x], sums, ahead);
+        whole_k_finish_head<HEAD_DIM>(epilogue.heads, P, row, lc, n, y, ahead.in_range[threadIdx.x], sums, ahead);
         return;
     }
     const ResidualEpilogueParams& p = epilogue.residual;
@@ -1129,8 +1153,11 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
             blocks += problems[i].n_tiles / 2;
         }
         for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks;
-        QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", gptq4_gemm_whole_k_kernel, dim3(blocks), kWarps * 32,
-                             whole_k_shared_bytes(rows), stream, batch, rows, requested));
+        // The usual head dim gets a kernel of its own: its divisions by it become shifts.
+        const bool d128 = requested.kind == SmallGemmEpilogue::kHeads && requested.heads.head_dim == 128;
+        const auto kernel = d128 ? gptq4_gemm_whole_k_kernel<128> : gptq4_gemm_whole_k_kernel<0>;
+        QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", kernel, dim3(blocks), kWarps * 32, whole_k_shared_bytes(rows),
+                             stream, batch, rows, requested));
         *finished = true;
         return QATTN_SUCCESS;
     }
