@@ -883,10 +883,13 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
     }
 }
 
-template <int HEAD_DIM>  // 0: the call's head_dim
+// HEAD_DIM, ROWS: 0 for the call's head_dim and rows, else what the kernel is
+// built for (one-row decode: its row loops and tests fold away).
+template <int HEAD_DIM, int ROWS>
 __global__ void __launch_bounds__(kWarps * 32, 3)
-    gptq4_gemm_whole_k_kernel(Batch batch, int rows, SmallGemmEpilogue epilogue) {
+    gptq4_gemm_whole_k_kernel(Batch batch, int call_rows, SmallGemmEpilogue epilogue) {
     extern __shared__ __align__(16) unsigned char shared_base[];
+    const int rows = ROWS ? ROWS : call_rows;
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1153,9 +1156,11 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
             blocks += problems[i].n_tiles / 2;
         }
         for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks;
-        // The usual head dim gets a kernel of its own: its divisions by it become shifts.
+        // The usual head dim and one-row decode get kernels of their own: their
+        // divisions by the head dim become shifts, their row loops fold away.
         const bool d128 = requested.kind == SmallGemmEpilogue::kHeads && requested.heads.head_dim == 128;
-        const auto kernel = d128 ? gptq4_gemm_whole_k_kernel<128> : gptq4_gemm_whole_k_kernel<0>;
+        const auto kernel = rows == 1 ? (d128 ? gptq4_gemm_whole_k_kernel<128, 1> : gptq4_gemm_whole_k_kernel<0, 1>)
+                                      : (d128 ? gptq4_gemm_whole_k_kernel<128, 0> : gptq4_gemm_whole_k_kernel<0, 0>);
         QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", kernel, dim3(blocks), kWarps * 32, whole_k_shared_bytes(rows),
                              stream, batch, rows, requested));
         *finished = true;
