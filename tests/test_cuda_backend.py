@@ -223,7 +223,7 @@ def test_inputs_read_in_place_or_gathered(rows, input_norm, gen):
 # residual in fp16 and fp32.
 @pytest.mark.parametrize("rope,rotary_dim", [("neox", None), ("neox", 96), ("neox", 48), ("neox", 40),
                                              ("gptj", 64), (None, None)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+@pytest.mark.parametrize("rows", [1, 3, 5])
 @pytest.mark.parametrize("residual_fp32", [False, True])
 def test_decode_columns_over_the_whole_k(rope, rotary_dim, rows, residual_fp32, gen):
     spec = Spec(hidden=4096, heads=4, kv_heads=2, head_dim=128, rope=rope, rotary_dim=rotary_dim, biases=True,

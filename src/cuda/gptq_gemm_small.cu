@@ -1156,13 +1156,11 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
             blocks += problems[i].n_tiles / 2;
         }
         for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks;
-        // The usual head dim and decode of one or two rows get kernels of their
-        // own: their divisions by the head dim become shifts, their row loops
-        // fold away (3-4 rows spilled more so built).
+        // The usual head dim and one-row decode get kernels of their own: their
+        // divisions by the head dim become shifts, their row loops fold away.
         const bool d128 = requested.kind == SmallGemmEpilogue::kHeads && requested.heads.head_dim == 128;
-        const auto kernel = rows == 1   ? (d128 ? gptq4_gemm_whole_k_kernel<128, 1> : gptq4_gemm_whole_k_kernel<0, 1>)
-                            : rows == 2 ? (d128 ? gptq4_gemm_whole_k_kernel<128, 2> : gptq4_gemm_whole_k_kernel<0, 2>)
-                                        : (d128 ? gptq4_gemm_whole_k_kernel<128, 0> : gptq4_gemm_whole_k_kernel<0, 0>);
+        const auto kernel = rows == 1 ? (d128 ? gptq4_gemm_whole_k_kernel<128, 1> : gptq4_gemm_whole_k_kernel<0, 1>)
+                                      : (d128 ? gptq4_gemm_whole_k_kernel<128, 0> : gptq4_gemm_whole_k_kernel<0, 0>);
         QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", kernel, dim3(blocks), kWarps * 32, whole_k_shared_bytes(rows),
                              stream, batch, rows, requested));
         *finished = true;
