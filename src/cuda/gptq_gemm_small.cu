@@ -949,24 +949,21 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     // This warp's slice of x [rows][kWholeKSliceStride].
     __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
     {
-        // At most two pieces a lane a row (kWholeKWarpChunks chunks), both
-        // loaded before either is stored (a load-store loop waits out an L2
-        // round trip a piece), in loops that unroll: no loop control to issue.
-        constexpr int kLanePieces = kWholeKWarpChunks * kPackRows / 8 / 32;
-        static_assert(kLanePieces * 32 * 8 == kWholeKWarpChunks * kPackRows, "whole pieces a lane");
+        // Two pieces a lane in flight before their stores (a load-store loop
+        // waits out an L2 round trip a piece): at one row the slice's 64
+        // pieces are one round trip.
         const int pieces = chunks * kPackRows / 8;
-#pragma unroll
-        for (int r = 0; r < kWholeKRows; ++r) {
-            if (r >= rows) break;
+        for (int r = 0; r < rows; ++r) {
             const __half* const from = P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows;
             __half* const to = xs + r * kWholeKSliceStride;
-            uint4 piece[kLanePieces];
-#pragma unroll
-            for (int j = 0; j < kLanePieces; ++j)
-                if (lane + 32 * j < pieces) piece[j] = *reinterpret_cast<const uint4*>(from + (lane + 32 * j) * 8);
-#pragma unroll
-            for (int j = 0; j < kLanePieces; ++j)
-                if (lane + 32 * j < pieces) *reinterpret_cast<uint4*>(to + (lane + 32 * j) * 8) = piece[j];
+            for (int c = lane; c < pieces; c += 64) {
+                const bool second = c + 32 < pieces;
+                const uint4 a = *reinterpret_cast<const uint4*>(from + c * 8);
+                uint4 b = {};
+                if (second) b = *reinterpret_cast<const uint4*>(from + (c + 32) * 8);
+                *reinterpret_cast<uint4*>(to + c * 8) = a;
+                if (second) *reinterpret_cast<uint4*>(to + (c + 32) * 8) = b;
+            }
         }
     }
     __syncwarp();
