@@ -4,10 +4,14 @@ calls it. Decode (one new token a sequence, every cached key visible) allows two
 formulations of grouped-query attention:
 
   gqa:    q [B, NH, 1, D] against k, v [B, NKV, L, D] with enable_gqa=True
+          (strided views of the cache [B, L, NKV, D])
   folded: the NH / NKV query heads of a KV head folded into the query length,
           q [B, NKV, NH / NKV, D] against the same k, v; no mask (decode sees
           every key), and the output [B, NKV, NH / NKV, D] is already the
           [B, 1, NH, D] layout, so no transpose copy follows.
+  headmajor, folded-headmajor: the same two over a head-major cache
+          [B, NKV, L, D] (contiguous k, v), a layout qattn's KV writes do not
+          offer yet: whether it would be worth offering.
 
 --prefill N times a causal prefill of N tokens from an empty cache instead
 (one sequence), where three formulations differ:
@@ -125,9 +129,10 @@ def prefill(args):
 
 
 def attend(kind, q, kc, vc, heads, kv_heads):
+    """q [B, 1, NH, D]; kc, vc [B, L, NKV, D] (the head-major kinds: [B, NKV, L, D])."""
     b, _, _, d = q.shape
-    keys, values = kc.transpose(1, 2), vc.transpose(1, 2)
-    if kind == "gqa":
+    keys, values = (kc, vc) if kind.endswith("headmajor") else (kc.transpose(1, 2), vc.transpose(1, 2))
+    if kind in ("gqa", "headmajor"):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=True)
         return out.transpose(1, 2).contiguous()
     folded = q.view(b, kv_heads, heads // kv_heads, d)
@@ -185,7 +190,9 @@ def main():
         floor = kv_bytes / bw * 1e6
         print(f"\nbatch {batch}, {length} keys: KV {kv_bytes / 2**20:.1f} MiB a call, floor {floor:.1f} us, "
               f"{caches} caches cycled")
-        probe(("gqa", "folded"), lambda kind, *t: attend(kind, *t, nh, nkv), lambda kind: data, ref, floor)
+        heads_major = [(q, k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()) for q, k, v in data]
+        probe(("gqa", "folded", "headmajor", "folded-headmajor"), lambda kind, *t: attend(kind, *t, nh, nkv),
+              lambda kind: heads_major if kind.endswith("headmajor") else data, ref, floor)
 
 
 if __name__ == "__main__":
