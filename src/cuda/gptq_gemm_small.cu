@@ -718,9 +718,10 @@ constexpr int kWholeKColumns = 16;
 constexpr int kWholeKSliceStride = kWholeKWarpChunks * kPackRows + 8;  // +8: ldmatrix rows on distinct banks
 
 // After the warps' x slices: the warps' partial sums of the 8 rows of an x
-// tile.
+// tile, then their totals (bias added).
 struct WholeKSums {
     float part[kWarps][8][kWholeKColumns];
+    float total[8][kWholeKColumns];
 };
 // Then the global inputs of the epilogue of each output (row, lc), held by
 // thread row * kWholeKColumns + lc, which finishes that output. The thread
@@ -851,12 +852,11 @@ __device__ __forceinline__ void whole_k_tiles(const SmallGemmEpilogue& ep, const
 }
 
 // Output (row, local column lc) of a whole-K block: RoPE with its partner
-// column's sum (in the same block), fp16 q / k / v and the KV-cache slot; y
-// and partner have their biases. in_range: whether the row's position lies in
-// the tables.
+// column (in the same block), fp16 q / k / v and the KV-cache slot; y has its
+// bias. in_range: whether the row's position lies in the tables.
 template <int HEAD_DIM>
 __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p, const SmallGemmProblem& P, int row,
-                                                    int lc, int n, float y, float partner, bool in_range,
+                                                    int lc, int n, float y, bool in_range, const WholeKSums& sums,
                                                     const WholeKAhead& ahead) {
     const int D = whole_k_head_dim<HEAD_DIM>(p);
     const WholeKHeadColumn col = whole_k_head_column<HEAD_DIM>(p, P, n);
@@ -866,6 +866,7 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
         } else {
             const bool neox = p.rope == QATTN_ROPE_NEOX;
             const bool first = neox ? col.c < p.rotary_dim / 2 : (col.c & 1) == 0;
+            const float partner = sums.total[row][neox ? lc ^ 8 : lc ^ 1];
             const float cs = ahead.cos[threadIdx.x], sn = ahead.sin[threadIdx.x];
             y = first ? y * cs - partner * sn : y * cs + partner * sn;
         }
@@ -991,22 +992,19 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     n = output_of(thread_index(), &row, &lc);
     const bool owns = row < rows;
     __syncthreads();
-    if (warp * 32 >= rows * kWholeKColumns) return;  // no outputs in this warp
-    float y = 0.0f;
     if (owns) {
+        float total = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) y += sums.part[w][row][lc];
+        for (int w = 0; w < kWarps; ++w) total += sums.part[w][row][lc];
         const __half* const bias = whole_k_bias<HEAD_DIM>(epilogue, P, n);  // again: fewer registers across the MMAs
-        if (bias) y += half_in_word(ahead.bias[threadIdx.x], bias);
+        if (bias) total += half_in_word(ahead.bias[threadIdx.x], bias);
+        sums.total[row][lc] = total;
     }
-    // A rotated column's RoPE partner, lc ^ 8 (NeoX) or lc ^ 1 (GPT-J), is
-    // finished by thread threadIdx.x ^ 8 or ^ 1, a lane of this warp.
-    float partner = 0.0f;
-    if (epilogue.kind == SmallGemmEpilogue::kHeads && epilogue.heads.rope != QATTN_ROPE_NONE)
-        partner = __shfl_xor_sync(0xffffffffu, y, epilogue.heads.rope == QATTN_ROPE_NEOX ? 8 : 1);
+    __syncthreads();
     if (!owns) return;
+    const float y = sums.total[row][lc];
     if (epilogue.kind == SmallGemmEpilogue::kHeads) {
-        whole_k_finish_head<HEAD_DIM>(epilogue.heads, P, row, lc, n, y, partner, ahead.in_range[threadIdx.x], ahead);
+        whole_k_finish_head<HEAD_DIM>(epilogue.heads, P, row, lc, n, y, ahead.in_range[threadIdx.x], sums, ahead);
         return;
     }
     const ResidualEpilogueParams& p = epilogue.residual;
