@@ -30,28 +30,6 @@ constexpr size_t kCublasWorkspaceBytes = size_t(8) << 20;
 // Bound on the fp16 scratch that the large-row path dequantizes into (32 MiB).
 constexpr int64_t kDequantScratchElements = int64_t(16) << 20;
 
-// The bytes a decode-sized GEMM of m reads: packed weights and each chunk's
-// scales, or the dense matrix (its whole 16-byte units).
-L2Prefetch decode_bytes(const CudaQMatrix& m) {
-    L2Prefetch p;
-    if (m.packed()) {
-        const PackedGptq4& w = m.packed_gptq();
-        p.ptr[0] = w.qpack;
-        p.bytes[0] = static_cast<int64_t>(sizeof(uint4)) * w.chunks * (m.out_features() / 8) * 32;
-        p.ptr[1] = w.chunk_scale_zero;
-        p.bytes[1] = static_cast<int64_t>(sizeof(__half2)) * w.chunks * m.out_features();
-    } else {
-        p.ptr[0] = m.dense();
-        p.bytes[0] = static_cast<int64_t>(sizeof(__half)) * m.in_features() * m.out_features() / 16 * 16;
-    }
-    return p;
-}
-
-// forward1 at up to this many rows has the L2 fetch the O weights for forward2
-// while the caller's attention runs (l2_prefetch.cu): there forward2's GEMM is
-// bound by its weights' latency, and the attention's KV reads are few.
-constexpr int kPrefetchORows = 4;
-
 struct Adapter {
     qattn_proj proj = QATTN_PROJ_Q;
     int rank = 0;
@@ -189,9 +167,6 @@ private:
         QATTN_TRY(k_norm_.load(info_.k_norm, w.k_norm));
         QATTN_TRY(post_norm_.load(info_.post_norm, w.post_norm));
         QATTN_CUDA_TRY(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, info_.device));
-        int major = 0;
-        QATTN_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, info_.device));
-        bulk_prefetch_ = major >= 9;
 
         const size_t rows = static_cast<size_t>(info_.max_rows);
         stages_input_ = info_.input_norm.enabled() || info_.residual_fp32;
@@ -513,10 +488,7 @@ private:
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
         }
-        if (finished) {
-            if (bulk_prefetch_ && rows <= kPrefetchORows) QATTN_TRY(launch_l2_prefetch(decode_bytes(*proj_[3]), s));
-            return QATTN_SUCCESS;
-        }
+        if (finished) return QATTN_SUCCESS;
         e.caller_data_ready_at_start = small_count == 3 && !any_lora;
         return launch_head_epilogue(e, s);
     }
@@ -604,7 +576,6 @@ private:
     int column_[3] = {};
     int qkv_width_ = 0;
     int sm_count_ = 1;
-    bool bulk_prefetch_ = false;  // sm_90 and newer: cp.async.bulk.prefetch
     DeviceNorm input_norm_, q_norm_, k_norm_, post_norm_;
     std::shared_ptr<CudaScratch> scratch_;
     // Whether forward1 stages x (input norm, fp32 residual) into CudaScratch::kNormed.

@@ -115,16 +115,6 @@ struct ResidualEpilogueParams {
 };
 qattn_status launch_residual_epilogue(const ResidualEpilogueParams& p, cudaStream_t stream);
 
-// l2_prefetch.cu (sm_90): has the L2 fetch device memory that a later kernel
-// reads first, once the kernel before has ended. Ranges 16-byte aligned, sizes
-// multiples of 16 (0: unused).
-struct L2Prefetch {
-    static constexpr int kRanges = 2;
-    const void* ptr[kRanges] = {};
-    int64_t bytes[kRanges] = {};
-};
-qattn_status launch_l2_prefetch(const L2Prefetch& p, cudaStream_t stream);
-
 // The small-row GEMM can finish the phase itself (kHeads: bias, head norm, RoPE
 // on ranges of whole heads, 128 % head_dim == 0; kResidual: no post-norm, which
 // needs whole rows). Only the projections of the GEMM may feed the accumulator
