@@ -788,12 +788,11 @@ __device__ __forceinline__ WholeKHeadColumn whole_k_head_column(const HeadEpilog
     return col;
 }
 
-// The bias element of output column n, or null. HEADS: the epilogue is the
-// head epilogue (else the residual one), which each kernel is built for.
-template <bool HEADS, int HEAD_DIM>
+// The bias element of output column n, or null.
+template <int HEAD_DIM>
 __device__ __forceinline__ const __half* whole_k_bias(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
                                                       int n) {
-    if (HEADS) {
+    if (ep.kind == SmallGemmEpilogue::kHeads) {
         const HeadEpilogueParams& p = ep.heads;
         const WholeKHeadColumn col = whole_k_head_column<HEAD_DIM>(p, P, n);
         return p.bias[col.proj] ? p.bias[col.proj] + col.head * whole_k_head_dim<HEAD_DIM>(p) + col.c : nullptr;
@@ -809,11 +808,11 @@ __device__ __forceinline__ int whole_k_position(const HeadEpilogueParams& p, int
 
 // The copies after the wait (WholeKAhead) of output (row, n); false where the
 // output is turned by RoPE and its position lies outside the tables.
-template <bool HEADS, int HEAD_DIM>
+template <int HEAD_DIM>
 __device__ __forceinline__ bool whole_k_fetch_after_wait(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
                                                          int row, int n, int position, WholeKAhead& ahead) {
     const int i = threadIdx.x;
-    if (!HEADS) {
+    if (ep.kind != SmallGemmEpilogue::kHeads) {
         const ResidualEpilogueParams& p = ep.residual;
         if (!p.has_residual) return true;
         const size_t at = static_cast<size_t>(row) * p.width + P.col_offset + n;
@@ -837,11 +836,11 @@ __device__ __forceinline__ bool whole_k_fetch_after_wait(const SmallGemmEpilogue
 }
 
 // The problem-local n-tiles (a, b) of block `pair` of P (pairing above).
-template <bool HEADS, int HEAD_DIM>
+template <int HEAD_DIM>
 __device__ __forceinline__ void whole_k_tiles(const SmallGemmEpilogue& ep, const SmallGemmProblem& P, int pair,
                                               int* ta, int* tb) {
     *ta = 2 * pair, *tb = 2 * pair + 1;
-    if (!HEADS || ep.heads.rope != QATTN_ROPE_NEOX) return;
+    if (ep.kind != SmallGemmEpilogue::kHeads || ep.heads.rope != QATTN_ROPE_NEOX) return;
     const HeadEpilogueParams& p = ep.heads;
     const int D = whole_k_head_dim<HEAD_DIM>(p), pairs_per_head = D / kWholeKColumns;
     const int head_tile = pair / pairs_per_head * (D / 8), k = pair % pairs_per_head;
@@ -884,24 +883,19 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
     }
 }
 
-// Each epilogue and row count has a build of its own, and the head epilogue
-// one for the usual head dim (HEAD_DIM; 0: the call's): the other epilogue's
-// code, the row loops, row tests and row-dependent offsets and the divisions
-// by the head dim fold away (at one row a warp's fixed work is what the phase
-// waits for).
-template <bool HEADS, int HEAD_DIM, int ROWS>
+// HEAD_DIM, ROWS: 0 for the call's head_dim and rows, else what the kernel is
+// built for (one-row decode: its row loops and tests fold away).
+template <int HEAD_DIM, int ROWS>
 __global__ void __launch_bounds__(kWarps * 32, 3)
-    gptq4_gemm_whole_k_kernel(Batch batch, SmallGemmEpilogue epilogue) {
-    static_assert(ROWS >= 1 && ROWS <= kWholeKRows, "whole-K rows");
-    static_assert(HEADS || HEAD_DIM == 0, "a head dim for the head epilogue only");
+    gptq4_gemm_whole_k_kernel(Batch batch, int call_rows, SmallGemmEpilogue epilogue) {
     extern __shared__ __align__(16) unsigned char shared_base[];
-    constexpr int rows = ROWS;
+    const int rows = ROWS ? ROWS : call_rows;
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     int tile_a = 0, tile_b = 0;
-    whole_k_tiles<HEADS, HEAD_DIM>(epilogue, P, block_in_problem, &tile_a, &tile_b);
+    whole_k_tiles<HEAD_DIM>(epilogue, P, block_in_problem, &tile_a, &tile_b);
     const int N = P.n_tiles * 8;
     const int column_a = tile_a * 8 + g, column_b = tile_b * 8 + g;
     const int per_warp = (P.w.chunks + kWarps - 1) / kWarps;
@@ -943,7 +937,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     int row = 0, lc = 0;
     int n = output_of(threadIdx.x, &row, &lc);
     if (row < rows) {
-        const __half* const bias = whole_k_bias<HEADS, HEAD_DIM>(epilogue, P, n);
+        const __half* const bias = whole_k_bias<HEAD_DIM>(epilogue, P, n);
         if (bias) cp_async_half_word(&ahead.bias[threadIdx.x], bias);
     }
 
@@ -951,7 +945,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     allow_dependents();
     // Issued before the x slice's loads so that the two round trips overlap.
     const int position =
-        row < rows && HEADS ? whole_k_position(epilogue.heads, row) : 0;
+        row < rows && epilogue.kind == SmallGemmEpilogue::kHeads ? whole_k_position(epilogue.heads, row) : 0;
     // This warp's slice of x [rows][kWholeKSliceStride].
     __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
     {
@@ -973,7 +967,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         }
     }
     __syncwarp();
-    if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait<HEADS, HEAD_DIM>(epilogue, P, row, n, position, ahead);
+    if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait<HEAD_DIM>(epilogue, P, row, n, position, ahead);
     cp_async_commit();
 
     float c[1][4] = {};
@@ -1002,14 +996,14 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
         float total = 0.0f;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) total += sums.part[w][row][lc];
-        const __half* const bias = whole_k_bias<HEADS, HEAD_DIM>(epilogue, P, n);  // again: fewer registers across the MMAs
+        const __half* const bias = whole_k_bias<HEAD_DIM>(epilogue, P, n);  // again: fewer registers across the MMAs
         if (bias) total += half_in_word(ahead.bias[threadIdx.x], bias);
         sums.total[row][lc] = total;
     }
     __syncthreads();
     if (!owns) return;
     const float y = sums.total[row][lc];
-    if (HEADS) {
+    if (epilogue.kind == SmallGemmEpilogue::kHeads) {
         whole_k_finish_head<HEAD_DIM>(epilogue.heads, P, row, lc, n, y, ahead.in_range[threadIdx.x], sums, ahead);
         return;
     }
@@ -1141,18 +1135,6 @@ bool whole_k_fits(const SmallGemmProblem* problems, int count, int rows, const S
            (p.rotary_dim % kWholeKColumns == 0 && (p.head_dim - p.rotary_dim) % kWholeKColumns == 0);
 }
 
-// The whole-K kernel built for `rows` rows.
-template <bool HEADS, int HEAD_DIM>
-auto whole_k_kernel(int rows) {
-    switch (rows) {
-    case 1: return gptq4_gemm_whole_k_kernel<HEADS, HEAD_DIM, 1>;
-    case 2: return gptq4_gemm_whole_k_kernel<HEADS, HEAD_DIM, 2>;
-    case 3: return gptq4_gemm_whole_k_kernel<HEADS, HEAD_DIM, 3>;
-    default: return gptq4_gemm_whole_k_kernel<HEADS, HEAD_DIM, 4>;
-    }
-}
-static_assert(kWholeKRows == 4, "whole_k_kernel: one case a row count");
-
 }  // namespace
 
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
@@ -1174,11 +1156,13 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
             blocks += problems[i].n_tiles / 2;
         }
         for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks;
-        const auto kernel = requested.kind != SmallGemmEpilogue::kHeads ? whole_k_kernel<false, 0>(rows)
-                            : requested.heads.head_dim == 128       ? whole_k_kernel<true, 128>(rows)
-                                                                    : whole_k_kernel<true, 0>(rows);
+        // The usual head dim and one-row decode get kernels of their own: their
+        // divisions by the head dim become shifts, their row loops fold away.
+        const bool d128 = requested.kind == SmallGemmEpilogue::kHeads && requested.heads.head_dim == 128;
+        const auto kernel = rows == 1 ? (d128 ? gptq4_gemm_whole_k_kernel<128, 1> : gptq4_gemm_whole_k_kernel<0, 1>)
+                                      : (d128 ? gptq4_gemm_whole_k_kernel<128, 0> : gptq4_gemm_whole_k_kernel<0, 0>);
         QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", kernel, dim3(blocks), kWarps * 32, whole_k_shared_bytes(rows),
-                             stream, batch, requested));
+                             stream, batch, rows, requested));
         *finished = true;
         return QATTN_SUCCESS;
     }
