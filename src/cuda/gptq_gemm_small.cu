@@ -883,13 +883,16 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
     }
 }
 
-// HEAD_DIM, ROWS: 0 for the call's head_dim and rows, else what the kernel is
-// built for (one-row decode: its row loops and tests fold away).
+// HEAD_DIM: 0 for the call's head_dim, else the one the kernel is built for.
+// Every row count has a build of its own: the row loops, row tests and
+// row-dependent offsets fold away (at one row a warp's fixed work is what the
+// phase waits for).
 template <int HEAD_DIM, int ROWS>
 __global__ void __launch_bounds__(kWarps * 32, 3)
-    gptq4_gemm_whole_k_kernel(Batch batch, int call_rows, SmallGemmEpilogue epilogue) {
+    gptq4_gemm_whole_k_kernel(Batch batch, SmallGemmEpilogue epilogue) {
+    static_assert(ROWS >= 1 && ROWS <= kWholeKRows, "whole-K rows");
     extern __shared__ __align__(16) unsigned char shared_base[];
-    const int rows = ROWS ? ROWS : call_rows;
+    constexpr int rows = ROWS;
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1123,6 +1126,17 @@ qattn_status clusters_fit(Kernel kernel, dim3 grid, size_t shared, size_t max_sh
 // n-tile count, and an epilogue it can run on its 16 columns: no head norms (they
 // need whole heads), NeoX RoPE whose rotary and pass-through parts come in
 // whole tile pairs.
+template <int HEAD_DIM>
+auto whole_k_kernel(int rows) {
+    switch (rows) {
+    case 1: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 1>;
+    case 2: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 2>;
+    case 3: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 3>;
+    default: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 4>;
+    }
+}
+static_assert(kWholeKRows == 4, "whole_k_kernel: one case a row count");
+
 bool whole_k_fits(const SmallGemmProblem* problems, int count, int rows, const SmallGemmEpilogue& ep) {
     if (rows > kWholeKRows) return false;
     for (int i = 0; i < count; ++i)
@@ -1156,13 +1170,11 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
             blocks += problems[i].n_tiles / 2;
         }
         for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks;
-        // The usual head dim and one-row decode get kernels of their own: their
-        // divisions by the head dim become shifts, their row loops fold away.
+        // The usual head dim gets kernels of its own: their divisions by it become shifts.
         const bool d128 = requested.kind == SmallGemmEpilogue::kHeads && requested.heads.head_dim == 128;
-        const auto kernel = rows == 1 ? (d128 ? gptq4_gemm_whole_k_kernel<128, 1> : gptq4_gemm_whole_k_kernel<0, 1>)
-                                      : (d128 ? gptq4_gemm_whole_k_kernel<128, 0> : gptq4_gemm_whole_k_kernel<0, 0>);
+        const auto kernel = d128 ? whole_k_kernel<128>(rows) : whole_k_kernel<0>(rows);
         QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", kernel, dim3(blocks), kWarps * 32, whole_k_shared_bytes(rows),
-                             stream, batch, rows, requested));
+                             stream, batch, requested));
         *finished = true;
         return QATTN_SUCCESS;
     }
