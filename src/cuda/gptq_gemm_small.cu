@@ -1126,17 +1126,6 @@ qattn_status clusters_fit(Kernel kernel, dim3 grid, size_t shared, size_t max_sh
 // n-tile count, and an epilogue it can run on its 16 columns: no head norms (they
 // need whole heads), NeoX RoPE whose rotary and pass-through parts come in
 // whole tile pairs.
-template <int HEAD_DIM>
-auto whole_k_kernel(int rows) {
-    switch (rows) {
-    case 1: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 1>;
-    case 2: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 2>;
-    case 3: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 3>;
-    default: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 4>;
-    }
-}
-static_assert(kWholeKRows == 4, "whole_k_kernel: one case a row count");
-
 bool whole_k_fits(const SmallGemmProblem* problems, int count, int rows, const SmallGemmEpilogue& ep) {
     if (rows > kWholeKRows) return false;
     for (int i = 0; i < count; ++i)
@@ -1148,6 +1137,18 @@ bool whole_k_fits(const SmallGemmProblem* problems, int count, int rows, const S
     return p.rope != QATTN_ROPE_NEOX ||
            (p.rotary_dim % kWholeKColumns == 0 && (p.head_dim - p.rotary_dim) % kWholeKColumns == 0);
 }
+
+// The whole-K kernel built for `rows` rows.
+template <int HEAD_DIM>
+auto whole_k_kernel(int rows) {
+    switch (rows) {
+    case 1: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 1>;
+    case 2: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 2>;
+    case 3: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 3>;
+    default: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 4>;
+    }
+}
+static_assert(kWholeKRows == 4, "whole_k_kernel: one case a row count");
 
 }  // namespace
 
