@@ -883,16 +883,13 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
     }
 }
 
-// HEAD_DIM: 0 for the call's head_dim, else the one the kernel is built for.
-// Every row count has a build of its own: the row loops, row tests and
-// row-dependent offsets fold away (at one row a warp's fixed work is what the
-// phase waits for).
+// HEAD_DIM, ROWS: 0 for the call's head_dim and rows, else what the kernel is
+// built for (one-row decode: its row loops and tests fold away).
 template <int HEAD_DIM, int ROWS>
 __global__ void __launch_bounds__(kWarps * 32, 3)
-    gptq4_gemm_whole_k_kernel(Batch batch, SmallGemmEpilogue epilogue) {
-    static_assert(ROWS >= 1 && ROWS <= kWholeKRows, "whole-K rows");
+    gptq4_gemm_whole_k_kernel(Batch batch, int call_rows, SmallGemmEpilogue epilogue) {
     extern __shared__ __align__(16) unsigned char shared_base[];
-    constexpr int rows = ROWS;
+    const int rows = ROWS ? ROWS : call_rows;
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -1138,18 +1135,6 @@ bool whole_k_fits(const SmallGemmProblem* problems, int count, int rows, const S
            (p.rotary_dim % kWholeKColumns == 0 && (p.head_dim - p.rotary_dim) % kWholeKColumns == 0);
 }
 
-// The whole-K kernel built for `rows` rows.
-template <int HEAD_DIM>
-auto whole_k_kernel(int rows) {
-    switch (rows) {
-    case 1: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 1>;
-    case 2: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 2>;
-    case 3: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 3>;
-    default: return gptq4_gemm_whole_k_kernel<HEAD_DIM, 4>;
-    }
-}
-static_assert(kWholeKRows == 4, "whole_k_kernel: one case a row count");
-
 }  // namespace
 
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
@@ -1171,11 +1156,13 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
             blocks += problems[i].n_tiles / 2;
         }
         for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks;
-        // The usual head dim gets kernels of its own: their divisions by it become shifts.
+        // The usual head dim and one-row decode get kernels of their own: their
+        // divisions by the head dim become shifts, their row loops fold away.
         const bool d128 = requested.kind == SmallGemmEpilogue::kHeads && requested.heads.head_dim == 128;
-        const auto kernel = d128 ? whole_k_kernel<128>(rows) : whole_k_kernel<0>(rows);
+        const auto kernel = rows == 1 ? (d128 ? gptq4_gemm_whole_k_kernel<128, 1> : gptq4_gemm_whole_k_kernel<0, 1>)
+                                      : (d128 ? gptq4_gemm_whole_k_kernel<128, 0> : gptq4_gemm_whole_k_kernel<0, 0>);
         QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", kernel, dim3(blocks), kWarps * 32, whole_k_shared_bytes(rows),
-                             stream, batch, requested));
+                             stream, batch, rows, requested));
         *finished = true;
         return QATTN_SUCCESS;
     }
