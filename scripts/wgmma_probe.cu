@@ -10,8 +10,10 @@
 // registers from the decode GEMM's packing: a warp's 16 columns are two n-tiles,
 // one uint4 a lane a chunk of 128 k, as in gptq_gemm_small.cu), B is 128 tokens
 // of x (K-major in shared memory with the 128-byte swizzle, by cp.async, three
-// stages), the fp32 accumulator 64 x 128 a warpgroup. A block: two warpgroups
-// (128 columns) x 128 tokens. Every chunk has one group (scale and zero per
+// stages), the fp32 accumulator 64 x 128 a warpgroup and column group. A block:
+// two warpgroups of GROUPS x 64 columns each x 128 tokens; GROUPS 2 halves the
+// x bytes a block reads from the L2 per FLOP (at 1, the L2 may bound it).
+// Every chunk has one group (scale and zero per
 // chunk and column), the common case; W = (q - z) * s rounded to fp16 as the
 // dequantize kernel does, so both paths multiply the same fp16 weights.
 //
@@ -52,7 +54,6 @@ using namespace qattn::cuda;
 namespace {
 
 constexpr int kChunk = 128;        // k rows a packed chunk
-constexpr int kBlockCols = 128;    // output columns a block: two warpgroups of 64
 constexpr int kBlockTokens = 128;  // tokens a block (wgmma n)
 constexpr int kStages = 3;
 constexpr int kThreads = 256;
@@ -148,14 +149,23 @@ __device__ __forceinline__ void dequantize_step(uint32_t (&a)[4], const uint32_t
     a[3] = *reinterpret_cast<const uint32_t*>(&a3);
 }
 
-__global__ void __launch_bounds__(kThreads, 2) fused_gptq4_gemm(Problem p) {
+template <int GROUPS>
+__global__ void __launch_bounds__(kThreads, GROUPS == 1 ? 2 : 1) fused_gptq4_gemm(Problem p) {
+    constexpr int kBlockCols = 2 * GROUPS * 64;
     extern __shared__ unsigned char shared_raw[];
     const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(shared_raw)) + 1023) & ~1023u;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int wg = warp >> 2, wq = warp & 3;
     const int chunks = p.k / kChunk, n_tiles = p.n / 8;
     const int token0 = blockIdx.y * kBlockTokens;
-    const int tile_a = blockIdx.x * (kBlockCols / 8) + warp * 2, tile_b = tile_a + 1;
-    const int column_a = tile_a * 8 + g, column_b = tile_b * 8 + g;
+    // Column group u of this warp: n-tiles tile_a[u], tile_a[u] + 1 (rows g and g + 8 of its 16).
+    int tile_a[GROUPS], column_a[GROUPS], column_b[GROUPS];
+#pragma unroll
+    for (int u = 0; u < GROUPS; ++u) {
+        tile_a[u] = blockIdx.x * (kBlockCols / 8) + (wg * GROUPS + u) * 8 + wq * 2;
+        column_a[u] = tile_a[u] * 8 + g;
+        column_b[u] = column_a[u] + 8;
+    }
 
     const auto load_stage = [&](int chunk, int stage) {
 #pragma unroll
@@ -165,11 +175,18 @@ __global__ void __launch_bounds__(kThreads, 2) fused_gptq4_gemm(Problem p) {
             cp_async16(to, p.x + static_cast<size_t>(token0 + r) * p.k + chunk * kChunk + c * 8);
         }
     };
-    const auto load_weights = [&](int chunk, uint4& qa, uint4& qb, __half2& sa, __half2& sb) {
-        qa = p.qpack[(static_cast<size_t>(chunk) * n_tiles + tile_a) * 32 + lane];
-        qb = p.qpack[(static_cast<size_t>(chunk) * n_tiles + tile_b) * 32 + lane];
-        sa = p.scale_zero[static_cast<size_t>(chunk) * p.n + column_a];
-        sb = p.scale_zero[static_cast<size_t>(chunk) * p.n + column_b];
+    struct Weights {
+        uint4 qa[GROUPS], qb[GROUPS];
+        __half2 sa[GROUPS], sb[GROUPS];
+    };
+    const auto load_weights = [&](int chunk, Weights& w) {
+#pragma unroll
+        for (int u = 0; u < GROUPS; ++u) {
+            w.qa[u] = p.qpack[(static_cast<size_t>(chunk) * n_tiles + tile_a[u]) * 32 + lane];
+            w.qb[u] = p.qpack[(static_cast<size_t>(chunk) * n_tiles + tile_a[u] + 1) * 32 + lane];
+            w.sa[u] = p.scale_zero[static_cast<size_t>(chunk) * p.n + column_a[u]];
+            w.sb[u] = p.scale_zero[static_cast<size_t>(chunk) * p.n + column_b[u]];
+        }
     };
 
 #pragma unroll
@@ -177,12 +194,13 @@ __global__ void __launch_bounds__(kThreads, 2) fused_gptq4_gemm(Problem p) {
         if (s < chunks) load_stage(s, s);
         cp_async_commit();
     }
-    uint4 qa, qb;
-    __half2 sa, sb;
-    load_weights(0, qa, qb, sa, sb);
-    float d[64];
+    Weights w;
+    load_weights(0, w);
+    float d[GROUPS][64];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) d[i] = 0.0f;
+    for (int u = 0; u < GROUPS; ++u)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) d[u][i] = 0.0f;
 
     for (int c = 0; c < chunks; ++c) {
         cp_async_wait<kStages - 2>();  // this thread's pieces of chunk c are in
@@ -190,36 +208,48 @@ __global__ void __launch_bounds__(kThreads, 2) fused_gptq4_gemm(Problem p) {
         __syncthreads();  // everyone's; and chunk c - 1's MMAs (waited below) are done with its stage
         if (c + kStages - 1 < chunks) load_stage(c + kStages - 1, (c + kStages - 1) % kStages);
         cp_async_commit();
-        uint4 next_qa = qa, next_qb = qb;
-        __half2 next_sa = sa, next_sb = sb;
-        if (c + 1 < chunks) load_weights(c + 1, next_qa, next_qb, next_sa, next_sb);
+        Weights next = w;
+        if (c + 1 < chunks) load_weights(c + 1, next);
 
         const uint32_t stage = base + (c % kStages) * kStageBytes;
-        const ColumnCodes ca = column_codes(sa), cb = column_codes(sb);
-        const uint32_t wa[4] = {qa.x, qa.y, qa.z, qa.w}, wb[4] = {qb.x, qb.y, qb.z, qb.w};
-        uint32_t a[2][4];
+        ColumnCodes ca[GROUPS], cb[GROUPS];
+        uint32_t wa[GROUPS][4], wb[GROUPS][4];
+#pragma unroll
+        for (int u = 0; u < GROUPS; ++u) {
+            ca[u] = column_codes(w.sa[u]), cb[u] = column_codes(w.sb[u]);
+            wa[u][0] = w.qa[u].x, wa[u][1] = w.qa[u].y, wa[u][2] = w.qa[u].z, wa[u][3] = w.qa[u].w;
+            wb[u][0] = w.qb[u].x, wb[u][1] = w.qb[u].y, wb[u][2] = w.qb[u].z, wb[u][3] = w.qb[u].w;
+        }
+        uint32_t a[2][GROUPS][4];
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            dequantize_step(a[j & 1], wa, wb, j, ca, cb);
+#pragma unroll
+            for (int u = 0; u < GROUPS; ++u) dequantize_step(a[j & 1][u], wa[u], wb[u], j, ca[u], cb[u]);
             wgmma_fence();
-            wgmma_m64n128k16_rs(d, a[j & 1], smem_desc(stage + (j >> 2) * kAtomBytes + (j & 3) * 32));
+            const uint64_t desc = smem_desc(stage + (j >> 2) * kAtomBytes + (j & 3) * 32);
+#pragma unroll
+            for (int u = 0; u < GROUPS; ++u) wgmma_m64n128k16_rs(d[u], a[j & 1][u], desc);
             wgmma_commit();
-            wgmma_wait<1>();  // the MMA before, which read a[(j + 1) & 1], is done
+            wgmma_wait<1>();  // the step before, which read a[(j + 1) & 1], is done
         }
         wgmma_wait<0>();
-        pin(d);
-        qa = next_qa, qb = next_qb, sa = next_sa, sb = next_sb;
+#pragma unroll
+        for (int u = 0; u < GROUPS; ++u) pin(d[u]);
+        w = next;
     }
 
-    // d[4 i + e]: rows g (e < 2: column a) or g + 8 (column b), tokens 8 i + 2 t + (e & 1).
+    // d[u][4 i + e]: rows g (e < 2: column a) or g + 8 (column b) of group u,
+    // tokens 8 i + 2 t + (e & 1).
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-        const size_t token = token0 + 8 * i + 2 * t;
-        p.y[token * p.n + column_a] = __float2half(d[4 * i]);
-        p.y[(token + 1) * p.n + column_a] = __float2half(d[4 * i + 1]);
-        p.y[token * p.n + column_b] = __float2half(d[4 * i + 2]);
-        p.y[(token + 1) * p.n + column_b] = __float2half(d[4 * i + 3]);
-    }
+    for (int u = 0; u < GROUPS; ++u)
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const size_t token = token0 + 8 * i + 2 * t;
+            p.y[token * p.n + column_a[u]] = __float2half(d[u][4 * i]);
+            p.y[(token + 1) * p.n + column_a[u]] = __float2half(d[u][4 * i + 1]);
+            p.y[token * p.n + column_b[u]] = __float2half(d[u][4 * i + 2]);
+            p.y[(token + 1) * p.n + column_b[u]] = __float2half(d[u][4 * i + 3]);
+        }
 }
 
 // The reference's weights: W [N, K] fp16 from the same packing and nibble order.
@@ -293,12 +323,13 @@ int main() {
     cudaDeviceProp prop{};
     CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("card %s, %d SMs\n", prop.name, prop.multiProcessorCount);
-    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
+    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
+    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
     cublasHandle_t blas;
     CHECK(cublasCreate(&blas));
     const int tokens = 2048, k = 4096;
-    std::printf("%-22s %9s %9s %9s %9s %9s %10s\n", "T x K x N", "fused", "dequant", "cuBLAS", "deq+cuBLAS",
-                "fused TF", "rel err");
+    std::printf("%-22s %6s %9s %9s %9s %10s %9s %10s\n", "T x K x N", "block", "fused", "dequant", "cuBLAS",
+                "deq+cuBLAS", "fused TF", "rel err");
     for (int n : {4096, 6144, 2048}) {
         const int chunks = k / kChunk, n_tiles = n / 8;
         uint4* qpack;
@@ -322,27 +353,38 @@ int main() {
             CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, n, tokens, k, &one, w, CUDA_R_16F, k, x, CUDA_R_16F,
                                k, &zero, y_ref, CUDA_R_16F, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         };
-        const dim3 grid(n / kBlockCols, tokens / kBlockTokens);
-        const auto fused = [&] { fused_gptq4_gemm<<<grid, kThreads, kSharedBytes>>>(p); };
         dequant();
         gemm();
-        fused();
         CHECK(cudaGetLastError());
-        CHECK(cudaDeviceSynchronize());
-        std::vector<__half> hy(size_t(tokens) * n), hr(size_t(tokens) * n);
-        CHECK(cudaMemcpy(hy.data(), y, sizeof(__half) * hy.size(), cudaMemcpyDeviceToHost));
-        CHECK(cudaMemcpy(hr.data(), y_ref, sizeof(__half) * hr.size(), cudaMemcpyDeviceToHost));
-        double num = 0, den = 0;
-        for (size_t i = 0; i < hy.size(); ++i) {
-            const double a = __half2float(hy[i]), b = __half2float(hr[i]);
-            num += (a - b) * (a - b), den += b * b;
-        }
-        const double rel = std::sqrt(num / std::max(den, 1e-30));
-        const float t_fused = median_us(fused), t_deq = median_us(dequant), t_gemm = median_us(gemm);
+        const float t_deq = median_us(dequant), t_gemm = median_us(gemm);
         const float t_both = median_us([&] { dequant(), gemm(); });
-        const double flops = 2.0 * tokens * k * n;
-        std::printf("%4d x %4d x %-10d %8.1f %9.1f %9.1f %9.1f %9.0f %10.2e%s\n", tokens, k, n, t_fused, t_deq, t_gemm,
-                    t_both, flops / t_fused / 1e6, rel, rel < 2e-3 ? "" : "  WRONG");
+        std::vector<__half> hy(size_t(tokens) * n), hr(size_t(tokens) * n);
+        CHECK(cudaMemcpy(hr.data(), y_ref, sizeof(__half) * hr.size(), cudaMemcpyDeviceToHost));
+        for (int groups : {1, 2}) {
+            const int columns = 2 * groups * 64;
+            const dim3 grid(n / columns, tokens / kBlockTokens);
+            const auto fused = [&] {
+                if (groups == 1)
+                    fused_gptq4_gemm<1><<<grid, kThreads, kSharedBytes>>>(p);
+                else
+                    fused_gptq4_gemm<2><<<grid, kThreads, kSharedBytes>>>(p);
+            };
+            CHECK(cudaMemset(y, 0xFF, sizeof(__half) * hy.size()));  // NaN: an output never written shows
+            fused();
+            CHECK(cudaGetLastError());
+            CHECK(cudaDeviceSynchronize());
+            CHECK(cudaMemcpy(hy.data(), y, sizeof(__half) * hy.size(), cudaMemcpyDeviceToHost));
+            double num = 0, den = 0;
+            for (size_t i = 0; i < hy.size(); ++i) {
+                const double a = __half2float(hy[i]), b = __half2float(hr[i]);
+                num += (a - b) * (a - b), den += b * b;
+            }
+            const double rel = std::sqrt(num / std::max(den, 1e-30));  // NaN fails the check below too
+            const float t_fused = median_us(fused);
+            const double flops = 2.0 * tokens * k * n;
+            std::printf("%4d x %4d x %-10d %6d %9.1f %9.1f %9.1f %10.1f %9.0f %10.2e%s\n", tokens, k, n, columns,
+                        t_fused, t_deq, t_gemm, t_both, flops / t_fused / 1e6, rel, rel < 2e-3 ? "" : "  WRONG");
+        }
         CHECK(cudaFree(qpack));
         CHECK(cudaFree(sz));
         CHECK(cudaFree(x));
@@ -350,8 +392,8 @@ int main() {
         CHECK(cudaFree(y));
         CHECK(cudaFree(y_ref));
     }
-    std::printf("times in us (CUDA events, median of 20 after warm-up; operands hot in the L2 for the\n"
-                "smaller shapes, as for both paths alike); TF: fused TFLOP/s\n");
+    std::printf("block: output columns a block (x 128 tokens); times in us (CUDA events, median of 20\n"
+                "after warm-up; the packed weights and x fit the L2, for both paths alike); TF: fused TFLOP/s\n");
     CHECK(cublasDestroy(blas));
     return 0;
 }
