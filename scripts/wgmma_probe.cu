@@ -9,8 +9,9 @@
 // warpgroup's A operand is 64 output columns (the weights, dequantized in
 // registers from the decode GEMM's packing: a warp's 16 columns are two n-tiles,
 // one uint4 a lane a chunk of 128 k, as in gptq_gemm_small.cu), B is 128 tokens
-// of x (K-major in shared memory with the 128-byte swizzle, by cp.async, three
-// stages), the fp32 accumulator 64 x 128 a warpgroup and column group. A block:
+// of x (K-major in shared memory with the 128-byte swizzle), both by cp.async
+// through three stages, the fp32 accumulator 64 x 128 a warpgroup and column
+// group. A block:
 // two warpgroups of GROUPS x 64 columns each x 128 tokens; GROUPS 2 halves the
 // x bytes a block reads from the L2 per FLOP (at 1, the L2 may bound it).
 // Every chunk has one group (scale and zero per
@@ -57,11 +58,19 @@ constexpr int kChunk = 128;        // k rows a packed chunk
 constexpr int kBlockTokens = 128;  // tokens a block (wgmma n)
 constexpr int kStages = 3;
 constexpr int kThreads = 256;
-// One stage: x [128 tokens][128 k] fp16 as two 64-k atom columns, each 128
-// rows of 128 bytes, 16-byte pieces swizzled by row (piece ^ row % 8).
+// One stage, a chunk: x [128 tokens][128 k] fp16 as two 64-k atom columns,
+// each 128 rows of 128 bytes, 16-byte pieces swizzled by row (piece ^ row % 8);
+// then the block's packed weights of the chunk (its n-tiles' uint4 a lane, one
+// contiguous range of qpack) and their (scale, zero) words; the whole rounded
+// to 1024 bytes, the alignment of the swizzle's atoms.
 constexpr int kAtomBytes = kBlockTokens * 128;
-constexpr int kStageBytes = 2 * kAtomBytes;
-constexpr int kSharedBytes = kStages * kStageBytes + 1024;  // + room to align to 1024
+constexpr int kXBytes = 2 * kAtomBytes;
+__host__ __device__ constexpr int block_columns(int groups) { return 2 * groups * 64; }
+__host__ __device__ constexpr int weight_bytes(int groups) { return block_columns(groups) / 8 * 32 * 16; }
+__host__ __device__ constexpr int stage_bytes(int groups) {
+    return (kXBytes + weight_bytes(groups) + block_columns(groups) * 4 + 1023) / 1024 * 1024;
+}
+__host__ __device__ constexpr int shared_bytes(int groups) { return kStages * stage_bytes(groups) + 1024; }  // + room to align
 
 struct Problem {
     const uint4* qpack;         // [chunks][n_tiles][32 lanes]
@@ -150,43 +159,37 @@ __device__ __forceinline__ void dequantize_step(uint32_t (&a)[4], const uint32_t
 }
 
 template <int GROUPS>
-__global__ void __launch_bounds__(kThreads, GROUPS == 1 ? 2 : 1) fused_gptq4_gemm(Problem p) {
-    constexpr int kBlockCols = 2 * GROUPS * 64;
+__global__ void __launch_bounds__(kThreads, 1) fused_gptq4_gemm(Problem p) {
+    constexpr int kBlockCols = block_columns(GROUPS), kStageBytes = stage_bytes(GROUPS);
     extern __shared__ unsigned char shared_raw[];
     const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(shared_raw)) + 1023) & ~1023u;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int wg = warp >> 2, wq = warp & 3;
     const int chunks = p.k / kChunk, n_tiles = p.n / 8;
     const int token0 = blockIdx.y * kBlockTokens;
-    // Column group u of this warp: n-tiles tile_a[u], tile_a[u] + 1 (rows g and g + 8 of its 16).
-    int tile_a[GROUPS], column_a[GROUPS], column_b[GROUPS];
+    const int tile0 = blockIdx.x * (kBlockCols / 8), column0 = tile0 * 8;
+    // Column group u of this warp: the block's n-tiles local_a[u], local_a[u] + 1
+    // (rows g and g + 8 of its 16), columns local_a[u] * 8 + g and + 8.
+    int local_a[GROUPS];
 #pragma unroll
-    for (int u = 0; u < GROUPS; ++u) {
-        tile_a[u] = blockIdx.x * (kBlockCols / 8) + (wg * GROUPS + u) * 8 + wq * 2;
-        column_a[u] = tile_a[u] * 8 + g;
-        column_b[u] = column_a[u] + 8;
-    }
+    for (int u = 0; u < GROUPS; ++u) local_a[u] = (wg * GROUPS + u) * 8 + wq * 2;
 
+    // x, the weights and their scales of a chunk, all by cp.async (the weights
+    // two chunks ahead, like x, so their HBM latency is hidden too).
     const auto load_stage = [&](int chunk, int stage) {
+        const uint32_t at = base + stage * kStageBytes;
 #pragma unroll
         for (int i = tid; i < kBlockTokens * 16; i += kThreads) {
             const int r = i >> 4, c = i & 15;
-            const uint32_t to = base + stage * kStageBytes + (c >> 3) * kAtomBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+            const uint32_t to = at + (c >> 3) * kAtomBytes + r * 128 + (((c & 7) ^ (r & 7)) << 4);
             cp_async16(to, p.x + static_cast<size_t>(token0 + r) * p.k + chunk * kChunk + c * 8);
         }
-    };
-    struct Weights {
-        uint4 qa[GROUPS], qb[GROUPS];
-        __half2 sa[GROUPS], sb[GROUPS];
-    };
-    const auto load_weights = [&](int chunk, Weights& w) {
+        const uint4* const w = p.qpack + (static_cast<size_t>(chunk) * n_tiles + tile0) * 32;
 #pragma unroll
-        for (int u = 0; u < GROUPS; ++u) {
-            w.qa[u] = p.qpack[(static_cast<size_t>(chunk) * n_tiles + tile_a[u]) * 32 + lane];
-            w.qb[u] = p.qpack[(static_cast<size_t>(chunk) * n_tiles + tile_a[u] + 1) * 32 + lane];
-            w.sa[u] = p.scale_zero[static_cast<size_t>(chunk) * p.n + column_a[u]];
-            w.sb[u] = p.scale_zero[static_cast<size_t>(chunk) * p.n + column_b[u]];
-        }
+        for (int i = tid; i < weight_bytes(GROUPS) / 16; i += kThreads) cp_async16(at + kXBytes + i * 16, w + i);
+        const __half2* const sz = p.scale_zero + static_cast<size_t>(chunk) * p.n + column0;
+        for (int i = tid; i < kBlockCols / 4; i += kThreads)
+            cp_async16(at + kXBytes + weight_bytes(GROUPS) + i * 16, sz + 4 * i);
     };
 
 #pragma unroll
@@ -194,8 +197,6 @@ __global__ void __launch_bounds__(kThreads, GROUPS == 1 ? 2 : 1) fused_gptq4_gem
         if (s < chunks) load_stage(s, s);
         cp_async_commit();
     }
-    Weights w;
-    load_weights(0, w);
     float d[GROUPS][64];
 #pragma unroll
     for (int u = 0; u < GROUPS; ++u)
@@ -208,17 +209,19 @@ __global__ void __launch_bounds__(kThreads, GROUPS == 1 ? 2 : 1) fused_gptq4_gem
         __syncthreads();  // everyone's; and chunk c - 1's MMAs (waited below) are done with its stage
         if (c + kStages - 1 < chunks) load_stage(c + kStages - 1, (c + kStages - 1) % kStages);
         cp_async_commit();
-        Weights next = w;
-        if (c + 1 < chunks) load_weights(c + 1, next);
-
         const uint32_t stage = base + (c % kStages) * kStageBytes;
+        const unsigned char* const stage_ptr = shared_raw + (stage - static_cast<uint32_t>(
+                                                                          __cvta_generic_to_shared(shared_raw)));
+        const uint4* const ws = reinterpret_cast<const uint4*>(stage_ptr + kXBytes);
+        const __half2* const szs = reinterpret_cast<const __half2*>(stage_ptr + kXBytes + weight_bytes(GROUPS));
         ColumnCodes ca[GROUPS], cb[GROUPS];
         uint32_t wa[GROUPS][4], wb[GROUPS][4];
 #pragma unroll
         for (int u = 0; u < GROUPS; ++u) {
-            ca[u] = column_codes(w.sa[u]), cb[u] = column_codes(w.sb[u]);
-            wa[u][0] = w.qa[u].x, wa[u][1] = w.qa[u].y, wa[u][2] = w.qa[u].z, wa[u][3] = w.qa[u].w;
-            wb[u][0] = w.qb[u].x, wb[u][1] = w.qb[u].y, wb[u][2] = w.qb[u].z, wb[u][3] = w.qb[u].w;
+            const uint4 qa = ws[local_a[u] * 32 + lane], qb = ws[(local_a[u] + 1) * 32 + lane];
+            ca[u] = column_codes(szs[local_a[u] * 8 + g]), cb[u] = column_codes(szs[local_a[u] * 8 + 8 + g]);
+            wa[u][0] = qa.x, wa[u][1] = qa.y, wa[u][2] = qa.z, wa[u][3] = qa.w;
+            wb[u][0] = qb.x, wb[u][1] = qb.y, wb[u][2] = qb.z, wb[u][3] = qb.w;
         }
         uint32_t a[2][GROUPS][4];
 #pragma unroll
@@ -235,7 +238,6 @@ __global__ void __launch_bounds__(kThreads, GROUPS == 1 ? 2 : 1) fused_gptq4_gem
         wgmma_wait<0>();
 #pragma unroll
         for (int u = 0; u < GROUPS; ++u) pin(d[u]);
-        w = next;
     }
 
     // d[u][4 i + e]: rows g (e < 2: column a) or g + 8 (column b) of group u,
@@ -245,10 +247,11 @@ __global__ void __launch_bounds__(kThreads, GROUPS == 1 ? 2 : 1) fused_gptq4_gem
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
             const size_t token = token0 + 8 * i + 2 * t;
-            p.y[token * p.n + column_a[u]] = __float2half(d[u][4 * i]);
-            p.y[(token + 1) * p.n + column_a[u]] = __float2half(d[u][4 * i + 1]);
-            p.y[token * p.n + column_b[u]] = __float2half(d[u][4 * i + 2]);
-            p.y[(token + 1) * p.n + column_b[u]] = __float2half(d[u][4 * i + 3]);
+            const int column_a = column0 + local_a[u] * 8 + g, column_b = column_a + 8;
+            p.y[token * p.n + column_a] = __float2half(d[u][4 * i]);
+            p.y[(token + 1) * p.n + column_a] = __float2half(d[u][4 * i + 1]);
+            p.y[token * p.n + column_b] = __float2half(d[u][4 * i + 2]);
+            p.y[(token + 1) * p.n + column_b] = __float2half(d[u][4 * i + 3]);
         }
 }
 
@@ -323,8 +326,8 @@ int main() {
     cudaDeviceProp prop{};
     CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("card %s, %d SMs\n", prop.name, prop.multiProcessorCount);
-    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
-    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSharedBytes));
+    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes(1)));
+    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes(2)));
     cublasHandle_t blas;
     CHECK(cublasCreate(&blas));
     const int tokens = 2048, k = 4096;
@@ -365,9 +368,9 @@ int main() {
             const dim3 grid(n / columns, tokens / kBlockTokens);
             const auto fused = [&] {
                 if (groups == 1)
-                    fused_gptq4_gemm<1><<<grid, kThreads, kSharedBytes>>>(p);
+                    fused_gptq4_gemm<1><<<grid, kThreads, shared_bytes(1)>>>(p);
                 else
-                    fused_gptq4_gemm<2><<<grid, kThreads, kSharedBytes>>>(p);
+                    fused_gptq4_gemm<2><<<grid, kThreads, shared_bytes(2)>>>(p);
             };
             CHECK(cudaMemset(y, 0xFF, sizeof(__half) * hy.size()));  // NaN: an output never written shows
             fused();
