@@ -9,14 +9,13 @@
 // warpgroup's A operand is 64 output columns (the weights, dequantized in
 // registers from the decode GEMM's packing: a warp's 16 columns are two n-tiles,
 // one uint4 a lane a chunk of 128 k, as in gptq_gemm_small.cu), B is 128 tokens
-// of x (K-major in shared memory with the 128-byte swizzle), both by cp.async
-// through three stages, the fp32 accumulator 64 x 128 a warpgroup and column
-// group. A block:
-// two warpgroups of GROUPS x 64 columns each x 128 tokens; GROUPS 2 halves the
-// x bytes a block reads from the L2 per FLOP (at 1, the L2 may bound it).
-// Every chunk has one group (scale and zero per
-// chunk and column), the common case; W = (q - z) * s rounded to fp16 as the
-// dequantize kernel does, so both paths multiply the same fp16 weights.
+// of x (K-major in shared memory with the 128-byte swizzle); x and the packed
+// weights travel by cp.async through three stages. The fp32 accumulator is
+// 64 x 128 a warpgroup and column group. A block: two warpgroups of GROUPS x 64
+// columns each, x 128 tokens; GROUPS 2 halves the x bytes a block reads from
+// the L2 per FLOP (at 1, the L2 may bound it). Every chunk has one group (scale
+// and zero per chunk and column), the common case; W = (q - z) * s rounded to
+// fp16 as the dequantize kernel does, so both paths multiply the same weights.
 //
 // The reference dequantizes with the same nibble order into W [N, K] and runs
 // cublasGemmEx; the probe prints the relative error of the fused result and the
