@@ -6,59 +6,18 @@
 // median of the runs after warm-up.
 //
 //   nvcc -O2 -std=c++17 scripts/cublaslt_probe.cu -lcublasLt -lcublas -o /tmp/cublaslt_probe && /tmp/cublaslt_probe
+#include "probe_common.cuh"
+
 #include <cublasLt.h>
 #include <cublas_v2.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdio>
-#include <cstdlib>
-#include <functional>
 #include <vector>
 
-#define CHECK(call)                                                                   \
-    do {                                                                              \
-        auto status_ = (call);                                                        \
-        if (static_cast<int>(status_) != 0) {                                         \
-            std::fprintf(stderr, "%s:%d: %s -> %d\n", __FILE__, __LINE__, #call,     \
-                         static_cast<int>(status_));                                  \
-            std::exit(1);                                                             \
-        }                                                                             \
-    } while (0)
+using probe::fill_random;
+using probe::median_us;
 
 namespace {
-
-// Random values in (-1, 1) (not a constant: the tensor cores' power, so their
-// clocks, depend on the data).
-__global__ void fill_random(__half* p, size_t n, unsigned seed) {
-    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-        unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
-        h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
-        p[i] = __float2half((h & 0xFFFF) / 32768.0f - 1.0f);
-    }
-}
-
-float median_us(const std::function<void(int)>& run, int copies) {
-    cudaEvent_t start, stop;
-    CHECK(cudaEventCreate(&start));
-    CHECK(cudaEventCreate(&stop));
-    for (int i = 0; i < 3; ++i) run(i % copies);
-    std::vector<float> times;
-    for (int i = 0; i < 25; ++i) {
-        CHECK(cudaEventRecord(start));
-        run(i % copies);
-        CHECK(cudaEventRecord(stop));
-        CHECK(cudaEventSynchronize(stop));
-        float ms = 0;
-        CHECK(cudaEventElapsedTime(&ms, start, stop));
-        times.push_back(ms * 1e3f);
-    }
-    std::sort(times.begin(), times.end());
-    CHECK(cudaEventDestroy(start));
-    CHECK(cudaEventDestroy(stop));
-    return times[times.size() / 2];
-}
 
 struct Shape {
     const char* name;
@@ -99,7 +58,7 @@ int main() {
                                    x[i], CUDA_R_16F, s.k, &beta, c[i], CUDA_R_16F, s.n, CUBLAS_COMPUTE_32F,
                                    CUBLAS_GEMM_DEFAULT));
             },
-            kCopies);
+            kCopies, 25);
         const double tflop = 2.0 * s.rows * s.n * s.k / 1e12;
         std::printf("%s: cublasGemmEx default %.1f us (%.0f TFLOP/s)\n", s.name, base, tflop / (base * 1e-6));
 
@@ -130,7 +89,7 @@ int main() {
                     CHECK(cublasLtMatmul(lt, desc, &one, w[i], a_layout, x[i], b_layout, &beta, c[i], c_layout,
                                          c[i], c_layout, &results[a].algo, workspace, workspace_bytes, 0));
                 },
-                kCopies);
+                kCopies, 25);
             int tile = 0, stages = 0, id = 0, swizzle = 0, cluster = 0;
             size_t written = 0;
             cublasLtMatmulAlgoConfigGetAttribute(&results[a].algo, CUBLASLT_ALGO_CONFIG_ID, &id, sizeof(id), &written);

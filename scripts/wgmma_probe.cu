@@ -27,27 +27,13 @@
 //
 // (sm_90a: wgmma is an architecture-specific feature, which qattn's sm_90 build lacks.)
 #include "cuda/gptq4_nibbles.cuh"
+#include "probe_common.cuh"
 
 #include <cublas_v2.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
-#include <functional>
 #include <vector>
-
-#define CHECK(call)                                                                   \
-    do {                                                                              \
-        auto status_ = (call);                                                        \
-        if (static_cast<int>(status_) != 0) {                                         \
-            std::fprintf(stderr, "%s:%d: %s -> %d\n", __FILE__, __LINE__, #call,     \
-                         static_cast<int>(status_));                                  \
-            std::exit(1);                                                             \
-        }                                                                             \
-    } while (0)
 
 using namespace qattn::cuda;
 
@@ -279,44 +265,14 @@ __global__ void dequantize_reference(Problem p, __half* w) {
     }
 }
 
-__device__ __forceinline__ uint32_t hash(uint32_t i, uint32_t seed) {
-    uint32_t h = i * 2654435761u ^ seed;
-    h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
-    return h;
-}
-__global__ void fill_x(__half* x, size_t n, uint32_t seed) {
-    for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-        x[i] = __float2half((hash(static_cast<uint32_t>(i), seed) & 0xFFFF) / 32768.0f - 1.0f);
-}
 __global__ void fill_weights(uint32_t* q, size_t words, __half2* sz, size_t columns, uint32_t seed) {
     for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < words; i += size_t(gridDim.x) * blockDim.x)
-        q[i] = hash(static_cast<uint32_t>(i), seed);
+        q[i] = probe::hash(static_cast<uint32_t>(i), seed);
     for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < columns; i += size_t(gridDim.x) * blockDim.x) {
-        const uint32_t h = hash(static_cast<uint32_t>(i), seed ^ 0x9e3779b9u);
+        const uint32_t h = probe::hash(static_cast<uint32_t>(i), seed ^ 0x9e3779b9u);
         const float scale = 0.002f + (h & 0xFF) / 255.0f * 0.02f;
         sz[i] = __halves2half2(__float2half(scale), __float2half(1024.0f + ((h >> 8) & 15)));
     }
-}
-
-float median_us(const std::function<void()>& run, int reps = 20) {
-    cudaEvent_t a, b;
-    CHECK(cudaEventCreate(&a));
-    CHECK(cudaEventCreate(&b));
-    for (int i = 0; i < 3; ++i) run();
-    std::vector<float> times;
-    for (int i = 0; i < reps; ++i) {
-        CHECK(cudaEventRecord(a));
-        run();
-        CHECK(cudaEventRecord(b));
-        CHECK(cudaEventSynchronize(b));
-        float ms = 0;
-        CHECK(cudaEventElapsedTime(&ms, a, b));
-        times.push_back(ms * 1e3f);
-    }
-    std::sort(times.begin(), times.end());
-    CHECK(cudaEventDestroy(a));
-    CHECK(cudaEventDestroy(b));
-    return times[times.size() / 2];
 }
 
 }  // namespace
@@ -345,7 +301,7 @@ int main() {
         CHECK(cudaMalloc(&y_ref, sizeof(__half) * tokens * n));
         fill_weights<<<1024, 256>>>(reinterpret_cast<uint32_t*>(qpack), size_t(chunks) * n_tiles * 32 * 4, sz,
                                     size_t(chunks) * n, 7u + n);
-        fill_x<<<1024, 256>>>(x, size_t(tokens) * k, 11u);
+        probe::fill_random<<<1024, 256>>>(x, size_t(tokens) * k, 11u);
         CHECK(cudaGetLastError());
         const Problem p{qpack, sz, x, y, tokens, k, n};
         const int pairs = chunks * n_tiles / 2;
@@ -358,8 +314,8 @@ int main() {
         dequant();
         gemm();
         CHECK(cudaGetLastError());
-        const float t_deq = median_us(dequant), t_gemm = median_us(gemm);
-        const float t_both = median_us([&] { dequant(), gemm(); });
+        const float t_deq = probe::median_us([&](int) { dequant(); }), t_gemm = probe::median_us([&](int) { gemm(); });
+        const float t_both = probe::median_us([&](int) { dequant(), gemm(); });
         std::vector<__half> hy(size_t(tokens) * n), hr(size_t(tokens) * n);
         CHECK(cudaMemcpy(hr.data(), y_ref, sizeof(__half) * hr.size(), cudaMemcpyDeviceToHost));
         for (int groups : {1, 2}) {
@@ -382,7 +338,7 @@ int main() {
                 num += (a - b) * (a - b), den += b * b;
             }
             const double rel = std::sqrt(num / std::max(den, 1e-30));  // NaN fails the check below too
-            const float t_fused = median_us(fused);
+            const float t_fused = probe::median_us([&](int) { fused(); });
             const double flops = 2.0 * tokens * k * n;
             std::printf("%4d x %4d x %-10d %6d %9.1f %9.1f %9.1f %10.1f %9.0f %10.2e%s\n", tokens, k, n, columns,
                         t_fused, t_deq, t_gemm, t_both, flops / t_fused / 1e6, rel, rel < 2e-3 ? "" : "  WRONG");
