@@ -219,11 +219,11 @@ def test_inputs_read_in_place_or_gathered(rows, input_norm, gen):
 # 16 columns over the whole K and finishes them, NeoX partners paired into it:
 # full and partial rotary parts (pass-through tiles after them in twos), GPT-J,
 # none; rotary_dim 40 leaves the NeoX halves off a tile pair (the split-K
-# kernels then); 5 rows go back to those too. Biases, and the O projection's
-# residual in fp16 and fp32.
+# kernels then); 5 rows go back to those too. Every row count up to 4 has a
+# kernel of its own. Biases, and the O projection's residual in fp16 and fp32.
 @pytest.mark.parametrize("rope,rotary_dim", [("neox", None), ("neox", 96), ("neox", 48), ("neox", 40),
                                              ("gptj", 64), (None, None)])
-@pytest.mark.parametrize("rows", [1, 3, 5])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("residual_fp32", [False, True])
 def test_decode_columns_over_the_whole_k(rope, rotary_dim, rows, residual_fp32, gen):
     spec = Spec(hidden=4096, heads=4, kv_heads=2, head_dim=128, rope=rope, rotary_dim=rotary_dim, biases=True,

@@ -718,10 +718,9 @@ constexpr int kWholeKColumns = 16;
 constexpr int kWholeKSliceStride = kWholeKWarpChunks * kPackRows + 8;  // +8: ldmatrix rows on distinct banks
 
 // After the warps' x slices: the warps' partial sums of the 8 rows of an x
-// tile, then their totals (bias added).
+// tile.
 struct WholeKSums {
     float part[kWarps][8][kWholeKColumns];
-    float total[8][kWholeKColumns];
 };
 // Then the global inputs of the epilogue of each output (row, lc), held by
 // thread row * kWholeKColumns + lc, which finishes that output. The thread
@@ -788,11 +787,12 @@ __device__ __forceinline__ WholeKHeadColumn whole_k_head_column(const HeadEpilog
     return col;
 }
 
-// The bias element of output column n, or null.
-template <int HEAD_DIM>
+// The bias element of output column n, or null. HEADS: the epilogue is the
+// head epilogue (else the residual one), which each kernel is built for.
+template <bool HEADS, int HEAD_DIM>
 __device__ __forceinline__ const __half* whole_k_bias(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
                                                       int n) {
-    if (ep.kind == SmallGemmEpilogue::kHeads) {
+    if (HEADS) {
         const HeadEpilogueParams& p = ep.heads;
         const WholeKHeadColumn col = whole_k_head_column<HEAD_DIM>(p, P, n);
         return p.bias[col.proj] ? p.bias[col.proj] + col.head * whole_k_head_dim<HEAD_DIM>(p) + col.c : nullptr;
@@ -808,11 +808,11 @@ __device__ __forceinline__ int whole_k_position(const HeadEpilogueParams& p, int
 
 // The copies after the wait (WholeKAhead) of output (row, n); false where the
 // output is turned by RoPE and its position lies outside the tables.
-template <int HEAD_DIM>
+template <bool HEADS, int HEAD_DIM>
 __device__ __forceinline__ bool whole_k_fetch_after_wait(const SmallGemmEpilogue& ep, const SmallGemmProblem& P,
                                                          int row, int n, int position, WholeKAhead& ahead) {
     const int i = threadIdx.x;
-    if (ep.kind != SmallGemmEpilogue::kHeads) {
+    if (!HEADS) {
         const ResidualEpilogueParams& p = ep.residual;
         if (!p.has_residual) return true;
         const size_t at = static_cast<size_t>(row) * p.width + P.col_offset + n;
@@ -836,11 +836,11 @@ __device__ __forceinline__ bool whole_k_fetch_after_wait(const SmallGemmEpilogue
 }
 
 // The problem-local n-tiles (a, b) of block `pair` of P (pairing above).
-template <int HEAD_DIM>
+template <bool HEADS, int HEAD_DIM>
 __device__ __forceinline__ void whole_k_tiles(const SmallGemmEpilogue& ep, const SmallGemmProblem& P, int pair,
                                               int* ta, int* tb) {
     *ta = 2 * pair, *tb = 2 * pair + 1;
-    if (ep.kind != SmallGemmEpilogue::kHeads || ep.heads.rope != QATTN_ROPE_NEOX) return;
+    if (!HEADS || ep.heads.rope != QATTN_ROPE_NEOX) return;
     const HeadEpilogueParams& p = ep.heads;
     const int D = whole_k_head_dim<HEAD_DIM>(p), pairs_per_head = D / kWholeKColumns;
     const int head_tile = pair / pairs_per_head * (D / 8), k = pair % pairs_per_head;
@@ -852,11 +852,12 @@ __device__ __forceinline__ void whole_k_tiles(const SmallGemmEpilogue& ep, const
 }
 
 // Output (row, local column lc) of a whole-K block: RoPE with its partner
-// column (in the same block), fp16 q / k / v and the KV-cache slot; y has its
-// bias. in_range: whether the row's position lies in the tables.
+// column's sum (in the same block), fp16 q / k / v and the KV-cache slot; y
+// and partner have their biases. in_range: whether the row's position lies in
+// the tables.
 template <int HEAD_DIM>
 __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p, const SmallGemmProblem& P, int row,
-                                                    int lc, int n, float y, bool in_range, const WholeKSums& sums,
+                                                    int lc, int n, float y, float partner, bool in_range,
                                                     const WholeKAhead& ahead) {
     const int D = whole_k_head_dim<HEAD_DIM>(p);
     const WholeKHeadColumn col = whole_k_head_column<HEAD_DIM>(p, P, n);
@@ -866,7 +867,6 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
         } else {
             const bool neox = p.rope == QATTN_ROPE_NEOX;
             const bool first = neox ? col.c < p.rotary_dim / 2 : (col.c & 1) == 0;
-            const float partner = sums.total[row][neox ? lc ^ 8 : lc ^ 1];
             const float cs = ahead.cos[threadIdx.x], sn = ahead.sin[threadIdx.x];
             y = first ? y * cs - partner * sn : y * cs + partner * sn;
         }
@@ -883,19 +883,24 @@ __device__ __forceinline__ void whole_k_finish_head(const HeadEpilogueParams& p,
     }
 }
 
-// HEAD_DIM, ROWS: 0 for the call's head_dim and rows, else what the kernel is
-// built for (one-row decode: its row loops and tests fold away).
-template <int HEAD_DIM, int ROWS>
+// Each epilogue and row count has a build of its own, and the head epilogue
+// one for the usual head dim (HEAD_DIM; 0: the call's): the other epilogue's
+// code, the row loops, row tests and row-dependent offsets and the divisions
+// by the head dim fold away (at one row a warp's fixed work is what the phase
+// waits for).
+template <bool HEADS, int HEAD_DIM, int ROWS>
 __global__ void __launch_bounds__(kWarps * 32, 3)
-    gptq4_gemm_whole_k_kernel(Batch batch, int call_rows, SmallGemmEpilogue epilogue) {
+    gptq4_gemm_whole_k_kernel(Batch batch, SmallGemmEpilogue epilogue) {
+    static_assert(ROWS >= 1 && ROWS <= kWholeKRows, "whole-K rows");
+    static_assert(HEADS || HEAD_DIM == 0, "a head dim for the head epilogue only");
     extern __shared__ __align__(16) unsigned char shared_base[];
-    const int rows = ROWS ? ROWS : call_rows;
+    constexpr int rows = ROWS;
     int block_in_problem = 0;
     const SmallGemmProblem P = block_problem(batch, &block_in_problem);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
     int tile_a = 0, tile_b = 0;
-    whole_k_tiles<HEAD_DIM>(epilogue, P, block_in_problem, &tile_a, &tile_b);
+    whole_k_tiles<HEADS, HEAD_DIM>(epilogue, P, block_in_problem, &tile_a, &tile_b);
     const int N = P.n_tiles * 8;
     const int column_a = tile_a * 8 + g, column_b = tile_b * 8 + g;
     const int per_warp = (P.w.chunks + kWarps - 1) / kWarps;
@@ -937,7 +942,7 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     int row = 0, lc = 0;
     int n = output_of(threadIdx.x, &row, &lc);
     if (row < rows) {
-        const __half* const bias = whole_k_bias<HEAD_DIM>(epilogue, P, n);
+        const __half* const bias = whole_k_bias<HEADS, HEAD_DIM>(epilogue, P, n);
         if (bias) cp_async_half_word(&ahead.bias[threadIdx.x], bias);
     }
 
@@ -945,29 +950,32 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     allow_dependents();
     // Issued before the x slice's loads so that the two round trips overlap.
     const int position =
-        row < rows && epilogue.kind == SmallGemmEpilogue::kHeads ? whole_k_position(epilogue.heads, row) : 0;
+        row < rows && HEADS ? whole_k_position(epilogue.heads, row) : 0;
     // This warp's slice of x [rows][kWholeKSliceStride].
     __half* const xs = reinterpret_cast<__half*>(shared_base) + warp * rows * kWholeKSliceStride;
     {
-        // Two pieces a lane in flight before their stores (a load-store loop
-        // waits out an L2 round trip a piece): at one row the slice's 64
-        // pieces are one round trip.
+        // At most two pieces a lane a row (kWholeKWarpChunks chunks), both
+        // loaded before either is stored (a load-store loop waits out an L2
+        // round trip a piece), in loops that unroll: no loop control to issue.
+        constexpr int kLanePieces = kWholeKWarpChunks * kPackRows / 8 / 32;
+        static_assert(kLanePieces * 32 * 8 == kWholeKWarpChunks * kPackRows, "whole pieces a lane");
         const int pieces = chunks * kPackRows / 8;
-        for (int r = 0; r < rows; ++r) {
+#pragma unroll
+        for (int r = 0; r < kWholeKRows; ++r) {
+            if (r >= rows) break;
             const __half* const from = P.xg + static_cast<size_t>(r) * P.w.chunks * kPackRows + chunk0 * kPackRows;
             __half* const to = xs + r * kWholeKSliceStride;
-            for (int c = lane; c < pieces; c += 64) {
-                const bool second = c + 32 < pieces;
-                const uint4 a = *reinterpret_cast<const uint4*>(from + c * 8);
-                uint4 b = {};
-                if (second) b = *reinterpret_cast<const uint4*>(from + (c + 32) * 8);
-                *reinterpret_cast<uint4*>(to + c * 8) = a;
-                if (second) *reinterpret_cast<uint4*>(to + (c + 32) * 8) = b;
-            }
+            uint4 piece[kLanePieces];
+#pragma unroll
+            for (int j = 0; j < kLanePieces; ++j)
+                if (lane + 32 * j < pieces) piece[j] = *reinterpret_cast<const uint4*>(from + (lane + 32 * j) * 8);
+#pragma unroll
+            for (int j = 0; j < kLanePieces; ++j)
+                if (lane + 32 * j < pieces) *reinterpret_cast<uint4*>(to + (lane + 32 * j) * 8) = piece[j];
         }
     }
     __syncwarp();
-    if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait<HEAD_DIM>(epilogue, P, row, n, position, ahead);
+    if (row < rows) ahead.in_range[threadIdx.x] = whole_k_fetch_after_wait<HEADS, HEAD_DIM>(epilogue, P, row, n, position, ahead);
     cp_async_commit();
 
     float c[1][4] = {};
@@ -992,19 +1000,22 @@ __global__ void __launch_bounds__(kWarps * 32, 3)
     n = output_of(thread_index(), &row, &lc);
     const bool owns = row < rows;
     __syncthreads();
+    if (warp * 32 >= rows * kWholeKColumns) return;  // no outputs in this warp
+    float y = 0.0f;
     if (owns) {
-        float total = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) total += sums.part[w][row][lc];
-        const __half* const bias = whole_k_bias<HEAD_DIM>(epilogue, P, n);  // again: fewer registers across the MMAs
-        if (bias) total += half_in_word(ahead.bias[threadIdx.x], bias);
-        sums.total[row][lc] = total;
+        for (int w = 0; w < kWarps; ++w) y += sums.part[w][row][lc];
+        const __half* const bias = whole_k_bias<HEADS, HEAD_DIM>(epilogue, P, n);  // again: fewer registers across the MMAs
+        if (bias) y += half_in_word(ahead.bias[threadIdx.x], bias);
     }
-    __syncthreads();
+    // A rotated column's RoPE partner, lc ^ 8 (NeoX) or lc ^ 1 (GPT-J), is
+    // finished by thread threadIdx.x ^ 8 or ^ 1, a lane of this warp.
+    float partner = 0.0f;
+    if (HEADS && epilogue.heads.rope != QATTN_ROPE_NONE)
+        partner = __shfl_xor_sync(0xffffffffu, y, epilogue.heads.rope == QATTN_ROPE_NEOX ? 8 : 1);
     if (!owns) return;
-    const float y = sums.total[row][lc];
-    if (epilogue.kind == SmallGemmEpilogue::kHeads) {
-        whole_k_finish_head<HEAD_DIM>(epilogue.heads, P, row, lc, n, y, ahead.in_range[threadIdx.x], sums, ahead);
+    if (HEADS) {
+        whole_k_finish_head<HEAD_DIM>(epilogue.heads, P, row, lc, n, y, partner, ahead.in_range[threadIdx.x], ahead);
         return;
     }
     const ResidualEpilogueParams& p = epilogue.residual;
@@ -1135,6 +1146,18 @@ bool whole_k_fits(const SmallGemmProblem* problems, int count, int rows, const S
            (p.rotary_dim % kWholeKColumns == 0 && (p.head_dim - p.rotary_dim) % kWholeKColumns == 0);
 }
 
+// The whole-K kernel built for `rows` rows.
+template <bool HEADS, int HEAD_DIM>
+auto whole_k_kernel(int rows) {
+    switch (rows) {
+    case 1: return gptq4_gemm_whole_k_kernel<HEADS, HEAD_DIM, 1>;
+    case 2: return gptq4_gemm_whole_k_kernel<HEADS, HEAD_DIM, 2>;
+    case 3: return gptq4_gemm_whole_k_kernel<HEADS, HEAD_DIM, 3>;
+    default: return gptq4_gemm_whole_k_kernel<HEADS, HEAD_DIM, 4>;
+    }
+}
+static_assert(kWholeKRows == 4, "whole_k_kernel: one case a row count");
+
 }  // namespace
 
 qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count, const __half* x, int x_stride,
@@ -1156,13 +1179,11 @@ qattn_status launch_gptq4_gemm_small(const SmallGemmProblem* problems, int count
             blocks += problems[i].n_tiles / 2;
         }
         for (int i = count; i < kMaxProblems; ++i) batch.block_begin[i] = blocks;
-        // The usual head dim and one-row decode get kernels of their own: their
-        // divisions by the head dim become shifts, their row loops fold away.
-        const bool d128 = requested.kind == SmallGemmEpilogue::kHeads && requested.heads.head_dim == 128;
-        const auto kernel = rows == 1 ? (d128 ? gptq4_gemm_whole_k_kernel<128, 1> : gptq4_gemm_whole_k_kernel<0, 1>)
-                                      : (d128 ? gptq4_gemm_whole_k_kernel<128, 0> : gptq4_gemm_whole_k_kernel<0, 0>);
+        const auto kernel = requested.kind != SmallGemmEpilogue::kHeads ? whole_k_kernel<false, 0>(rows)
+                            : requested.heads.head_dim == 128       ? whole_k_kernel<true, 128>(rows)
+                                                                    : whole_k_kernel<true, 0>(rows);
         QATTN_TRY(launch_pdl("gptq4_gemm_whole_k", kernel, dim3(blocks), kWarps * 32, whole_k_shared_bytes(rows),
-                             stream, batch, rows, requested));
+                             stream, batch, requested));
         *finished = true;
         return QATTN_SUCCESS;
     }
