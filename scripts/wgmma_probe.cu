@@ -39,29 +39,32 @@ using namespace qattn::cuda;
 
 namespace {
 
-constexpr int kChunk = 128;        // k rows a packed chunk
-constexpr int kBlockTokens = 128;  // tokens a block (wgmma n)
-// Four stages, filled two chunks ahead: the stage a chunk's loads overwrite was
-// last read by the MMAs of two chunks before, which every warpgroup has waited
-// for by the time it reaches the chunk's barrier, so no chunk ends by draining
-// its MMAs (the first version, three stages a chunk ahead with a wait for all
-// MMAs at each chunk's end, ran at 515 TFLOP/s against cuBLAS's 672).
-constexpr int kStages = 4;
-constexpr int kAhead = 2;
+constexpr int kChunk = 128;  // k rows a packed chunk
 constexpr int kThreads = 256;
-// One stage, a chunk: x [128 tokens][128 k] fp16 as two 64-k atom columns,
-// each 128 rows of 128 bytes, 16-byte pieces swizzled by row (piece ^ row % 8);
-// then the block's packed weights of the chunk (its n-tiles' uint4 a lane, one
-// contiguous range of qpack) and their (scale, zero) words; the whole rounded
-// to 1024 bytes, the alignment of the swizzle's atoms.
-constexpr int kAtomBytes = kBlockTokens * 128;
-constexpr int kXBytes = 2 * kAtomBytes;
-__host__ __device__ constexpr int block_columns(int groups) { return 2 * groups * 64; }
-__host__ __device__ constexpr int weight_bytes(int groups) { return block_columns(groups) / 8 * 32 * 16; }
-__host__ __device__ constexpr int stage_bytes(int groups) {
-    return (kXBytes + weight_bytes(groups) + block_columns(groups) * 4 + 1023) / 1024 * 1024;
-}
-__host__ __device__ constexpr int shared_bytes(int groups) { return kStages * stage_bytes(groups) + 1024; }  // + room to align
+
+// A block: two warpgroups of GROUPS x 64 output columns each, x TOKENS tokens
+// (wgmma's n). One stage, a chunk: x [TOKENS][128 k] fp16 as two 64-k atom
+// columns, each TOKENS rows of 128 bytes, 16-byte pieces swizzled by row
+// (piece ^ row % 8); then the block's packed weights of the chunk (its n-tiles'
+// uint4 a lane, one contiguous range of qpack) and their (scale, zero) words;
+// the whole rounded to 1024 bytes, the alignment of the swizzle's atoms.
+// Stages are filled AHEAD chunks ahead, and there are AHEAD + 2 of them: the
+// stage a chunk's loads overwrite was last read by the MMAs of two chunks
+// before, which every warpgroup has waited for by the time it reaches the
+// chunk's barrier, so no chunk ends by draining its MMAs (the first version,
+// three stages a chunk ahead with a wait for all MMAs at each chunk's end, ran
+// at 515 TFLOP/s against cuBLAS's 672). Four stages where they fit, else three.
+template <int GROUPS, int TOKENS>
+struct Tile {
+    static constexpr int kColumns = 2 * GROUPS * 64;
+    static constexpr int kAtomBytes = TOKENS * 128;
+    static constexpr int kXBytes = 2 * kAtomBytes;
+    static constexpr int kWeightBytes = kColumns / 8 * 32 * 16;
+    static constexpr int kStageBytes = (kXBytes + kWeightBytes + kColumns * 4 + 1023) / 1024 * 1024;
+    static constexpr int kStages = 4 * kStageBytes + 1024 <= 227 * 1024 ? 4 : 3;
+    static constexpr int kAhead = kStages - 2;
+    static constexpr int kSharedBytes = kStages * kStageBytes + 1024;  // + room to align
+};
 
 struct Problem {
     const uint4* qpack;         // [chunks][n_tiles][32 lanes]
@@ -87,9 +90,10 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 // The accumulators as operands of an empty asm: the compiler may not move
 // them across it (they are being written by the asynchronous MMAs).
-__device__ __forceinline__ void pin(float (&d)[64]) {
+template <int N>
+__device__ __forceinline__ void pin(float (&d)[N]) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 __device__ __forceinline__ void pin(uint32_t (&a)[4]) {
 #pragma unroll
@@ -106,11 +110,15 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t address) {
     return d;
 }
 
-// D (64 x 128 fp32: this thread's 64) += A (64 x 16 fp16, from registers) x B
-// (16 x 128 fp16, K-major in shared memory, by descriptor). Asynchronous: see
-// wgmma_commit / wgmma_wait.
-__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
-                                                    bool accumulate) {
+// D (64 x TOKENS fp32: this thread's TOKENS / 2) = A (64 x 16 fp16, from
+// registers) x B (16 x TOKENS fp16, K-major in shared memory, by descriptor)
+// + D if accumulate. Asynchronous: see wgmma_commit / wgmma_wait.
+template <int TOKENS>
+__device__ __forceinline__ void wgmma_rs(float (&d)[TOKENS / 2], const uint32_t (&a)[4], uint64_t desc_b,
+                                         bool accumulate);
+template <>
+__device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
+                                             bool accumulate) {
     asm volatile(
         "{\n"
         ".reg .pred p;\n"
@@ -129,7 +137,35 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float (&d)[64], const uint32
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(static_cast<int>(accumulate)));
 }
-
+template <>
+__device__ __forceinline__ void wgmma_rs<256>(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b,
+                                             bool accumulate) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+}
 
 // k16 step j of a chunk from a lane's word pair: a0 (column a, k 2t, 2t+1),
 // a1 (column b), a2 (column a, k 2t+8, 2t+9), a3 (column b): the mma.m16n8k16 A
@@ -154,9 +190,14 @@ __device__ __forceinline__ void dequantize_step(uint32_t (&a)[4], const uint32_t
     a[3] = *reinterpret_cast<const uint32_t*>(&a3);
 }
 
-template <int GROUPS>
+// MMA_FIRST: a chunk's first step is issued before the loads of the chunk
+// AHEAD chunks on, so that the tensor cores are not idle while they are issued.
+template <int GROUPS, int TOKENS, bool MMA_FIRST>
 __global__ void __launch_bounds__(kThreads, 1) fused_gptq4_gemm(Problem p) {
-    constexpr int kBlockCols = block_columns(GROUPS), kStageBytes = stage_bytes(GROUPS);
+    using T = Tile<GROUPS, TOKENS>;
+    constexpr int kBlockCols = T::kColumns, kStageBytes = T::kStageBytes, kStages = T::kStages, kAhead = T::kAhead;
+    constexpr int kAtomBytes = T::kAtomBytes, kXBytes = T::kXBytes, kWeightBytes = T::kWeightBytes;
+    constexpr int kBlockTokens = TOKENS;
     extern __shared__ unsigned char shared_raw[];
     const uint32_t base = (static_cast<uint32_t>(__cvta_generic_to_shared(shared_raw)) + 1023) & ~1023u;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -182,10 +223,10 @@ __global__ void __launch_bounds__(kThreads, 1) fused_gptq4_gemm(Problem p) {
         }
         const uint4* const w = p.qpack + (static_cast<size_t>(chunk) * n_tiles + tile0) * 32;
 #pragma unroll
-        for (int i = tid; i < weight_bytes(GROUPS) / 16; i += kThreads) cp_async16(at + kXBytes + i * 16, w + i);
+        for (int i = tid; i < kWeightBytes / 16; i += kThreads) cp_async16(at + kXBytes + i * 16, w + i);
         const __half2* const sz = p.scale_zero + static_cast<size_t>(chunk) * p.n + column0;
         for (int i = tid; i < kBlockCols / 4; i += kThreads)
-            cp_async16(at + kXBytes + weight_bytes(GROUPS) + i * 16, sz + 4 * i);
+            cp_async16(at + kXBytes + kWeightBytes + i * 16, sz + 4 * i);
     };
 
 #pragma unroll
@@ -196,20 +237,23 @@ __global__ void __launch_bounds__(kThreads, 1) fused_gptq4_gemm(Problem p) {
     // Not zeroed: the first MMA ignores them (its scale-d is 0). An instruction
     // that set them would reach the loop, where an MMA is in flight across the
     // back edge, and ptxas would then serialize every MMA.
-    float d[GROUPS][64];
+    float d[GROUPS][TOKENS / 2];
 
     uint32_t a[2][GROUPS][4];
     const auto chunk_mmas = [&](int c) {
         cp_async_wait<kAhead - 1>();  // this thread's pieces of chunk c are in
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // visible to the MMAs' reads
         __syncthreads();  // everyone's; and every warpgroup's MMAs of chunk c - 2 are done with its stage
-        if (c + kAhead < chunks) load_stage(c + kAhead, (c + kAhead) % kStages);
-        cp_async_commit();
+        const auto load_ahead = [&] {
+            if (c + kAhead < chunks) load_stage(c + kAhead, (c + kAhead) % kStages);
+            cp_async_commit();
+        };
+        if (!MMA_FIRST) load_ahead();
         const uint32_t stage = base + (c % kStages) * kStageBytes;
         const unsigned char* const stage_ptr = shared_raw + (stage - static_cast<uint32_t>(
                                                                           __cvta_generic_to_shared(shared_raw)));
         const uint4* const ws = reinterpret_cast<const uint4*>(stage_ptr + kXBytes);
-        const __half2* const szs = reinterpret_cast<const __half2*>(stage_ptr + kXBytes + weight_bytes(GROUPS));
+        const __half2* const szs = reinterpret_cast<const __half2*>(stage_ptr + kXBytes + kWeightBytes);
         ColumnCodes ca[GROUPS], cb[GROUPS];
         uint32_t wa[GROUPS][4], wb[GROUPS][4];
 #pragma unroll
@@ -226,8 +270,9 @@ __global__ void __launch_bounds__(kThreads, 1) fused_gptq4_gemm(Problem p) {
             wgmma_fence();
             const uint64_t desc = smem_desc(stage + (j >> 2) * kAtomBytes + (j & 3) * 32);
 #pragma unroll
-            for (int u = 0; u < GROUPS; ++u) wgmma_m64n128k16_rs(d[u], a[j & 1][u], desc, c > 0 || j > 0);
+            for (int u = 0; u < GROUPS; ++u) wgmma_rs<TOKENS>(d[u], a[j & 1][u], desc, c > 0 || j > 0);
             wgmma_commit();
+            if (MMA_FIRST && j == 0) load_ahead();
             wgmma_wait<1>();  // the step before, which read a[(j + 1) & 1], is done
             // Its A registers stay live until here, so the compiler cannot give
             // them to another value while that MMA might still read them.
@@ -256,7 +301,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_gptq4_gemm(Problem p) {
 #pragma unroll
     for (int u = 0; u < GROUPS; ++u)
 #pragma unroll
-        for (int i = 0; i < 16; ++i) {
+        for (int i = 0; i < TOKENS / 8; ++i) {
             const int token = 8 * i + 2 * t, column_a = local_a[u] * 8 + g, column_b = column_a + 8;
             tile[token * kRowHalves + column_a] = __float2half(d[u][4 * i]);
             tile[(token + 1) * kRowHalves + column_a] = __float2half(d[u][4 * i + 1]);
@@ -348,18 +393,42 @@ double sampled_error(const std::vector<__half>& out, const std::vector<uint32_t>
     return std::sqrt(num / std::max(den, 1e-30));  // NaN, never below the threshold, if any output was NaN
 }
 
+// The kernels timed: (columns x tokens a block, whether a chunk's first MMA
+// goes before its loads ahead).
+struct Variant {
+    const char* name;
+    int columns, tokens;
+    void (*launch)(const Problem&);
+};
+template <int GROUPS, int TOKENS, bool MMA_FIRST>
+void launch(const Problem& p) {
+    using T = Tile<GROUPS, TOKENS>;
+    const dim3 grid(p.n / T::kColumns, p.tokens / TOKENS);
+    fused_gptq4_gemm<GROUPS, TOKENS, MMA_FIRST><<<grid, kThreads, T::kSharedBytes>>>(p);
+}
+template <int GROUPS, int TOKENS, bool MMA_FIRST>
+Variant variant(const char* name) {
+    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<GROUPS, TOKENS, MMA_FIRST>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, Tile<GROUPS, TOKENS>::kSharedBytes));
+    return {name, Tile<GROUPS, TOKENS>::kColumns, TOKENS, launch<GROUPS, TOKENS, MMA_FIRST>};
+}
+
 }  // namespace
 
 int main() {
     cudaDeviceProp prop{};
     CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("card %s, %d SMs\n", prop.name, prop.multiProcessorCount);
-    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes(1)));
-    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<2>, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes(2)));
+    const Variant variants[] = {
+        variant<2, 128, false>("loads first"),
+        variant<2, 128, true>("MMA first"),
+        variant<1, 128, true>("MMA first"),
+        variant<1, 256, true>("MMA first"),
+    };
     cublasHandle_t blas;
     CHECK(cublasCreate(&blas));
     const int tokens = 2048, k = 4096;
-    std::printf("%-22s %6s %9s %9s %9s %10s %9s %10s %10s %10s\n", "T x K x N", "block", "fused", "dequant",
+    std::printf("%-22s %-8s %-12s %9s %9s %9s %10s %9s %10s %10s %10s\n", "T x K x N", "block", "order", "fused", "dequant",
                 "cuBLAS", "deq+cuBLAS", "fused TF", "vs cuBLAS", "fused f64", "cuBLAS f64");
     for (int n : {4096, 6144, 2048}) {
         const int chunks = k / kChunk, n_tiles = n / 8;
@@ -397,15 +466,8 @@ int main() {
         CHECK(cudaMemcpy(hq.data(), qpack, sizeof(uint32_t) * hq.size(), cudaMemcpyDeviceToHost));
         CHECK(cudaMemcpy(hsz.data(), sz, sizeof(__half2) * hsz.size(), cudaMemcpyDeviceToHost));
         const double cublas_f64 = sampled_error(hr, hq, hsz, hx, tokens, k, n);
-        for (int groups : {1, 2}) {
-            const int columns = 2 * groups * 64;
-            const dim3 grid(n / columns, tokens / kBlockTokens);
-            const auto fused = [&] {
-                if (groups == 1)
-                    fused_gptq4_gemm<1><<<grid, kThreads, shared_bytes(1)>>>(p);
-                else
-                    fused_gptq4_gemm<2><<<grid, kThreads, shared_bytes(2)>>>(p);
-            };
+        for (const Variant& v : variants) {
+            const auto fused = [&] { v.launch(p); };
             CHECK(cudaMemset(y, 0xFF, sizeof(__half) * hy.size()));  // NaN: an output never written shows
             fused();
             CHECK(cudaGetLastError());
@@ -422,8 +484,10 @@ int main() {
             const double flops = 2.0 * tokens * k * n;
             // fp16 outputs of a 4096-long fp32 sum: a few 1e-4 from float64.
             const bool right = fused_f64 < 1e-3 && vs_cublas < 1e-3;
-            std::printf("%4d x %4d x %-10d %6d %9.1f %9.1f %9.1f %10.1f %9.0f %10.2e %10.2e %10.2e%s\n", tokens, k, n,
-                        columns, t_fused, t_deq, t_gemm, t_both, flops / t_fused / 1e6, vs_cublas, fused_f64,
+            char block[16];
+            std::snprintf(block, sizeof block, "%dx%d", v.columns, v.tokens);
+            std::printf("%4d x %4d x %-10d %-8s %-12s %9.1f %9.1f %9.1f %10.1f %9.0f %10.2e %10.2e %10.2e%s\n", tokens,
+                        k, n, block, v.name, t_fused, t_deq, t_gemm, t_both, flops / t_fused / 1e6, vs_cublas, fused_f64,
                         cublas_f64, right ? "" : "  WRONG");
         }
         CHECK(cudaFree(qpack));
@@ -433,7 +497,8 @@ int main() {
         CHECK(cudaFree(y));
         CHECK(cudaFree(y_ref));
     }
-    std::printf("block: output columns a block (x 128 tokens); times in us (CUDA events, median of 20\n"
+    std::printf("block: output columns x tokens a block; order: a chunk's first MMA before or after the loads\n"
+                "ahead; times in us (CUDA events, median of 20\n"
                 "after warm-up; the packed weights and x fit the L2, for both paths alike); TF: fused TFLOP/s;\n"
                 "errors: relative, fused against cuBLAS (every output) and each against float64 (1024 sampled)\n");
     CHECK(cublasDestroy(blas));
