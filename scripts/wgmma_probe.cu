@@ -30,6 +30,8 @@
 #include "probe_common.cuh"
 
 #include <cublas_v2.h>
+#include <cuda.h>
+#include <cudaTypedefs.h>
 
 #include <cmath>
 #include <cstdio>
@@ -317,6 +319,152 @@ __global__ void __launch_bounds__(kThreads, 1) fused_gptq4_gemm(Problem p) {
     }
 }
 
+// The same tile with its stages filled by TMA: x from a tensor map with the
+// 128-byte swizzle, the weights and their scales as bulk copies, each stage's
+// arrival counted by an mbarrier (full), each stage's release by another
+// (empty: one arrive a consumer warpgroup). One thread issues the copies, a
+// handful of instructions a chunk, so the warps' own stream is the
+// dequantization and the MMAs, with no block barrier in the loop. (A ninth,
+// producer-only warp would cap every thread at 168 registers: the three warps
+// on one scheduler share its 16 K.) At chunk c, every warpgroup's MMAs of
+// chunk c - 1 are done (it is at c's last step), so it frees that stage; the
+// copying thread refills the stage of chunk c - 2, which both warpgroups freed
+// a chunk earlier, with chunk c + STAGES - 2.
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, int bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "wait:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra wait;\n"
+        "}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(uint32_t to, const CUtensorMap* map, int x, int y, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(to),
+        "l"(map), "r"(x), "r"(y), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void bulk_load(uint32_t to, const void* from, int bytes, uint32_t bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(to),
+                 "l"(from), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+
+template <int GROUPS>
+__global__ void __launch_bounds__(kThreads, 1) fused_gptq4_gemm_tma(Problem p, const __grid_constant__ CUtensorMap x_map) {
+    using T = Tile<GROUPS, 128>;
+    constexpr int kBlockCols = T::kColumns, kStageBytes = T::kStageBytes, kStages = T::kStages;
+    constexpr int kAtomBytes = T::kAtomBytes, kXBytes = T::kXBytes, kWeightBytes = T::kWeightBytes;
+    constexpr int kBlockTokens = 128;
+    extern __shared__ unsigned char shared_raw[];
+    __shared__ __align__(8) uint64_t full[kStages], empty[kStages];
+    const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(shared_raw));
+    const uint32_t base = (raw + 1023) & ~1023u;
+    const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
+    const uint32_t empty0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty));
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int chunks = p.k / kChunk, n_tiles = p.n / 8;
+    const int token0 = blockIdx.y * kBlockTokens;
+    const int tile0 = blockIdx.x * (kBlockCols / 8), column0 = tile0 * 8;
+    const auto fill = [&](int chunk) {
+        const int s = chunk % kStages;
+        const uint32_t at = base + s * kStageBytes, bar = full0 + 8 * s;
+        mbar_expect_tx(bar, kXBytes + kWeightBytes + kBlockCols * 4);
+        tma_load_2d(at, &x_map, chunk * kChunk, token0, bar);
+        tma_load_2d(at + kAtomBytes, &x_map, chunk * kChunk + 64, token0, bar);
+        bulk_load(at + kXBytes, p.qpack + (static_cast<size_t>(chunk) * n_tiles + tile0) * 32, kWeightBytes, bar);
+        bulk_load(at + kXBytes + kWeightBytes, p.scale_zero + static_cast<size_t>(chunk) * p.n + column0,
+                  kBlockCols * 4, bar);
+    };
+    if (tid == 0) {
+        for (int s = 0; s < kStages; ++s) mbar_init(full0 + 8 * s, 1), mbar_init(empty0 + 8 * s, 2);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (int c = 0; c < kStages && c < chunks; ++c) fill(c);
+    }
+    __syncthreads();
+
+    const int wg = warp >> 2, wq = warp & 3;
+    int local_a[GROUPS];
+#pragma unroll
+    for (int u = 0; u < GROUPS; ++u) local_a[u] = (wg * GROUPS + u) * 8 + wq * 2;
+    float d[GROUPS][64];  // not zeroed: the first MMA's scale-d is 0 (see fused_gptq4_gemm)
+    uint32_t a[2][GROUPS][4];
+    const auto chunk_mmas = [&](int c) {
+        const int s = c % kStages;
+        mbar_wait(full0 + 8 * s, (c / kStages) & 1);
+        const uint32_t stage = base + s * kStageBytes;
+        const unsigned char* const stage_ptr = shared_raw + (stage - raw);
+        const uint4* const ws = reinterpret_cast<const uint4*>(stage_ptr + kXBytes);
+        const __half2* const szs = reinterpret_cast<const __half2*>(stage_ptr + kXBytes + kWeightBytes);
+        ColumnCodes ca[GROUPS], cb[GROUPS];
+        uint32_t wa[GROUPS][4], wb[GROUPS][4];
+#pragma unroll
+        for (int u = 0; u < GROUPS; ++u) {
+            const uint4 qa = ws[local_a[u] * 32 + lane], qb = ws[(local_a[u] + 1) * 32 + lane];
+            ca[u] = column_codes(szs[local_a[u] * 8 + g]), cb[u] = column_codes(szs[local_a[u] * 8 + 8 + g]);
+            wa[u][0] = qa.x, wa[u][1] = qa.y, wa[u][2] = qa.z, wa[u][3] = qa.w;
+            wb[u][0] = qb.x, wb[u][1] = qb.y, wb[u][2] = qb.z, wb[u][3] = qb.w;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int u = 0; u < GROUPS; ++u) dequantize_step(a[j & 1][u], wa[u], wb[u], j, ca[u], cb[u]);
+            wgmma_fence();
+            const uint64_t desc = smem_desc(stage + (j >> 2) * kAtomBytes + (j & 3) * 32);
+#pragma unroll
+            for (int u = 0; u < GROUPS; ++u) wgmma_rs<128>(d[u], a[j & 1][u], desc, c > 0 || j > 0);
+            wgmma_commit();
+            wgmma_wait<1>();
+#pragma unroll
+            for (int u = 0; u < GROUPS; ++u) pin(a[(j + 1) & 1][u]);
+        }
+        // (Here, not after the first step: an arrive there, its address
+        // computed inside an MMA's window, made ptxas serialize the MMAs.)
+        if (c > 0 && (tid & 127) == 0) mbar_arrive(empty0 + 8 * ((c + kStages - 1) % kStages));
+        if (tid == 0 && c >= 2 && c + kStages - 2 < chunks) {
+            mbar_wait(empty0 + 8 * ((c - 2) % kStages), ((c - 2) / kStages) & 1);
+            fill(c + kStages - 2);
+        }
+    };
+    for (int c = 0; c < chunks - 1; ++c) chunk_mmas(c);
+    chunk_mmas(chunks - 1);
+    wgmma_wait<0>();
+#pragma unroll
+    for (int u = 0; u < GROUPS; ++u) pin(d[u]);
+    __syncthreads();  // every chunk has arrived and been multiplied: the stages are free for the tile
+    constexpr int kRowHalves = kBlockCols + 8;
+    __half* const tile = reinterpret_cast<__half*>(shared_raw + (base - raw));
+#pragma unroll
+    for (int u = 0; u < GROUPS; ++u)
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            const int token = 8 * i + 2 * t, column_a = local_a[u] * 8 + g, column_b = column_a + 8;
+            tile[token * kRowHalves + column_a] = __float2half(d[u][4 * i]);
+            tile[(token + 1) * kRowHalves + column_a] = __float2half(d[u][4 * i + 1]);
+            tile[token * kRowHalves + column_b] = __float2half(d[u][4 * i + 2]);
+            tile[(token + 1) * kRowHalves + column_b] = __float2half(d[u][4 * i + 3]);
+        }
+    __syncthreads();
+    constexpr int kPiecesARow = kBlockCols / 8;
+    for (int i = tid; i < kBlockTokens * kPiecesARow; i += kThreads) {
+        const int r = i / kPiecesARow, c = i % kPiecesARow;
+        *reinterpret_cast<uint4*>(p.y + static_cast<size_t>(token0 + r) * p.n + column0 + c * 8) =
+            *reinterpret_cast<const uint4*>(tile + r * kRowHalves + c * 8);
+    }
+}
+
 // The reference's weights: W [N, K] fp16 from the same packing and nibble order.
 __global__ void dequantize_reference(Problem p, __half* w) {
     const int chunks = p.k / kChunk, n_tiles = p.n / 8;
@@ -413,6 +561,40 @@ Variant variant(const char* name) {
     return {name, Tile<GROUPS, TOKENS>::kColumns, TOKENS, launch<GROUPS, TOKENS, MMA_FIRST>};
 }
 
+// x [T][K] as TMA sees it: boxes of 64 k x 128 tokens, 128-byte swizzle.
+CUtensorMap x_tensor_map(const Problem& p) {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+    if (!encode) {
+        cudaDriverEntryPointQueryResult found;
+        CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", reinterpret_cast<void**>(&encode), 12000,
+                                               cudaEnableDefault, &found));
+        CHECK(found != cudaDriverEntryPointSuccess);
+    }
+    CUtensorMap map;
+    const cuuint64_t dims[2] = {cuuint64_t(p.k), cuuint64_t(p.tokens)};
+    const cuuint64_t strides[1] = {cuuint64_t(p.k) * sizeof(__half)};
+    const cuuint32_t box[2] = {64, 128}, element_strides[2] = {1, 1};
+    CHECK(encode(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<__half*>(p.x), dims, strides, box,
+                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE));
+    return map;
+}
+template <int GROUPS>
+void launch_tma(const Problem& p) {
+    static const __half* encoded_for = nullptr;
+    static CUtensorMap map;
+    if (encoded_for != p.x) map = x_tensor_map(p), encoded_for = p.x;  // once a problem, outside the timed launches
+    using T = Tile<GROUPS, 128>;
+    const dim3 grid(p.n / T::kColumns, p.tokens / 128);
+    fused_gptq4_gemm_tma<GROUPS><<<grid, kThreads, T::kSharedBytes>>>(p, map);
+}
+template <int GROUPS>
+Variant variant_tma(const char* name) {
+    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm_tma<GROUPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               Tile<GROUPS, 128>::kSharedBytes));
+    return {name, Tile<GROUPS, 128>::kColumns, 128, launch_tma<GROUPS>};
+}
+
 }  // namespace
 
 int main() {
@@ -420,10 +602,9 @@ int main() {
     CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("card %s, %d SMs\n", prop.name, prop.multiProcessorCount);
     const Variant variants[] = {
-        variant<2, 128, false>("loads first"),
-        variant<2, 128, true>("MMA first"),
-        variant<1, 128, true>("MMA first"),
-        variant<1, 256, true>("MMA first"),
+        variant<2, 128, false>("cp.async"),
+        variant_tma<2>("TMA"),
+        variant_tma<1>("TMA"),
     };
     cublasHandle_t blas;
     CHECK(cublasCreate(&blas));
