@@ -82,12 +82,11 @@ std::vector<Scenario> scenarios() {
     s.max_seq_len = s.table_positions = 18 + 130;  // the second round's past_len is 18
     all.push_back(s);
 
-    // Prefill of 130 rows with group 128 and 256-column matrices: on Hopper the
-    // fused dequantize + wgmma GEMM (its 128-row tiles with a short last one).
-    // Act-order per matrix (Q in the staging's gathered order, K and V gathered
-    // each), LoRA (fp32 sums), an O bias (O into fp32 sums, then the residual
-    // epilogue) and an fp32 residual; then input order with graphs, O added to
-    // the fp16 residual by the GEMM itself.
+    // Prefill of 130 rows with group 128 and 256-column matrices: on Hopper Q, K
+    // and V through the fused dequantize + wgmma GEMM (its 128-row tiles with a
+    // short last one). Act-order per matrix (Q in the staging's gathered order,
+    // K and V gathered each), LoRA (fp32 sums), an O bias and an fp32 residual;
+    // then input order (Q, K and V in one launch) with graphs.
     s = Scenario{};
     s.name = "gptq4_g128_prefill_fused_gemm_actorder_lora_fp32_residual";
     s.gptq = true;

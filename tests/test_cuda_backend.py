@@ -386,10 +386,10 @@ def test_lora_matches_cpu(weights, batch, q_len, gen):
     pair.check(1, 1, gen, past_len=1)  # the accumulator rows the small-row GEMM adds into were zeroed
 
 
-# On Hopper, beyond the small-row path, packed matrices with one group a
+# On Hopper, beyond the small-row path, Q, K and V packed with one group a
 # 128-row chunk and columns a multiple of 256 go through the fused dequantize +
-# wgmma GEMM (Q, K and V in one launch where their x needs no gathering of its
-# own); elsewhere, or with QATTN_CUDA_WGMMA=0, through dequantize + cuBLAS. Both
+# wgmma GEMM (in one launch where their x needs no gathering of its own);
+# elsewhere, O, or with QATTN_CUDA_WGMMA=0, through dequantize + cuBLAS. Both
 # must match the CPU. 130 and 300 rows: the GEMM's 128-row tiles with a short
 # last one; 40: one short tile. Input order (x read where it lies), one shared
 # act-order (the staging's gathered x for all three), and act-order per matrix
@@ -398,7 +398,7 @@ FUSED_FEATURES = {
     "plain": {},
     "fp32_residual": dict(residual_fp32=True),
     "no_residual_no_input_norm": dict(has_residual=False, input_norm=None),
-    "biases_post_norm": dict(biases=True, post_norm="rms"),  # O into fp32 sums, then the residual epilogue
+    "biases_post_norm": dict(biases=True, post_norm="rms"),
     "graphs": dict(use_graphs=True),
 }
 

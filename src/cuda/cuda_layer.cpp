@@ -205,8 +205,10 @@ private:
             QATTN_CUDA_TRY(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
         }
 
+        // Q, K and V only: O through the fused GEMM made the H200's P2k forward2
+        // 7 µs slower than dequantize + cuBLAS (docs/GPU_NOTES.md, seventeenth session).
         const bool hopper = gptq4_gemm_large_available(info_.device);
-        for (int p = 0; p < 4; ++p) {
+        for (int p = 0; p < 3; ++p) {
             const CudaQMatrix& m = *proj_[p];
             fused_large_[p] = hopper && m.packed() && m.single_group_chunks() && m.out_features() % 256 == 0;
         }
@@ -322,7 +324,7 @@ private:
             xg = scratch_->get<__half>(CudaScratch::kGathered);
             ldg = packed_rows;
         }
-        if (fused_large_[p] && !joint && (beta == 0.0f || beta == 1.0f)) {
+        if (p < 3 && fused_large_[p] && !joint && (beta == 0.0f || beta == 1.0f)) {
             const Gptq4GemmLargeProblem problem{w, N, xg, ldg, c};
             if (gptq4_gemm_large_fits(problem) && ldc % 8 == 0)
                 return launch_gptq4_gemm_large(&problem, 1, rows, sizeof(T) == sizeof(float), ldc, beta != 0.0f, s);
@@ -597,8 +599,7 @@ private:
             const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0, xg};
             QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, finish, &finished, s));
         } else {
-            if (!m.identity_order() && !fused_large_[3])
-                QATTN_TRY(dequantize_ahead(3, s));  // beside the gather of attn_out
+            if (!m.identity_order()) QATTN_TRY(dequantize_ahead(3, s));  // beside the gather of attn_out
             // With nothing between the projection and the residual, cuBLAS adds it
             // to x itself (beta = 1; its fp32 sums rounded once, as the epilogue
             // would): no fp32 accumulator round trip and no epilogue kernel.
@@ -626,9 +627,9 @@ private:
     // Where forward2's arrival counters start in CudaScratch::kCounters (forward1's first).
     int counters_o_ = 0;
     int64_t dequant_elements_ = 0;
-    // Which packed matrices the fused dequantize + wgmma GEMM may take beyond
-    // the small-row path (a Hopper GPU, single-group chunks, columns % 256 == 0).
-    bool fused_large_[4] = {};
+    // Which of Q, K and V the fused dequantize + wgmma GEMM may take beyond the
+    // small-row path (a Hopper GPU, single-group chunks, columns % 256 == 0).
+    bool fused_large_[3] = {};
     // order_[p]: the first projection with the same packed row order as p (p
     // itself if none; dense: p). gathered_order_: the order gathered_ holds in
     // this call, -1 for none.
