@@ -388,8 +388,10 @@ def test_lora_matches_cpu(weights, batch, q_len, gen):
 
 # On Hopper, beyond the small-row path, Q, K and V packed with one group a
 # 128-row chunk and columns a multiple of 256 go through the fused dequantize +
-# wgmma GEMM (in one launch where their x needs no gathering of its own);
-# elsewhere, O, or with QATTN_CUDA_WGMMA=0, through dequantize + cuBLAS. Both
+# wgmma GEMM (in one launch where their x needs no gathering of its own; with
+# all three there and no LoRA, its epilogue ends forward1: bias, head norms,
+# RoPE, q / k / v); elsewhere, O, or with QATTN_CUDA_WGMMA=0, through
+# dequantize + cuBLAS. Both
 # must match the CPU. 130 and 300 rows: the GEMM's 128-row tiles with a short
 # last one; 40: one short tile. Input order (x read where it lies), one shared
 # act-order (the staging's gathered x for all three), and act-order per matrix
@@ -400,6 +402,11 @@ FUSED_FEATURES = {
     "no_residual_no_input_norm": dict(has_residual=False, input_norm=None),
     "biases_post_norm": dict(biases=True, post_norm="rms"),
     "graphs": dict(use_graphs=True),
+    # forward1 ends in the GEMM's epilogue: head norms and every rotation.
+    "head_norm_layer_per_head_gptj_partial": dict(head_norm="layer_bias_per_head", rope="gptj", rotary_dim=32,
+                                                  biases=True),
+    "head_norm_rms_neox_partial": dict(head_norm="rms", rope="neox", rotary_dim=48),
+    "no_rope": dict(rope=None),
 }
 
 

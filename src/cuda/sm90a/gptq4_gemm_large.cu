@@ -21,6 +21,7 @@
 // Compiled for sm_90a only (wgmma is an architecture-specific feature), in a
 // target of its own so that no other cubin holds these kernels.
 #include "cuda/check.h"
+#include "cuda/epilogues.cuh"
 #include "cuda/gptq4_nibbles.cuh"
 #include "cuda/kernels.h"
 
@@ -54,6 +55,11 @@ struct Batch {
     int block_begin[kMaxLargeGemmProblems + 1];  // first blockIdx.x of each problem
     int count, rows, ldc;
     bool out_fp32, accumulate;
+    // Or the end of forward1 in the epilogue (the problems are Q, K and V, in
+    // that order, of one Q|K|V row): each block finishes its whole heads.
+    bool finish_heads;
+    HeadEpilogueParams heads;
+    int first_head[kMaxLargeGemmProblems];  // the problem's first head in the Q|K|V row
 };
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
@@ -274,6 +280,31 @@ __global__ void __launch_bounds__(kThreads, 1) gptq4_gemm_large_kernel(const __g
             tile[(row + 1) * kTileStride + column + 8] = d[u][4 * i + 3];
         }
     __syncthreads();
+    if (batch.finish_heads) {
+        // A warp a (row, head) of the tile: bias, head norm, RoPE, q / k / v and
+        // the KV-cache slots (finish_loaded_head, as the head epilogue kernel),
+        // the tile row's head segment serving as the warp's buffer.
+        const HeadEpilogueParams& hp = batch.heads;
+        const int D = hp.head_dim, heads_here = kColumns / D;
+        for (int task = warp; task < kTokens * heads_here; task += kThreads / 32) {
+            const int r = task / heads_here, local_head = task - r * heads_here;
+            if (row0 + r >= batch.rows) break;  // task grows with r
+            const int row = row0 + r, h = batch.first_head[which] + column0 / D + local_head;
+            float* const values = tile + r * kTileStride + local_head * D;
+            int head = 0;
+            const int proj = head_projection(hp, h, &head);
+            const __half* const bias = hp.bias[proj] ? hp.bias[proj] + head * D : nullptr;
+            HeadValues<4, 128> in;
+            const int i = lane * 4;
+            if (i < D) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) in.v[0][e] = values[i + e];
+                add_bias<4>(bias, i, in.v[0]);
+            }
+            finish_loaded_head<4, 128>(hp, row, h, values, head_row_of(hp, row, h), in, false);
+        }
+        return;
+    }
     // 8 columns of a row a thread at a time: out = tile (+ out), the fp32 sum
     // rounded once, as cuBLAS with beta = 1 does.
     constexpr int kPieces = kColumns / 8;
@@ -351,8 +382,12 @@ bool gptq4_gemm_large_fits(const Gptq4GemmLargeProblem& p) {
     return p.n % kColumns == 0 && p.ldx % 8 == 0 && is_aligned(p.x, 16) && is_aligned(p.out, 16);
 }
 
+bool gptq4_gemm_large_can_finish_heads(const HeadEpilogueParams& p) {
+    return p.head_dim % 4 == 0 && p.head_dim <= 128 && kColumns % p.head_dim == 0 && head_outputs_aligned8(p);
+}
+
 qattn_status launch_gptq4_gemm_large(const Gptq4GemmLargeProblem* problems, int count, int rows, bool out_fp32,
-                                     int ldc, bool accumulate, cudaStream_t stream) {
+                                     int ldc, bool accumulate, const HeadEpilogueParams* heads, cudaStream_t stream) {
     if (count < 1 || count > kMaxLargeGemmProblems || rows < 1 || ldc % 8 != 0)
         return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_large: %d problems, %d rows, ldc %d", count, rows, ldc);
     const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
@@ -367,6 +402,15 @@ qattn_status launch_gptq4_gemm_large(const Gptq4GemmLargeProblem* problems, int 
     Batch batch{};
     batch.count = count, batch.rows = rows, batch.ldc = ldc;
     batch.out_fp32 = out_fp32, batch.accumulate = accumulate;
+    batch.finish_heads = heads != nullptr;
+    if (heads) {
+        if (count != 3 || !gptq4_gemm_large_can_finish_heads(*heads))
+            return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_large: heads finished for %d problems", count);
+        batch.heads = *heads;
+        batch.first_head[0] = 0;
+        batch.first_head[1] = heads->num_heads;
+        batch.first_head[2] = heads->num_heads + heads->num_kv_heads;
+    }
     int blocks = 0;
     for (int i = 0; i < count; ++i) {
         const Gptq4GemmLargeProblem& p = problems[i];
