@@ -21,6 +21,7 @@
 // Compiled for sm_90a only (wgmma is an architecture-specific feature), in a
 // target of its own so that no other cubin holds these kernels.
 #include "cuda/check.h"
+#include "cuda/cp_async.cuh"
 #include "cuda/epilogues.cuh"
 #include "cuda/gptq4_nibbles.cuh"
 #include "cuda/kernels.h"
@@ -48,6 +49,8 @@ constexpr int kStageBytes = (kXBytes + kWeightBytes + kScaleBytes + 1023) / 1024
 constexpr int kTileStride = kColumns + 4;
 constexpr int kSharedBytes = kStages * kStageBytes + 1024;  // + room to align
 static_assert(kTokens * kTileStride * 4 <= kStages * kStageBytes, "the epilogue tile fits the stages");
+// Finishing heads, the rows' cos and sin rows go after the tile (up to 64 pairs).
+static_assert((kTokens * kTileStride + 2 * kTokens * 64) * 4 <= kStages * kStageBytes, "and the tables' rows");
 
 struct Batch {
     CUtensorMap x[kMaxLargeGemmProblems];  // [rows][packed rows] fp16, boxes of 64 x 128
@@ -206,6 +209,24 @@ __global__ void __launch_bounds__(kThreads, 1) gptq4_gemm_large_kernel(const __g
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         for (int c = 0; c < kStages && c < chunks; ++c) fill(c);
     }
+    // Finishing heads: each row's position and KV slot, read now (the caller's
+    // data is complete: no programmatic launch) so that the epilogue needs one
+    // memory round trip, for the tables' rows, instead of one a task.
+    __shared__ int row_position[kTokens];
+    __shared__ int64_t row_slot[kTokens];
+    if (batch.finish_heads && tid < kTokens) {
+        const HeadEpilogueParams& hp = batch.heads;
+        const int row = row0 + tid;
+        int position = -1;
+        int64_t slot = -1;
+        if (row < batch.rows) {
+            const int sequence = row / hp.q_len;
+            position = (hp.past_lens ? __ldcg(hp.past_lens + sequence) : hp.past_len) + (row - sequence * hp.q_len);
+            if (hp.kv_slots) slot = __ldcg(hp.kv_slots + row);
+        }
+        row_position[tid] = position;
+        row_slot[tid] = slot;
+    }
     __syncthreads();
 
     // Column group u of this warp: n-tiles local[u], local[u] + 1 of the block
@@ -283,9 +304,27 @@ __global__ void __launch_bounds__(kThreads, 1) gptq4_gemm_large_kernel(const __g
     if (batch.finish_heads) {
         // A warp a (row, head) of the tile: bias, head norm, RoPE, q / k / v and
         // the KV-cache slots (finish_loaded_head, as the head epilogue kernel),
-        // the tile row's head segment serving as the warp's buffer.
+        // the tile row's head segment serving as the warp's buffer, the rows'
+        // cos and sin copied next to the tile first (all at once: a warp's
+        // tasks then wait for no load but the bias's).
         const HeadEpilogueParams& hp = batch.heads;
         const int D = hp.head_dim, heads_here = kColumns / D;
+        const bool rope = hp.rope != QATTN_ROPE_NONE;
+        const int pairs = hp.rotary_dim / 2;
+        float* const cos_rows = tile + kTokens * kTileStride;  // [kTokens][pairs]
+        float* const sin_rows = cos_rows + kTokens * pairs;
+        if (rope) {
+            for (int e = tid; e < kTokens * pairs; e += kThreads) {
+                const int r = e / pairs, position = row_position[r];
+                if (position < 0 || position >= hp.max_positions) continue;
+                const size_t at = static_cast<size_t>(position) * pairs + (e - r * pairs);
+                cp_async4(cos_rows + e, hp.cos + at);
+                cp_async4(sin_rows + e, hp.sin + at);
+            }
+            cp_async_commit();
+            cp_async_wait<0>();
+        }
+        __syncthreads();
         for (int task = warp; task < kTokens * heads_here; task += kThreads / 32) {
             const int r = task / heads_here, local_head = task - r * heads_here;
             if (row0 + r >= batch.rows) break;  // task grows with r
@@ -301,7 +340,12 @@ __global__ void __launch_bounds__(kThreads, 1) gptq4_gemm_large_kernel(const __g
                 for (int e = 0; e < 4; ++e) in.v[0][e] = values[i + e];
                 add_bias<4>(bias, i, in.v[0]);
             }
-            finish_loaded_head<4, 128>(hp, row, h, values, head_row_of(hp, row, h), in, false);
+            HeadRow row_data;
+            const int position = row_position[r];
+            row_data.in_range = position >= 0 && position < hp.max_positions;
+            if (rope && row_data.in_range) row_data.cos = cos_rows + r * pairs, row_data.sin = sin_rows + r * pairs;
+            row_data.slot = row_slot[r];
+            finish_loaded_head<4, 128>(hp, row, h, values, row_data, in, false);
         }
         return;
     }
