@@ -100,6 +100,11 @@ struct HeadEpilogueParams {
 };
 // Whether every destination of the head epilogue is 8-byte aligned (4 halves a lane access).
 bool head_outputs_aligned8(const HeadEpilogueParams& p);
+// Whether the head epilogue may go 8 elements a thread (finish_head_piece):
+// heads of 8 times a power of two elements (up to 256), NeoX pairs of 8 times
+// one, GPT-J rotating whole pieces, and every table, weight and destination
+// 16-byte aligned.
+bool head_epilogue_pieces_fit(const HeadEpilogueParams& p);
 qattn_status launch_head_epilogue(const HeadEpilogueParams& p, cudaStream_t stream);
 
 // sm90a/gptq4_gemm_large.cu (Hopper, sm_90a only): out[r, n] (= or +=) sum_j
@@ -124,8 +129,8 @@ bool gptq4_gemm_large_fits(const Gptq4GemmLargeProblem& p);
 // With heads set (Q, K and V as the three problems, in order), the GEMM ends
 // forward1 itself: bias, head norms, RoPE, q / k / v and the KV cache, as
 // launch_head_epilogue would, with no sums written; the heads' accumulator
-// fields are unused. When gptq4_gemm_large_can_finish_heads (heads of up to
-// 128 elements that tile 256 columns, outputs 8-byte aligned).
+// fields are unused. When gptq4_gemm_large_can_finish_heads (the shapes of
+// head_epilogue_pieces_fit whose heads tile 256 columns, rotary_dim <= 128).
 bool gptq4_gemm_large_can_finish_heads(const HeadEpilogueParams& p);
 qattn_status launch_gptq4_gemm_large(const Gptq4GemmLargeProblem* problems, int count, int rows, bool out_fp32,
                                      int ldc, bool accumulate, const HeadEpilogueParams* heads, cudaStream_t stream);

@@ -302,50 +302,45 @@ __global__ void __launch_bounds__(kThreads, 1) gptq4_gemm_large_kernel(const __g
         }
     __syncthreads();
     if (batch.finish_heads) {
-        // A warp a (row, head) of the tile: bias, head norm, RoPE, q / k / v and
-        // the KV-cache slots (finish_loaded_head, as the head epilogue kernel),
-        // the tile row's head segment serving as the warp's buffer, the rows'
-        // cos and sin copied next to the tile first (all at once: a warp's
-        // tasks then wait for no load but the bias's).
+        // A warp a row of the tile (its 256 columns are whole heads, 8 elements
+        // a lane: finish_head_piece, as the head epilogue's row kernel), the
+        // rows' cos and sin copied beside the tile first, all at once.
         const HeadEpilogueParams& hp = batch.heads;
-        const int D = hp.head_dim, heads_here = kColumns / D;
-        const bool rope = hp.rope != QATTN_ROPE_NONE;
-        const int pairs = hp.rotary_dim / 2;
+        const HeadPieceShape shape = head_piece_shape(hp);
+        const int D = hp.head_dim, pairs = shape.pairs, e = (lane % shape.lanes) * 8;
         float* const cos_rows = tile + kTokens * kTileStride;  // [kTokens][pairs]
         float* const sin_rows = cos_rows + kTokens * pairs;
-        if (rope) {
-            for (int e = tid; e < kTokens * pairs; e += kThreads) {
-                const int r = e / pairs, position = row_position[r];
+        if (shape.rope) {
+            const int quads = pairs / 4;  // 16-byte pieces of a table row
+            for (int i = tid; i < kTokens * quads; i += kThreads) {
+                const int r = i / quads, q = i - r * quads, position = row_position[r];
                 if (position < 0 || position >= hp.max_positions) continue;
-                const size_t at = static_cast<size_t>(position) * pairs + (e - r * pairs);
-                cp_async4(cos_rows + e, hp.cos + at);
-                cp_async4(sin_rows + e, hp.sin + at);
+                const size_t at = static_cast<size_t>(position) * pairs + q * 4;
+                cp_async16(cos_rows + r * pairs + q * 4, hp.cos + at);
+                cp_async16(sin_rows + r * pairs + q * 4, hp.sin + at);
             }
             cp_async_commit();
             cp_async_wait<0>();
         }
         __syncthreads();
-        for (int task = warp; task < kTokens * heads_here; task += kThreads / 32) {
-            const int r = task / heads_here, local_head = task - r * heads_here;
-            if (row0 + r >= batch.rows) break;  // task grows with r
-            const int row = row0 + r, h = batch.first_head[which] + column0 / D + local_head;
-            float* const values = tile + r * kTileStride + local_head * D;
-            int head = 0;
-            const int proj = head_projection(hp, h, &head);
-            const __half* const bias = hp.bias[proj] ? hp.bias[proj] + head * D : nullptr;
-            HeadValues<4, 128> in;
-            const int i = lane * 4;
-            if (i < D) {
-#pragma unroll
-                for (int e = 0; e < 4; ++e) in.v[0][e] = values[i + e];
-                add_bias<4>(bias, i, in.v[0]);
-            }
-            HeadRow row_data;
-            const int position = row_position[r];
-            row_data.in_range = position >= 0 && position < hp.max_positions;
-            if (rope && row_data.in_range) row_data.cos = cos_rows + r * pairs, row_data.sin = sin_rows + r * pairs;
-            row_data.slot = row_slot[r];
-            finish_loaded_head<4, 128>(hp, row, h, values, row_data, in, false);
+        const int h = batch.first_head[which] + column0 / D + lane / shape.lanes;
+        int head = 0;
+        const int proj = head_projection(hp, h, &head);
+        const __half* const bias = hp.bias[proj] ? hp.bias[proj] + head * D : nullptr;
+        for (int r = warp; r < kTokens && row0 + r < batch.rows; r += kThreads / 32) {
+            const int row = row0 + r, position = row_position[r];
+            const bool in_range = position >= 0 && position < hp.max_positions;
+            const int64_t slot = row_slot[r];
+            const bool slot_ok = slot >= 0 && slot < hp.num_kv_slots;
+            if (lane == 0 && ((shape.rope && !in_range) || (hp.kv_slots && !slot_ok)))
+                atomicExch(hp.error_flag, 1);  // not rotated or not cached; see check_device_errors
+            float v[8];
+            load_vec<8>(tile + r * kTileStride + lane * 8, v);
+            add_bias<8>(bias, e, v);
+            const bool rotated = shape.rope && in_range && e < hp.rotary_dim;
+            float cs[8], sn[8];
+            if (rotated) head_piece_angles(shape, e, cos_rows + r * pairs, sin_rows + r * pairs, cs, sn);
+            finish_head_piece(hp, shape, row, h, e, v, rotated, cs, sn, hp.kv_slots && slot_ok, slot, true);
         }
         return;
     }
@@ -427,7 +422,7 @@ bool gptq4_gemm_large_fits(const Gptq4GemmLargeProblem& p) {
 }
 
 bool gptq4_gemm_large_can_finish_heads(const HeadEpilogueParams& p) {
-    return p.head_dim % 4 == 0 && p.head_dim <= 128 && kColumns % p.head_dim == 0 && head_outputs_aligned8(p);
+    return head_epilogue_pieces_fit(p) && kColumns % p.head_dim == 0 && p.rotary_dim <= 128;
 }
 
 qattn_status launch_gptq4_gemm_large(const Gptq4GemmLargeProblem* problems, int count, int rows, bool out_fp32,
