@@ -195,6 +195,98 @@ __device__ __forceinline__ void finish_loaded_head(const HeadEpilogueParams& p, 
     __syncwarp();
 }
 
+// The per-row head epilogue's unit (head_epilogue_rows_kernel, and the fused
+// large-row GEMM's epilogue): one thread's 8 consecutive elements e .. e + 7 of
+// one head of a row, the head's D / 8 threads adjacent lanes of one warp
+// (head_epilogue_pieces_fit says for which shapes).
+struct HeadPieceShape {
+    bool rope, neox, head_norms;
+    int lanes, pairs;  // threads a head, rotary pairs
+    float inv_d;
+};
+__device__ __forceinline__ HeadPieceShape head_piece_shape(const HeadEpilogueParams& p) {
+    HeadPieceShape s;
+    s.rope = p.rope != QATTN_ROPE_NONE;
+    s.neox = p.rope == QATTN_ROPE_NEOX;
+    s.head_norms = p.norm[0].type != QATTN_NORM_NONE || p.norm[1].type != QATTN_NORM_NONE;
+    s.lanes = p.head_dim / 8;
+    s.pairs = p.rotary_dim / 2;
+    s.inv_d = 1.0f / p.head_dim;
+    return s;
+}
+
+// This thread's rotary angles from its row's cos and sin rows (any memory,
+// 16-byte aligned): NeoX rotates element i with i + pairs (the thread pairs / 8
+// lanes away), GPT-J 2i with 2i + 1 (in this piece: 4 angles, and no load past
+// the table's row).
+__device__ __forceinline__ void head_piece_angles(const HeadPieceShape& s, int e, const float* cos_row,
+                                                  const float* sin_row, float (&cs)[8], float (&sn)[8]) {
+    if (s.neox) {
+        const int at = e < s.pairs ? e : e - s.pairs;
+        load_vec<8>(cos_row + at, cs);
+        load_vec<8>(sin_row + at, sn);
+    } else {
+        float c4[4], s4[4];
+        load_vec<4>(cos_row + e / 2, c4);
+        load_vec<4>(sin_row + e / 2, s4);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) cs[u] = c4[u], sn[u] = s4[u];
+    }
+}
+
+// Head norm, RoPE and the stores of one piece of head h (in the Q|K|V row) of
+// `row`, its values v with the bias added. rotated: this piece's elements
+// rotate (RoPE, the position in the tables, e < rotary_dim); cached: its row's
+// KV slot is valid. Every thread of a head takes part in the shuffles, so the
+// threads of a warp call it together; active false: no stores.
+__device__ __forceinline__ void finish_head_piece(const HeadEpilogueParams& p, const HeadPieceShape& s, int row,
+                                                  int h, int e, float (&v)[8], bool rotated, const float (&cs)[8],
+                                                  const float (&sn)[8], bool cached, int64_t slot, bool active) {
+    const int D = p.head_dim;
+    int head = 0;
+    const int proj = head_projection(p, h, &head);
+    if (s.head_norms) {  // the same for the whole grid: the shuffles stay convergent
+        const NormParams& n = p.norm[proj < 2 ? proj : 0];
+        float sum = 0.0f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) sum += v[u];
+        sum = group_sum(sum, s.lanes);
+        const float mean = n.type == QATTN_NORM_LAYER ? sum * s.inv_d : 0.0f;
+        float squares = 0.0f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) squares += (v[u] - mean) * (v[u] - mean);
+        const float inv = rsqrtf(group_sum(squares, s.lanes) * s.inv_d + n.eps);
+        if (proj < 2 && n.type != QATTN_NORM_NONE && active) {
+            const int offset = (n.per_head ? head * D : 0) + e;
+            float w[8];
+            load_vec<8>(n.weight + offset, w);
+#pragma unroll
+            for (int u = 0; u < 8; ++u) v[u] = (v[u] - mean) * inv * w[u];
+            add_bias<8>(n.bias, offset, v);
+        }
+    }
+    if (s.neox && s.rope) {
+        const int partner = s.pairs / 8;
+        const bool first_half = e < s.pairs;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const float other = __shfl_xor_sync(0xffffffffu, v[u], partner);
+            if (rotated && proj < 2) v[u] = first_half ? v[u] * cs[u] - other * sn[u] : v[u] * cs[u] + other * sn[u];
+        }
+    } else if (rotated && proj < 2) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const float a = v[2 * u], b = v[2 * u + 1];
+            v[2 * u] = a * cs[u] - b * sn[u];
+            v[2 * u + 1] = b * cs[u] + a * sn[u];
+        }
+    }
+    if (!active) return;
+    const int width = (proj == 0 ? p.num_heads : p.num_kv_heads) * D;
+    if (p.out[proj]) store_vec<8>(p.out[proj] + static_cast<size_t>(row) * width + head * D + e, v);
+    if (proj > 0 && cached) store_vec<8>(p.cache[proj - 1] + slot * width + head * D + e, v);
+}
+
 // The row data that head h of `row` needs (head_row).
 __device__ __forceinline__ HeadRow head_row_of(const HeadEpilogueParams& p, int row, int h) {
     int head = 0;
