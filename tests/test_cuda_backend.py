@@ -667,9 +667,12 @@ def test_two_layers_on_two_streams(gen):
 
 @pytest.mark.parametrize("use_graphs", [False, True])
 @pytest.mark.parametrize("q_len", [2, 80])  # 8 rows, and 320 (the head epilogue's kernel per row)
-def test_out_of_range_past_lens_are_flagged(use_graphs, q_len, gen):
+@pytest.mark.parametrize("shape", ["small", "fused"])  # fused: on Hopper, forward1 ends in the fused GEMM at 320 rows
+def test_out_of_range_past_lens_are_flagged(use_graphs, q_len, shape, gen):
     max_seq_len = 256 if q_len == 2 else 512
-    spec = Spec(weights="gptq4_act", max_rows=4 * q_len, max_seq_len=max_seq_len, use_graphs=use_graphs)
+    widths = dict(hidden=512, heads=8, kv_heads=4, head_dim=64, weights="gptq4_g128_act_shared") if shape == "fused" \
+        else dict(weights="gptq4_act")
+    spec = Spec(max_rows=4 * q_len, max_seq_len=max_seq_len, use_graphs=use_graphs, **widths)
     pair = Pair(spec, gen)
     layer = pair.layers["cuda"]
     batch = 4
