@@ -388,10 +388,8 @@ def test_lora_matches_cpu(weights, batch, q_len, gen):
 
 # On Hopper, beyond the small-row path, Q, K and V packed with one group a
 # 128-row chunk and columns a multiple of 256 go through the fused dequantize +
-# wgmma GEMM (in one launch where their x needs no gathering of its own; with
-# all three there and no LoRA, its epilogue ends forward1: bias, head norms,
-# RoPE, q / k / v); elsewhere, O, or with QATTN_CUDA_WGMMA=0, through
-# dequantize + cuBLAS. Both
+# wgmma GEMM (in one launch where their x needs no gathering of its own);
+# elsewhere, O, or with QATTN_CUDA_WGMMA=0, through dequantize + cuBLAS. Both
 # must match the CPU. 130 and 300 rows: the GEMM's 128-row tiles with a short
 # last one; 40: one short tile. Input order (x read where it lies), one shared
 # act-order (the staging's gathered x for all three), and act-order per matrix
@@ -402,11 +400,6 @@ FUSED_FEATURES = {
     "no_residual_no_input_norm": dict(has_residual=False, input_norm=None),
     "biases_post_norm": dict(biases=True, post_norm="rms"),
     "graphs": dict(use_graphs=True),
-    # forward1 ends in the GEMM's epilogue: head norms and every rotation.
-    "head_norm_layer_per_head_gptj_partial": dict(head_norm="layer_bias_per_head", rope="gptj", rotary_dim=32,
-                                                  biases=True),
-    "head_norm_rms_neox_partial": dict(head_norm="rms", rope="neox", rotary_dim=48),
-    "no_rope": dict(rope=None),
 }
 
 
@@ -667,12 +660,9 @@ def test_two_layers_on_two_streams(gen):
 
 @pytest.mark.parametrize("use_graphs", [False, True])
 @pytest.mark.parametrize("q_len", [2, 80])  # 8 rows, and 320 (the head epilogue's kernel per row)
-@pytest.mark.parametrize("shape", ["small", "fused"])  # fused: on Hopper, forward1 ends in the fused GEMM at 320 rows
-def test_out_of_range_past_lens_are_flagged(use_graphs, q_len, shape, gen):
+def test_out_of_range_past_lens_are_flagged(use_graphs, q_len, gen):
     max_seq_len = 256 if q_len == 2 else 512
-    widths = dict(hidden=512, heads=8, kv_heads=4, head_dim=64, weights="gptq4_g128_act_shared") if shape == "fused" \
-        else dict(weights="gptq4_act")
-    spec = Spec(max_rows=4 * q_len, max_seq_len=max_seq_len, use_graphs=use_graphs, **widths)
+    spec = Spec(weights="gptq4_act", max_rows=4 * q_len, max_seq_len=max_seq_len, use_graphs=use_graphs)
     pair = Pair(spec, gen)
     layer = pair.layers["cuda"]
     batch = 4

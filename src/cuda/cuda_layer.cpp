@@ -327,8 +327,7 @@ private:
         if (p < 3 && fused_large_[p] && !joint && (beta == 0.0f || beta == 1.0f)) {
             const Gptq4GemmLargeProblem problem{w, N, xg, ldg, c};
             if (gptq4_gemm_large_fits(problem) && ldc % 8 == 0)
-                return launch_gptq4_gemm_large(&problem, 1, rows, sizeof(T) == sizeof(float), ldc, beta != 0.0f,
-                                               nullptr, s);
+                return launch_gptq4_gemm_large(&problem, 1, rows, sizeof(T) == sizeof(float), ldc, beta != 0.0f, s);
         }
         const int slice = joint ? N : dequant_slice(m);
         for (int n0 = 0; n0 < N; n0 += slice) {
@@ -349,12 +348,9 @@ private:
     // Q, K and V that the fused dequantize + wgmma GEMM fits, in one launch (K
     // and V alone would each leave half of an H200 idle for a whole wave): those
     // whose x needs no gathering of its own, in input order or in the order the
-    // input staging gathered. fused[p] says which it computed. When it takes all
-    // three and heads is set (nothing to add to the sums before the end of
-    // forward1), it finishes forward1 itself (*heads_done): the sums never
-    // leave the SM.
-    qattn_status project_large_fused(const __half* x, int ldx, int rows, __half* acc16, float* acc,
-                                     const HeadEpilogueParams* heads, bool* fused, bool* heads_done, cudaStream_t s) {
+    // input staging gathered. fused[p] says which it computed.
+    qattn_status project_large_fused(const __half* x, int ldx, int rows, __half* acc16, float* acc, bool* fused,
+                                     cudaStream_t s) {
         Gptq4GemmLargeProblem problems[3];
         int count = 0, which[3];
         for (int p = 0; p < 3; ++p) {
@@ -371,11 +367,8 @@ private:
             problems[count++] = problem;
         }
         if (count == 0 || qkv_width_ % 8 != 0) return QATTN_SUCCESS;
-        const bool finish = heads && count == 3 && gptq4_gemm_large_can_finish_heads(*heads);
-        QATTN_TRY(launch_gptq4_gemm_large(problems, count, rows, acc16 == nullptr, qkv_width_, false,
-                                          finish ? heads : nullptr, s));
+        QATTN_TRY(launch_gptq4_gemm_large(problems, count, rows, acc16 == nullptr, qkv_width_, false, s));
         for (int i = 0; i < count; ++i) fused[which[i]] = true;
-        *heads_done = finish;
         return QATTN_SUCCESS;
     }
 
@@ -527,9 +520,8 @@ private:
         bool finished = false;
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish,
                                           &finished, s));
-        bool fused[3] = {}, heads_done = false;
-        if (!small_rows)
-            QATTN_TRY(project_large_fused(x, H, rows, acc16, acc, any_lora ? nullptr : &e, fused, &heads_done, s));
+        bool fused[3] = {};
+        if (!small_rows) QATTN_TRY(project_large_fused(x, H, rows, acc16, acc, fused, s));
         for (int p = 0; p < 3; ++p) {
             if (p == 1 && !small_rows && !fused[1] && !fused[2]) QATTN_TRY(dequantize_kv_together(s));
             if (acc16 && !fused[p])
@@ -539,7 +531,7 @@ private:
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
         }
-        if (finished || heads_done) return QATTN_SUCCESS;
+        if (finished) return QATTN_SUCCESS;
         e.caller_data_ready_at_start = small_count == 3 && !any_lora;
         return launch_head_epilogue(e, s);
     }

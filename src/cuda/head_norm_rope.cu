@@ -81,13 +81,15 @@ template <int PIECES, typename AccT>
 __global__ void __launch_bounds__(row_threads(PIECES), row_blocks_per_sm(PIECES))
     head_epilogue_rows_kernel(HeadEpilogueParams p) {
     extern __shared__ __align__(16) unsigned char stages[];
-    const HeadPieceShape shape = head_piece_shape(p);
-    const int D = p.head_dim, lanes = shape.lanes;  // threads a head
-    const int lanes_log2 = __ffs(lanes) - 1;         // pieces to heads by a shift: no integer division
+    const int D = p.head_dim, lanes = D / 8;  // threads a head
+    const int lanes_log2 = __ffs(lanes) - 1;   // pieces to heads by a shift: no integer division
+    const float inv_d = 1.0f / D;
     const int heads = p.num_heads + 2 * p.num_kv_heads, pieces = heads * lanes;
     const int e = (threadIdx.x & (lanes - 1)) * 8;  // this thread's first element of each of its heads
-    const bool rope = shape.rope;
-    const int pairs = shape.pairs;
+    const bool rope = p.rope != QATTN_ROPE_NONE;
+    const bool head_norms = p.norm[0].type != QATTN_NORM_NONE || p.norm[1].type != QATTN_NORM_NONE;
+    const int pairs = p.rotary_dim / 2;
+    const bool neox = p.rope == QATTN_ROPE_NEOX;
     const RowStage<AccT> layout(pieces, pairs);
     const AccT* const sums = std::is_same_v<AccT, __half> ? reinterpret_cast<const AccT*>(p.acc16)
                                                           : reinterpret_cast<const AccT*>(p.acc);
@@ -148,20 +150,75 @@ __global__ void __launch_bounds__(row_threads(PIECES), row_blocks_per_sm(PIECES)
         const bool in_range = tail[1] != 0;
         const int64_t slot = p.kv_slots ? tail[0] : 0;
 
-        const bool rotated = shape.rope && in_range && e < p.rotary_dim;
+        // This thread's rotary angles: NeoX rotates element i with i + pairs (the
+        // thread `pairs / 8` lanes away), GPT-J 2i with 2i + 1 (in this piece).
+        const bool rotated = rope && in_range && e < p.rotary_dim;
+        const bool first_half = e < pairs;
         float cs[8], sn[8];
-        if (rotated) head_piece_angles(shape, e, stage_cos(s), stage_sin(s), cs, sn);
-        if (shape.rope && !in_range && threadIdx.x == 0) atomicExch(p.error_flag, 1);  // not rotated
+        if (rotated && neox) {
+            const int at = first_half ? e : e - pairs;
+            load_vec<8>(stage_cos(s) + at, cs);
+            load_vec<8>(stage_sin(s) + at, sn);
+        } else if (rotated) {  // a GPT-J piece holds 4 pairs: 4 angles, and no load past the table's row
+            float c4[4], s4[4];
+            load_vec<4>(stage_cos(s) + e / 2, c4);
+            load_vec<4>(stage_sin(s) + e / 2, s4);
+#pragma unroll
+            for (int u = 0; u < 4; ++u) cs[u] = c4[u], sn[u] = s4[u];
+        }
+        if (rope && !in_range && threadIdx.x == 0) atomicExch(p.error_flag, 1);  // not rotated
         const bool slot_ok = slot >= 0 && slot < p.num_kv_slots;
         if (p.kv_slots && !slot_ok && threadIdx.x == 0) atomicExch(p.error_flag, 1);  // not cached
 
 #pragma unroll
         for (int k = 0; k < PIECES; ++k) {
+            // Every thread takes part in the shuffles (the head's threads are in or out together).
             const int piece = threadIdx.x + k * blockDim.x;
-            finish_head_piece(p, shape, row, min(piece, pieces - 1) >> lanes_log2, e, v[k], rotated, cs, sn,
-                              p.kv_slots && slot_ok, slot, piece < pieces);
+            int head = 0;
+            const int proj = head_projection(p, min(piece, pieces - 1) >> lanes_log2, &head);
+            if (head_norms) {  // the same for the whole grid: the shuffles stay convergent
+                const NormParams& n = p.norm[proj < 2 ? proj : 0];
+                float sum = 0.0f;
+#pragma unroll
+                for (int u = 0; u < 8; ++u) sum += v[k][u];
+                sum = group_sum(sum, lanes);
+                const float mean = n.type == QATTN_NORM_LAYER ? sum * inv_d : 0.0f;
+                float squares = 0.0f;
+#pragma unroll
+                for (int u = 0; u < 8; ++u) squares += (v[k][u] - mean) * (v[k][u] - mean);
+                const float inv = rsqrtf(group_sum(squares, lanes) * inv_d + n.eps);
+                if (proj < 2 && n.type != QATTN_NORM_NONE && piece < pieces) {
+                    const int offset = (n.per_head ? head * D : 0) + e;
+                    float w[8];
+                    load_vec<8>(n.weight + offset, w);
+#pragma unroll
+                    for (int u = 0; u < 8; ++u) v[k][u] = (v[k][u] - mean) * inv * w[u];
+                    add_bias<8>(n.bias, offset, v[k]);
+                }
+            }
+            if (neox && rope) {
+                const int partner = pairs / 8;
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {
+                    const float other = __shfl_xor_sync(0xffffffffu, v[k][u], partner);
+                    if (rotated && proj < 2)
+                        v[k][u] = first_half ? v[k][u] * cs[u] - other * sn[u] : v[k][u] * cs[u] + other * sn[u];
+                }
+            } else if (rotated && proj < 2) {
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const float a = v[k][2 * u], b = v[k][2 * u + 1];
+                    v[k][2 * u] = a * cs[u] - b * sn[u];
+                    v[k][2 * u + 1] = b * cs[u] + a * sn[u];
+                }
+            }
+            if (piece >= pieces) continue;
+            const int width = (proj == 0 ? p.num_heads : p.num_kv_heads) * D;
+            if (p.out[proj]) store_vec<8>(p.out[proj] + static_cast<size_t>(row) * width + head * D + e, v[k]);
+            if (proj > 0 && p.kv_slots && slot_ok)
+                store_vec<8>(p.cache[proj - 1] + slot * width + head * D + e, v[k]);
             // Only the small-row kernel accumulates with atomics, and only into rows below kSmallRows.
-            if (!std::is_same_v<AccT, __half> && row < kSmallRows && piece < pieces) {
+            if (!std::is_same_v<AccT, __half> && row < kSmallRows) {
                 const float zeros[8] = {};
                 store_vec<8>(p.acc + static_cast<size_t>(row) * p.acc_stride + piece * 8, zeros);
             }
@@ -193,12 +250,24 @@ constexpr int kRowKernelRows = 128;
 bool is_pow2(int n) { return n > 0 && (n & (n - 1)) == 0; }
 
 // The per-row kernel's pieces a thread for these shapes, or 0 where it does not
-// apply (head_epilogue_pieces_fit, and the sums 16-byte aligned): then the
+// apply (head_dim not 8 times a power of two, NeoX pairs not 8 times one,
+// GPT-J rotating part of a piece, or pointers not 16-byte aligned): then the
 // per-task kernel runs.
 int row_kernel_pieces(const HeadEpilogueParams& p) {
-    if (!head_epilogue_pieces_fit(p) || p.acc_stride % 8 || !is_aligned(p.acc, 16) || !is_aligned(p.acc16, 16))
-        return 0;
-    const int pieces = (p.num_heads + 2 * p.num_kv_heads) * (p.head_dim / 8);
+    const int lanes = p.head_dim / 8, pairs = p.rotary_dim / 2;
+    if (p.head_dim % 8 || !is_pow2(lanes) || lanes > 32 || p.acc_stride % 8) return 0;
+    switch (p.rope) {
+    case QATTN_ROPE_NONE: break;
+    case QATTN_ROPE_GPTJ: if (p.rotary_dim % 8) return 0; break;
+    case QATTN_ROPE_NEOX: if (pairs % 8 || !is_pow2(pairs / 8)) return 0; break;
+    default: return 0;
+    }
+    const void* aligned[] = {p.acc, p.acc16, p.bias[0], p.bias[1], p.bias[2], p.norm[0].weight, p.norm[0].bias,
+                             p.norm[1].weight, p.norm[1].bias, p.sin, p.cos, p.out[0], p.out[1], p.out[2],
+                             p.cache[0], p.cache[1]};
+    for (const void* ptr : aligned)
+        if (!is_aligned(ptr, 16)) return 0;
+    const int pieces = (p.num_heads + 2 * p.num_kv_heads) * lanes;
     for (int per_thread : {2, 4, 8})
         if (pieces <= per_thread * row_threads(per_thread)) return per_thread;
     return 0;
@@ -234,22 +303,6 @@ qattn_status launch_rows(const HeadEpilogueParams& p, int pieces_a_thread, cudaS
 }
 
 }  // namespace
-
-bool head_epilogue_pieces_fit(const HeadEpilogueParams& p) {
-    const int lanes = p.head_dim / 8, pairs = p.rotary_dim / 2;
-    if (p.head_dim % 8 || !is_pow2(lanes) || lanes > 32) return false;
-    switch (p.rope) {
-    case QATTN_ROPE_NONE: break;
-    case QATTN_ROPE_GPTJ: if (p.rotary_dim % 8) return false; break;
-    case QATTN_ROPE_NEOX: if (pairs % 8 || !is_pow2(pairs / 8)) return false; break;
-    default: return false;
-    }
-    const void* aligned[] = {p.bias[0], p.bias[1], p.bias[2], p.norm[0].weight, p.norm[0].bias, p.norm[1].weight,
-                             p.norm[1].bias, p.sin, p.cos, p.out[0], p.out[1], p.out[2], p.cache[0], p.cache[1]};
-    for (const void* ptr : aligned)
-        if (!is_aligned(ptr, 16)) return false;
-    return true;
-}
 
 bool head_outputs_aligned8(const HeadEpilogueParams& p) {
     return is_aligned(p.out[0], 8) && is_aligned(p.out[1], 8) && is_aligned(p.out[2], 8) &&

@@ -21,8 +21,6 @@
 // Compiled for sm_90a only (wgmma is an architecture-specific feature), in a
 // target of its own so that no other cubin holds these kernels.
 #include "cuda/check.h"
-#include "cuda/cp_async.cuh"
-#include "cuda/epilogues.cuh"
 #include "cuda/gptq4_nibbles.cuh"
 #include "cuda/kernels.h"
 
@@ -49,8 +47,6 @@ constexpr int kStageBytes = (kXBytes + kWeightBytes + kScaleBytes + 1023) / 1024
 constexpr int kTileStride = kColumns + 4;
 constexpr int kSharedBytes = kStages * kStageBytes + 1024;  // + room to align
 static_assert(kTokens * kTileStride * 4 <= kStages * kStageBytes, "the epilogue tile fits the stages");
-// Finishing heads, the rows' cos and sin rows go after the tile (up to 64 pairs).
-static_assert((kTokens * kTileStride + 2 * kTokens * 64) * 4 <= kStages * kStageBytes, "and the tables' rows");
 
 struct Batch {
     CUtensorMap x[kMaxLargeGemmProblems];  // [rows][packed rows] fp16, boxes of 64 x 128
@@ -58,11 +54,6 @@ struct Batch {
     int block_begin[kMaxLargeGemmProblems + 1];  // first blockIdx.x of each problem
     int count, rows, ldc;
     bool out_fp32, accumulate;
-    // Or the end of forward1 in the epilogue (the problems are Q, K and V, in
-    // that order, of one Q|K|V row): each block finishes its whole heads.
-    bool finish_heads;
-    HeadEpilogueParams heads;
-    int first_head[kMaxLargeGemmProblems];  // the problem's first head in the Q|K|V row
 };
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
@@ -209,24 +200,6 @@ __global__ void __launch_bounds__(kThreads, 1) gptq4_gemm_large_kernel(const __g
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         for (int c = 0; c < kStages && c < chunks; ++c) fill(c);
     }
-    // Finishing heads: each row's position and KV slot, read now (the caller's
-    // data is complete: no programmatic launch) so that the epilogue needs one
-    // memory round trip, for the tables' rows, instead of one a task.
-    __shared__ int row_position[kTokens];
-    __shared__ int64_t row_slot[kTokens];
-    if (batch.finish_heads && tid < kTokens) {
-        const HeadEpilogueParams& hp = batch.heads;
-        const int row = row0 + tid;
-        int position = -1;
-        int64_t slot = -1;
-        if (row < batch.rows) {
-            const int sequence = row / hp.q_len;
-            position = (hp.past_lens ? __ldcg(hp.past_lens + sequence) : hp.past_len) + (row - sequence * hp.q_len);
-            if (hp.kv_slots) slot = __ldcg(hp.kv_slots + row);
-        }
-        row_position[tid] = position;
-        row_slot[tid] = slot;
-    }
     __syncthreads();
 
     // Column group u of this warp: n-tiles local[u], local[u] + 1 of the block
@@ -301,49 +274,6 @@ __global__ void __launch_bounds__(kThreads, 1) gptq4_gemm_large_kernel(const __g
             tile[(row + 1) * kTileStride + column + 8] = d[u][4 * i + 3];
         }
     __syncthreads();
-    if (batch.finish_heads) {
-        // A warp a row of the tile (its 256 columns are whole heads, 8 elements
-        // a lane: finish_head_piece, as the head epilogue's row kernel), the
-        // rows' cos and sin copied beside the tile first, all at once.
-        const HeadEpilogueParams& hp = batch.heads;
-        const HeadPieceShape shape = head_piece_shape(hp);
-        const int D = hp.head_dim, pairs = shape.pairs, e = (lane % shape.lanes) * 8;
-        float* const cos_rows = tile + kTokens * kTileStride;  // [kTokens][pairs]
-        float* const sin_rows = cos_rows + kTokens * pairs;
-        if (shape.rope) {
-            const int quads = pairs / 4;  // 16-byte pieces of a table row
-            for (int i = tid; i < kTokens * quads; i += kThreads) {
-                const int r = i / quads, q = i - r * quads, position = row_position[r];
-                if (position < 0 || position >= hp.max_positions) continue;
-                const size_t at = static_cast<size_t>(position) * pairs + q * 4;
-                cp_async16(cos_rows + r * pairs + q * 4, hp.cos + at);
-                cp_async16(sin_rows + r * pairs + q * 4, hp.sin + at);
-            }
-            cp_async_commit();
-            cp_async_wait<0>();
-        }
-        __syncthreads();
-        const int h = batch.first_head[which] + column0 / D + lane / shape.lanes;
-        int head = 0;
-        const int proj = head_projection(hp, h, &head);
-        const __half* const bias = hp.bias[proj] ? hp.bias[proj] + head * D : nullptr;
-        for (int r = warp; r < kTokens && row0 + r < batch.rows; r += kThreads / 32) {
-            const int row = row0 + r, position = row_position[r];
-            const bool in_range = position >= 0 && position < hp.max_positions;
-            const int64_t slot = row_slot[r];
-            const bool slot_ok = slot >= 0 && slot < hp.num_kv_slots;
-            if (lane == 0 && ((shape.rope && !in_range) || (hp.kv_slots && !slot_ok)))
-                atomicExch(hp.error_flag, 1);  // not rotated or not cached; see check_device_errors
-            float v[8];
-            load_vec<8>(tile + r * kTileStride + lane * 8, v);
-            add_bias<8>(bias, e, v);
-            const bool rotated = shape.rope && in_range && e < hp.rotary_dim;
-            float cs[8], sn[8];
-            if (rotated) head_piece_angles(shape, e, cos_rows + r * pairs, sin_rows + r * pairs, cs, sn);
-            finish_head_piece(hp, shape, row, h, e, v, rotated, cs, sn, hp.kv_slots && slot_ok, slot, true);
-        }
-        return;
-    }
     // 8 columns of a row a thread at a time: out = tile (+ out), the fp32 sum
     // rounded once, as cuBLAS with beta = 1 does.
     constexpr int kPieces = kColumns / 8;
@@ -421,12 +351,8 @@ bool gptq4_gemm_large_fits(const Gptq4GemmLargeProblem& p) {
     return p.n % kColumns == 0 && p.ldx % 8 == 0 && is_aligned(p.x, 16) && is_aligned(p.out, 16);
 }
 
-bool gptq4_gemm_large_can_finish_heads(const HeadEpilogueParams& p) {
-    return head_epilogue_pieces_fit(p) && kColumns % p.head_dim == 0 && p.rotary_dim <= 128;
-}
-
 qattn_status launch_gptq4_gemm_large(const Gptq4GemmLargeProblem* problems, int count, int rows, bool out_fp32,
-                                     int ldc, bool accumulate, const HeadEpilogueParams* heads, cudaStream_t stream) {
+                                     int ldc, bool accumulate, cudaStream_t stream) {
     if (count < 1 || count > kMaxLargeGemmProblems || rows < 1 || ldc % 8 != 0)
         return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_large: %d problems, %d rows, ldc %d", count, rows, ldc);
     const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
@@ -441,15 +367,6 @@ qattn_status launch_gptq4_gemm_large(const Gptq4GemmLargeProblem* problems, int 
     Batch batch{};
     batch.count = count, batch.rows = rows, batch.ldc = ldc;
     batch.out_fp32 = out_fp32, batch.accumulate = accumulate;
-    batch.finish_heads = heads != nullptr;
-    if (heads) {
-        if (count != 3 || !gptq4_gemm_large_can_finish_heads(*heads))
-            return fail(QATTN_ERROR_INTERNAL, "gptq4_gemm_large: heads finished for %d problems", count);
-        batch.heads = *heads;
-        batch.first_head[0] = 0;
-        batch.first_head[1] = heads->num_heads;
-        batch.first_head[2] = heads->num_heads + heads->num_kv_heads;
-    }
     int blocks = 0;
     for (int i = 0; i < count; ++i) {
         const Gptq4GemmLargeProblem& p = problems[i];
