@@ -18,9 +18,16 @@
 // * s rounded to fp16 as the library's dequantize kernel does, so both paths
 // multiply the same weights.
 //
-// Variants: 256 x 128 (the kernel that ran in the library: 663 TFLOP/s here,
-// L2-resident) and 128 x 256 (m64n256k16: the A registers and their
-// dequantization serve twice the rows; three stages). A persistent version
+// Variants: 256 x 128 (two warpgroups, the kernel that ran in the library:
+// 651-666 TFLOP/s here, L2-cold, 1.01-1.07x cuBLAS's time; in the library's
+// P2k forward1 151 µs against cuBLAS's 134 for Q|K|V), and one warpgroup a
+// block at 128 x 128 (two stages) and 128 x 64 (four), and two warpgroups of
+// 64 columns at 128 x 128 (two stages), each two blocks an SM, so that one
+// block's prologue (its first copies) and epilogue (the tile through
+// shared memory to y) run beside the other's MMAs. The fourth shape doubles K
+// at N 4096 (the same grid): its time minus the first's is the main loop's for
+// 4096 of K, the rest a block's fixed cost. (128 x 256 with m64n256k16 ran at
+// 465-488 TFLOP/s in the seventeenth session and is gone.) A persistent version
 // (blocks walking several tiles, the next tile's copies during this one's
 // epilogue) was written and dropped unrun: whether its tiles came in a loop or
 // one after another, ptxas placed each tile's accumulator reads above its wait
@@ -54,26 +61,33 @@ using namespace qattn::cuda;
 namespace {
 
 constexpr int kChunk = 128;  // k rows a packed chunk
-constexpr int kThreads = 256;
 
 // One stage, a chunk: x [TOKENS][128 k] fp16 as two 64-k atom columns, each
 // TOKENS rows of 128 bytes (the TMA box, swizzled by it); the block's packed
 // weights of the chunk (one contiguous range of qpack) and their (scale, zero)
-// words; rounded to 1024 bytes, the alignment of the swizzle's atoms. Four
-// stages where they fit, else three; at chunk c the copying thread refills the
-// stage of chunk c - 2 (both warpgroups have released it a chunk ago) with
-// chunk c - 2 + STAGES.
-template <int GROUPS, int TOKENS>
+// words; rounded to 1024 bytes, the alignment of the swizzle's atoms. A block
+// has WGS warpgroups of GROUPS x 64 columns each; with BLOCKS = 2 two blocks
+// share an SM (so that one's prologue and epilogue run beside the other's
+// MMAs), each in at most half its shared memory. As many stages (up to four)
+// as fit. At chunk c the copying thread refills the stage of chunk c - LAG
+// (released by every warpgroup: with two and more than two stages, LAG 2 lets
+// the other one lag a chunk) with chunk c - LAG + STAGES.
+template <int GROUPS, int TOKENS, int WGS, int BLOCKS>
 struct Tile {
-    static constexpr int kColumns = 2 * GROUPS * 64;
+    static constexpr int kThreads = WGS * 128;
+    static constexpr int kBlocksPerSm = BLOCKS;
+    static constexpr int kColumns = WGS * GROUPS * 64;
     static constexpr int kAtomBytes = TOKENS * 128;
     static constexpr int kXBytes = 2 * kAtomBytes;
     static constexpr int kWeightBytes = kColumns / 8 * 32 * 16;
     static constexpr int kScaleBytes = kColumns * 4;
     static constexpr int kStageBytes = (kXBytes + kWeightBytes + kScaleBytes + 1023) / 1024 * 1024;
-    static constexpr int kStages = 4 * kStageBytes + 1024 <= 227 * 1024 ? 4 : 3;
+    static constexpr int kSharedLimit = (kBlocksPerSm == 1 ? 227 : 113) * 1024;
+    static constexpr int kStages = 4 * kStageBytes + 1024 <= kSharedLimit ? 4 : 3 * kStageBytes + 1024 <= kSharedLimit ? 3 : 2;
+    static constexpr int kLag = WGS == 1 || kStages == 2 ? 1 : 2;
     static constexpr int kSharedBytes = kStages * kStageBytes + 1024;  // + room to align
     static constexpr int kTileStride = kColumns + 8;  // the epilogue's fp16 tile, rows padded by 16 bytes
+    static_assert(kSharedBytes <= kSharedLimit, "two stages fit");
     static_assert(TOKENS * kTileStride * 2 <= kStages * kStageBytes, "the epilogue tile fits the stages");
 };
 
@@ -151,6 +165,23 @@ template <int TOKENS>
 __device__ __forceinline__ void wgmma_rs(float (&d)[TOKENS / 2], const uint32_t (&a)[4], uint64_t desc_b,
                                          bool accumulate);
 template <>
+__device__ __forceinline__ void wgmma_rs<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b, bool accumulate) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+        "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(static_cast<int>(accumulate)));
+}
+template <>
 __device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b,
                                               bool accumulate) {
     asm volatile(
@@ -173,43 +204,6 @@ __device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const uint32_t (&a
           "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(static_cast<int>(accumulate)));
 }
-template <>
-__device__ __forceinline__ void wgmma_rs<256>(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b,
-                                              bool accumulate) {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %133, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
-        "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, "
-        "%43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, "
-        "%85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, "
-        "%105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, "
-        "%122, %123, %124, %125, %126, %127}, "
-        "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]),
-          "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]),
-          "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]),
-          "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]),
-          "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(static_cast<int>(accumulate)));
-}
-
 // A lane's codes of one column: -(1024 + z), -(64 + z) (gptq4_nibbles.cuh), s.
 struct ColumnCodes {
     __half2 low, high, scale;
@@ -237,9 +231,11 @@ __device__ __forceinline__ void dequantize_step(uint32_t (&a)[4], const uint4& w
 
 // One block a tile, token tile major (the blocks at work at once share x and
 // the weights in the L2).
-template <int GROUPS, int TOKENS>
-__global__ void __launch_bounds__(kThreads, 1) fused_gptq4_gemm(Problem p, const __grid_constant__ CUtensorMap x_map) {
-    using T = Tile<GROUPS, TOKENS>;
+template <int GROUPS, int TOKENS, int WGS, int BLOCKS>
+__global__ void __launch_bounds__(Tile<GROUPS, TOKENS, WGS, BLOCKS>::kThreads, Tile<GROUPS, TOKENS, WGS, BLOCKS>::kBlocksPerSm)
+    fused_gptq4_gemm(Problem p, const __grid_constant__ CUtensorMap x_map) {
+    using T = Tile<GROUPS, TOKENS, WGS, BLOCKS>;
+    constexpr int kThreads = T::kThreads, kLag = T::kLag;
     constexpr int kColumns = T::kColumns, kStageBytes = T::kStageBytes, kStages = T::kStages;
     constexpr int kAtomBytes = T::kAtomBytes, kXBytes = T::kXBytes, kWeightBytes = T::kWeightBytes;
     extern __shared__ unsigned char shared_raw[];
@@ -264,7 +260,7 @@ __global__ void __launch_bounds__(kThreads, 1) fused_gptq4_gemm(Problem p, const
                   T::kScaleBytes, bar);
     };
     if (tid == 0) {
-        for (int s = 0; s < kStages; ++s) mbar_init(full0 + 8 * s, 1), mbar_init(empty0 + 8 * s, 2);
+        for (int s = 0; s < kStages; ++s) mbar_init(full0 + 8 * s, 1), mbar_init(empty0 + 8 * s, WGS);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         for (int c = 0; c < kStages && c < chunks; ++c) fill(c);
     }
@@ -310,9 +306,9 @@ __global__ void __launch_bounds__(kThreads, 1) fused_gptq4_gemm(Problem p, const
         // first step: an arrive there, its address computed inside an MMA's
         // window, made ptxas serialize the MMAs.)
         if (c > 0 && (tid & 127) == 0) mbar_arrive(empty0 + 8 * ((c + kStages - 1) % kStages));
-        if (tid == 0 && c >= 2 && c + kStages - 2 < chunks) {
-            mbar_wait(empty0 + 8 * ((c - 2) % kStages), ((c - 2) / kStages) & 1);
-            fill(c + kStages - 2);
+        if (tid == 0 && c >= kLag && c + kStages - kLag < chunks) {
+            mbar_wait(empty0 + 8 * ((c - kLag) % kStages), ((c - kLag) / kStages) & 1);
+            fill(c + kStages - kLag);
         }
     };
     // The last chunk outside the loop: with the wait for every MMA after a loop
@@ -442,20 +438,24 @@ CUtensorMap x_tensor_map(const __half* x, int tokens, int k, int rows) {
 }
 
 struct Variant {
-    int columns, tokens;
+    int columns, tokens, stages, per_sm;
     void (*launch)(const Problem&, const CUtensorMap&);
 };
-template <int GROUPS, int TOKENS>
+template <int GROUPS, int TOKENS, int WGS, int BLOCKS>
 void launch(const Problem& p, const CUtensorMap& map) {
-    using T = Tile<GROUPS, TOKENS>;
+    using T = Tile<GROUPS, TOKENS, WGS, BLOCKS>;
     const int tiles = (p.n / T::kColumns) * (p.tokens / TOKENS);
-    fused_gptq4_gemm<GROUPS, TOKENS><<<tiles, kThreads, T::kSharedBytes>>>(p, map);
+    fused_gptq4_gemm<GROUPS, TOKENS, WGS, BLOCKS><<<tiles, T::kThreads, T::kSharedBytes>>>(p, map);
 }
-template <int GROUPS, int TOKENS>
+template <int GROUPS, int TOKENS, int WGS, int BLOCKS>
 Variant variant() {
-    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<GROUPS, TOKENS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               Tile<GROUPS, TOKENS>::kSharedBytes));
-    return {Tile<GROUPS, TOKENS>::kColumns, TOKENS, launch<GROUPS, TOKENS>};
+    using T = Tile<GROUPS, TOKENS, WGS, BLOCKS>;
+    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<GROUPS, TOKENS, WGS, BLOCKS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               T::kSharedBytes));
+    int per_sm = 0;
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_gptq4_gemm<GROUPS, TOKENS, WGS, BLOCKS>, T::kThreads,
+                                                        T::kSharedBytes));
+    return {T::kColumns, TOKENS, T::kStages, per_sm, launch<GROUPS, TOKENS, WGS, BLOCKS>};
 }
 
 }  // namespace
@@ -464,16 +464,21 @@ int main() {
     cudaDeviceProp prop{};
     CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("card %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
-    const Variant variants[] = {variant<2, 128>(), variant<1, 256>()};
+    const Variant variants[] = {variant<2, 128, 2, 1>(), variant<2, 128, 1, 2>(), variant<2, 64, 1, 2>(),
+                                variant<1, 128, 2, 2>()};
     cublasHandle_t blas;
     CHECK(cublasCreate(&blas));
-    const int tokens = 2048, k = 4096;
+    const int tokens = 2048;
     // Cold: this many copies of the weights, cycled (more than twice the L2 for
     // the packed ones at N 2048; each fp16 copy alone is 16-48 MB).
     constexpr int kPackedCopies = 16, kDenseCopies = 4;
-    std::printf("%-20s %-8s %8s %8s %8s %8s %8s %8s %10s %10s %10s\n", "T x K x N", "block",
+    std::printf("%-20s %-16s %8s %8s %8s %8s %8s %8s %10s %10s %10s\n", "T x K x N", "block",
                 "hot", "cold", "cuBLAS h", "cuBLAS c", "cold TF", "dequant", "vs cuBLAS", "fused f64", "cuBLAS f64");
-    for (int n : {4096, 6144, 2048}) {
+    // K 8192 beside 4096 at N 4096: the same grid with twice the chunks, so the
+    // difference is the main loop's time and the rest a block's fixed cost.
+    const int shapes[][2] = {{4096, 4096}, {4096, 6144}, {4096, 2048}, {8192, 4096}};
+    for (const auto& shape : shapes) {
+        const int k = shape[0], n = shape[1];
         const int chunks = k / kChunk, n_tiles = n / 8;
         const size_t words = size_t(chunks) * n_tiles * 32 * 4, codes = size_t(chunks) * n;
         uint32_t* qpack;
@@ -535,10 +540,10 @@ int main() {
             const double flops = 2.0 * tokens * k * n;
             // fp16 outputs of a 4096-long fp32 sum: a few 1e-4 from float64.
             const bool right = fused_f64 < 1e-3 && vs_cublas < 1e-3;
-            char shape[24], block[16];
-            std::snprintf(shape, sizeof shape, "%d x %d x %d", tokens, k, n);
-            std::snprintf(block, sizeof block, "%dx%d", v.columns, v.tokens);
-            std::printf("%-20s %-8s %8.1f %8.1f %8.1f %8.1f %8.0f %8.1f %10.2e %10.2e %10.2e%s\n", shape, block, t_hot, t_cold, t_gemm_hot, t_gemm_cold, flops / t_cold / 1e6, t_deq, vs_cublas,
+            char shape_name[24], block[32];
+            std::snprintf(shape_name, sizeof shape_name, "%d x %d x %d", tokens, k, n);
+            std::snprintf(block, sizeof block, "%dx%d %ds %d/SM", v.columns, v.tokens, v.stages, v.per_sm);
+            std::printf("%-20s %-16s %8.1f %8.1f %8.1f %8.1f %8.0f %8.1f %10.2e %10.2e %10.2e%s\n", shape_name, block, t_hot, t_cold, t_gemm_hot, t_gemm_cold, flops / t_cold / 1e6, t_deq, vs_cublas,
                         fused_f64, cublas_f64, right ? "" : "  WRONG");
         }
         CHECK(cudaFree(qpack));
@@ -548,7 +553,7 @@ int main() {
         CHECK(cudaFree(y));
         CHECK(cudaFree(y_ref));
     }
-    std::printf("block: output columns x rows of x a block; times in us (CUDA events, median of 20 after\n"
+    std::printf("block: output columns x rows of x a block, stages, blocks an SM; times in us (CUDA events, median of 20 after\n"
                 "warm-up): hot with one copy of the weights (L2-resident), cold cycling %d packed / %d fp16\n"
                 "copies; cold TF: the fused kernel's TFLOP/s, cold; dequant: the probe's plain reference\n"
                 "kernel (the library's is faster); errors: relative, fused against cuBLAS (every output) and\n"
