@@ -231,7 +231,7 @@ __device__ __forceinline__ void dequantize_step(uint32_t (&a)[4], const uint4& w
 
 // One block a tile, token tile major (the blocks at work at once share x and
 // the weights in the L2).
-template <int GROUPS, int TOKENS, int WGS, int BLOCKS>
+template <int GROUPS, int TOKENS, int WGS, int BLOCKS, int DEPTH>
 __global__ void __launch_bounds__(Tile<GROUPS, TOKENS, WGS, BLOCKS>::kThreads, Tile<GROUPS, TOKENS, WGS, BLOCKS>::kBlocksPerSm)
     fused_gptq4_gemm(Problem p, const __grid_constant__ CUtensorMap x_map) {
     using T = Tile<GROUPS, TOKENS, WGS, BLOCKS>;
@@ -274,7 +274,10 @@ __global__ void __launch_bounds__(Tile<GROUPS, TOKENS, WGS, BLOCKS>::kThreads, T
     // would reach the chunk loop, where an MMA is in flight across the back
     // edge, and ptxas would then serialize every MMA.
     float d[GROUPS][TOKENS / 2];
-    uint32_t a[2][GROUPS][4];  // [step parity][group]
+    // [step % DEPTH][group]: a step's registers stay untouched until its MMAs are
+    // done, so DEPTH - 1 steps may be in flight while the next is dequantized.
+    static_assert(8 % DEPTH == 0, "a chunk's 8 steps use the buffers in the same order");
+    uint32_t a[DEPTH][GROUPS][4];
     const auto chunk_mmas = [&](int c) {
         const int s = c % kStages;
         mbar_wait(full0 + 8 * s, (c / kStages) & 1);
@@ -292,15 +295,15 @@ __global__ void __launch_bounds__(Tile<GROUPS, TOKENS, WGS, BLOCKS>::kThreads, T
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
 #pragma unroll
-            for (int u = 0; u < GROUPS; ++u) dequantize_step(a[j & 1][u], wa[u], wb[u], j, ca[u], cb[u]);
+            for (int u = 0; u < GROUPS; ++u) dequantize_step(a[j % DEPTH][u], wa[u], wb[u], j, ca[u], cb[u]);
             wgmma_fence();
             const uint64_t desc = smem_desc(stage + (j >> 2) * kAtomBytes + (j & 3) * 32);
 #pragma unroll
-            for (int u = 0; u < GROUPS; ++u) wgmma_rs<TOKENS>(d[u], a[j & 1][u], desc, c > 0 || j > 0);
+            for (int u = 0; u < GROUPS; ++u) wgmma_rs<TOKENS>(d[u], a[j % DEPTH][u], desc, c > 0 || j > 0);
             wgmma_commit();
-            wgmma_wait<1>();  // the step before, which read a[(j + 1) & 1], is done
+            wgmma_wait<DEPTH - 1>();  // step j + 1 - DEPTH, which read a[(j + 1) % DEPTH], is done
 #pragma unroll
-            for (int u = 0; u < GROUPS; ++u) pin(a[(j + 1) & 1][u]);
+            for (int u = 0; u < GROUPS; ++u) pin(a[(j + 1) % DEPTH][u]);
         }
         // This warpgroup's MMAs of chunk c - 1 are done. (Here, not after the
         // first step: an arrive there, its address computed inside an MMA's
@@ -438,24 +441,24 @@ CUtensorMap x_tensor_map(const __half* x, int tokens, int k, int rows) {
 }
 
 struct Variant {
-    int columns, tokens, stages, per_sm;
+    int columns, tokens, stages, per_sm, depth;
     void (*launch)(const Problem&, const CUtensorMap&);
 };
-template <int GROUPS, int TOKENS, int WGS, int BLOCKS>
+template <int GROUPS, int TOKENS, int WGS, int BLOCKS, int DEPTH>
 void launch(const Problem& p, const CUtensorMap& map) {
     using T = Tile<GROUPS, TOKENS, WGS, BLOCKS>;
     const int tiles = (p.n / T::kColumns) * (p.tokens / TOKENS);
-    fused_gptq4_gemm<GROUPS, TOKENS, WGS, BLOCKS><<<tiles, T::kThreads, T::kSharedBytes>>>(p, map);
+    fused_gptq4_gemm<GROUPS, TOKENS, WGS, BLOCKS, DEPTH><<<tiles, T::kThreads, T::kSharedBytes>>>(p, map);
 }
-template <int GROUPS, int TOKENS, int WGS, int BLOCKS>
+template <int GROUPS, int TOKENS, int WGS, int BLOCKS, int DEPTH>
 Variant variant() {
     using T = Tile<GROUPS, TOKENS, WGS, BLOCKS>;
-    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<GROUPS, TOKENS, WGS, BLOCKS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm<GROUPS, TOKENS, WGS, BLOCKS, DEPTH>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                T::kSharedBytes));
     int per_sm = 0;
-    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_gptq4_gemm<GROUPS, TOKENS, WGS, BLOCKS>, T::kThreads,
+    CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_gptq4_gemm<GROUPS, TOKENS, WGS, BLOCKS, DEPTH>, T::kThreads,
                                                         T::kSharedBytes));
-    return {T::kColumns, TOKENS, T::kStages, per_sm, launch<GROUPS, TOKENS, WGS, BLOCKS>};
+    return {T::kColumns, TOKENS, T::kStages, per_sm, DEPTH, launch<GROUPS, TOKENS, WGS, BLOCKS, DEPTH>};
 }
 
 }  // namespace
@@ -464,15 +467,16 @@ int main() {
     cudaDeviceProp prop{};
     CHECK(cudaGetDeviceProperties(&prop, 0));
     std::printf("card %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
-    const Variant variants[] = {variant<2, 128, 2, 1>(), variant<2, 128, 1, 2>(), variant<2, 64, 1, 2>(),
-                                variant<1, 128, 2, 2>()};
+    const Variant variants[] = {variant<2, 128, 2, 1, 2>(), variant<2, 128, 2, 1, 4>(), variant<2, 128, 1, 2, 2>(),
+                                variant<2, 128, 1, 2, 4>(), variant<2, 64, 1, 2, 2>(), variant<1, 128, 2, 2, 2>(),
+                                variant<2, 64, 2, 2, 2>()};
     cublasHandle_t blas;
     CHECK(cublasCreate(&blas));
     const int tokens = 2048;
     // Cold: this many copies of the weights, cycled (more than twice the L2 for
     // the packed ones at N 2048; each fp16 copy alone is 16-48 MB).
     constexpr int kPackedCopies = 16, kDenseCopies = 4;
-    std::printf("%-20s %-16s %8s %8s %8s %8s %8s %8s %10s %10s %10s\n", "T x K x N", "block",
+    std::printf("%-20s %-19s %8s %8s %8s %8s %8s %8s %10s %10s %10s\n", "T x K x N", "block",
                 "hot", "cold", "cuBLAS h", "cuBLAS c", "cold TF", "dequant", "vs cuBLAS", "fused f64", "cuBLAS f64");
     // K 8192 beside 4096 at N 4096: the same grid with twice the chunks, so the
     // difference is the main loop's time and the rest a block's fixed cost.
@@ -542,8 +546,8 @@ int main() {
             const bool right = fused_f64 < 1e-3 && vs_cublas < 1e-3;
             char shape_name[24], block[32];
             std::snprintf(shape_name, sizeof shape_name, "%d x %d x %d", tokens, k, n);
-            std::snprintf(block, sizeof block, "%dx%d %ds %d/SM", v.columns, v.tokens, v.stages, v.per_sm);
-            std::printf("%-20s %-16s %8.1f %8.1f %8.1f %8.1f %8.0f %8.1f %10.2e %10.2e %10.2e%s\n", shape_name, block, t_hot, t_cold, t_gemm_hot, t_gemm_cold, flops / t_cold / 1e6, t_deq, vs_cublas,
+            std::snprintf(block, sizeof block, "%dx%d %ds %d/SM d%d", v.columns, v.tokens, v.stages, v.per_sm, v.depth);
+            std::printf("%-20s %-19s %8.1f %8.1f %8.1f %8.1f %8.0f %8.1f %10.2e %10.2e %10.2e%s\n", shape_name, block, t_hot, t_cold, t_gemm_hot, t_gemm_cold, flops / t_cold / 1e6, t_deq, vs_cublas,
                         fused_f64, cublas_f64, right ? "" : "  WRONG");
         }
         CHECK(cudaFree(qpack));
@@ -553,7 +557,7 @@ int main() {
         CHECK(cudaFree(y));
         CHECK(cudaFree(y_ref));
     }
-    std::printf("block: output columns x rows of x a block, stages, blocks an SM; times in us (CUDA events, median of 20 after\n"
+    std::printf("block: output columns x rows of x a block, stages, blocks an SM, steps of A registers; times in us (CUDA events, median of 20 after\n"
                 "warm-up): hot with one copy of the weights (L2-resident), cold cycling %d packed / %d fp16\n"
                 "copies; cold TF: the fused kernel's TFLOP/s, cold; dequant: the probe's plain reference\n"
                 "kernel (the library's is faster); errors: relative, fused against cuBLAS (every output) and\n"
