@@ -27,12 +27,13 @@
 // shared memory to y) run beside the other's MMAs. The fourth shape doubles K
 // at N 4096 (the same grid): its time minus the first's is the main loop's for
 // 4096 of K, the rest a block's fixed cost. (128 x 256 with m64n256k16 ran at
-// 465-488 TFLOP/s in the seventeenth session and is gone.) A persistent version
-// (blocks walking several tiles, the next tile's copies during this one's
-// epilogue) was written and dropped unrun: whether its tiles came in a loop or
-// one after another, ptxas placed each tile's accumulator reads above its wait
-// for every MMA (SASS: F2FP before WARPGROUP.DEPBAR.LE gsb0, 0x0), the hazard
-// that made this probe's second version wrong.
+// 465-488 TFLOP/s in the seventeenth session and is gone.) Last, persistent and
+// warp-specialized (a copying warpgroup, two multiplying ones, a block an SM
+// walking the tiles; the epilogue from the accumulators to y): as fast as
+// cuBLAS at N 4096, faster at N 2048 and 6144 (eighteenth session). An earlier
+// persistent version without a copying warpgroup had each tile's accumulator
+// reads placed by ptxas above its wait for every MMA (F2FP before
+// WARPGROUP.DEPBAR.LE gsb0, 0x0); this one's SASS has them after it.
 //
 // The reference dequantizes with the same nibble order into W [N, K] and runs
 // cublasGemmEx. Printed: relative errors (fused against cuBLAS over every
@@ -346,6 +347,123 @@ __global__ void __launch_bounds__(Tile<GROUPS, TOKENS, WGS, BLOCKS>::kThreads, T
     }
 }
 
+// Persistent and warp-specialized: 132 blocks (one an SM) walk the 256 x 128
+// tiles (tile = blockIdx.x + i * gridDim.x, token tile major as above). The
+// first warpgroup copies (one thread; its registers lowered to 40 by
+// setmaxnreg), the other two multiply (raised to 232) as in the kernel above.
+// The copier runs through the stage ring across tiles, so the next tile's
+// first chunks arrive while the consumers finish this one: no prologue after
+// the first tile. The epilogue writes y from the accumulators (pairs of
+// columns swapped between lanes g and g ^ 1, one 4-byte store each), since the
+// stages are already being refilled.
+constexpr int kPersistentThreads = 384;
+__global__ void __launch_bounds__(kPersistentThreads, 1)
+    fused_gptq4_gemm_persistent(Problem p, const __grid_constant__ CUtensorMap x_map) {
+    using T = Tile<2, 128, 2, 1>;
+    constexpr int kColumns = T::kColumns, kStageBytes = T::kStageBytes, kStages = T::kStages;
+    constexpr int kAtomBytes = T::kAtomBytes, kXBytes = T::kXBytes, kWeightBytes = T::kWeightBytes;
+    extern __shared__ unsigned char shared_raw[];
+    __shared__ __align__(8) uint64_t full[kStages], empty[kStages];
+    const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(shared_raw));
+    const uint32_t base = (raw + 1023) & ~1023u;
+    const uint32_t full0 = static_cast<uint32_t>(__cvta_generic_to_shared(full));
+    const uint32_t empty0 = static_cast<uint32_t>(__cvta_generic_to_shared(empty));
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int chunks = p.k / kChunk, n_tiles = p.n / 8;
+    const int column_blocks = p.n / kColumns, tiles = column_blocks * (p.tokens / 128);
+    if (tid == 0) {
+        for (int s = 0; s < kStages; ++s) mbar_init(full0 + 8 * s, 1), mbar_init(empty0 + 8 * s, 2);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp < 4) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if (tid != 0) return;
+        int q = 0;  // the chunk's number in this block's sequence
+        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            const int token0 = (tile / column_blocks) * 128, tile0 = (tile % column_blocks) * (kColumns / 8);
+            for (int c = 0; c < chunks; ++c, ++q) {
+                const int s = q % kStages;
+                // The consumers released chunk q - kStages: that completion of
+                // the empty barrier is its (q / kStages - 1)-th.
+                if (q >= kStages) mbar_wait(empty0 + 8 * s, (q / kStages - 1) & 1);
+                const uint32_t at = base + s * kStageBytes, bar = full0 + 8 * s;
+                mbar_expect_tx(bar, kXBytes + kWeightBytes + T::kScaleBytes);
+                tma_load_2d(at, &x_map, c * kChunk, token0, bar);
+                tma_load_2d(at + kAtomBytes, &x_map, c * kChunk + 64, token0, bar);
+                bulk_load(at + kXBytes, p.qpack + (static_cast<size_t>(c) * n_tiles + tile0) * 32, kWeightBytes, bar);
+                bulk_load(at + kXBytes + kWeightBytes, p.scale_zero + static_cast<size_t>(c) * p.n + tile0 * 8,
+                          T::kScaleBytes, bar);
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    const int wg = (warp >> 2) - 1, wq = warp & 3, wg_thread = tid & 127;
+    int local[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) local[u] = (wg * 2 + u) * 8 + wq * 2;
+    float d[2][64];
+    uint32_t a[2][2][4];
+    const auto chunk_mmas = [&](int c, int q) {
+        const int s = q % kStages;
+        mbar_wait(full0 + 8 * s, (q / kStages) & 1);
+        const uint32_t stage = base + s * kStageBytes;
+        const unsigned char* const stage_ptr = shared_raw + (stage - raw);
+        const uint4* const ws = reinterpret_cast<const uint4*>(stage_ptr + kXBytes);
+        const __half2* const szs = reinterpret_cast<const __half2*>(stage_ptr + kXBytes + kWeightBytes);
+        ColumnCodes ca[2], cb[2];
+        uint4 wa[2], wb[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            wa[u] = ws[local[u] * 32 + lane], wb[u] = ws[(local[u] + 1) * 32 + lane];
+            ca[u] = column_codes(szs[local[u] * 8 + g]), cb[u] = column_codes(szs[local[u] * 8 + 8 + g]);
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int u = 0; u < 2; ++u) dequantize_step(a[j & 1][u], wa[u], wb[u], j, ca[u], cb[u]);
+            wgmma_fence();
+            const uint64_t desc = smem_desc(stage + (j >> 2) * kAtomBytes + (j & 3) * 32);
+#pragma unroll
+            for (int u = 0; u < 2; ++u) wgmma_rs<128>(d[u], a[j & 1][u], desc, c > 0 || j > 0);
+            wgmma_commit();
+            wgmma_wait<1>();
+#pragma unroll
+            for (int u = 0; u < 2; ++u) pin(a[(j + 1) & 1][u]);
+        }
+        if (c > 0 && wg_thread == 0) mbar_arrive(empty0 + 8 * ((q + kStages - 1) % kStages));
+    };
+    int q = 0;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int token0 = (tile / column_blocks) * 128, column0 = (tile % column_blocks) * kColumns;
+        for (int c = 0; c < chunks - 1; ++c) chunk_mmas(c, q + c);
+        chunk_mmas(chunks - 1, q + chunks - 1);
+        wgmma_wait<0>();
+#pragma unroll
+        for (int u = 0; u < 2; ++u) pin(d[u]);
+        q += chunks;
+        if (wg_thread == 0) mbar_arrive(empty0 + 8 * ((q + kStages - 1) % kStages));
+        // d[u][4 r + e]: column local[u] * 8 + g (e < 2) or + 8, token 8 r + 2 t + (e & 1).
+        // Lane g keeps token 2t (g even) or 2t + 1 (g odd) of columns g & ~1, g | 1.
+        const bool even = (g & 1) == 0;
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+#pragma unroll
+            for (int r = 0; r < 16; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {  // columns + 0 or + 8
+                    const float mine0 = d[u][4 * r + 2 * h], mine1 = d[u][4 * r + 2 * h + 1];
+                    const float theirs = __shfl_xor_sync(0xFFFFFFFFu, even ? mine1 : mine0, 4);
+                    const __half2 pair = even ? __floats2half2_rn(mine0, theirs) : __floats2half2_rn(theirs, mine1);
+                    const int token = token0 + 8 * r + 2 * t + (even ? 0 : 1);
+                    const int column = column0 + local[u] * 8 + (g & ~1) + 8 * h;
+                    *reinterpret_cast<__half2*>(p.y + static_cast<size_t>(token) * p.n + column) = pair;
+                }
+    }
+}
+
 // The reference's weights: W [N, K] fp16 from the same packing and nibble order.
 __global__ void dequantize_reference(Problem p, __half* w) {
     const int chunks = p.k / kChunk, n_tiles = p.n / 8;
@@ -442,6 +560,7 @@ CUtensorMap x_tensor_map(const __half* x, int tokens, int k, int rows) {
 
 struct Variant {
     int columns, tokens, stages, per_sm, depth;
+    bool persistent;
     void (*launch)(const Problem&, const CUtensorMap&);
 };
 template <int GROUPS, int TOKENS, int WGS, int BLOCKS, int DEPTH>
@@ -458,7 +577,21 @@ Variant variant() {
     int per_sm = 0;
     CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fused_gptq4_gemm<GROUPS, TOKENS, WGS, BLOCKS, DEPTH>, T::kThreads,
                                                         T::kSharedBytes));
-    return {T::kColumns, TOKENS, T::kStages, per_sm, DEPTH, launch<GROUPS, TOKENS, WGS, BLOCKS, DEPTH>};
+    return {T::kColumns, TOKENS, T::kStages, per_sm, DEPTH, false, launch<GROUPS, TOKENS, WGS, BLOCKS, DEPTH>};
+}
+
+void launch_persistent(const Problem& p, const CUtensorMap& map) {
+    using T = Tile<2, 128, 2, 1>;
+    static int sms = 0;
+    if (!sms) CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const int tiles = (p.n / T::kColumns) * (p.tokens / 128);
+    fused_gptq4_gemm_persistent<<<std::min(tiles, sms), kPersistentThreads, T::kSharedBytes>>>(p, map);
+}
+Variant persistent_variant() {
+    using T = Tile<2, 128, 2, 1>;
+    CHECK(cudaFuncSetAttribute(fused_gptq4_gemm_persistent, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               T::kSharedBytes));
+    return {T::kColumns, 128, T::kStages, 1, 2, true, launch_persistent};
 }
 
 }  // namespace
@@ -469,7 +602,7 @@ int main() {
     std::printf("card %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
     const Variant variants[] = {variant<2, 128, 2, 1, 2>(), variant<2, 128, 2, 1, 4>(), variant<2, 128, 1, 2, 2>(),
                                 variant<2, 128, 1, 2, 4>(), variant<2, 64, 1, 2, 2>(), variant<1, 128, 2, 2, 2>(),
-                                variant<2, 64, 2, 2, 2>()};
+                                variant<2, 64, 2, 2, 2>(), persistent_variant()};
     cublasHandle_t blas;
     CHECK(cublasCreate(&blas));
     const int tokens = 2048;
@@ -546,7 +679,8 @@ int main() {
             const bool right = fused_f64 < 1e-3 && vs_cublas < 1e-3;
             char shape_name[24], block[32];
             std::snprintf(shape_name, sizeof shape_name, "%d x %d x %d", tokens, k, n);
-            std::snprintf(block, sizeof block, "%dx%d %ds %d/SM d%d", v.columns, v.tokens, v.stages, v.per_sm, v.depth);
+            std::snprintf(block, sizeof block, "%dx%d %ds %d/SM d%d%s", v.columns, v.tokens, v.stages, v.per_sm, v.depth,
+                          v.persistent ? " P" : "");
             std::printf("%-20s %-19s %8.1f %8.1f %8.1f %8.1f %8.0f %8.1f %10.2e %10.2e %10.2e%s\n", shape_name, block, t_hot, t_cold, t_gemm_hot, t_gemm_cold, flops / t_cold / 1e6, t_deq, vs_cublas,
                         fused_f64, cublas_f64, right ? "" : "  WRONG");
         }
@@ -557,7 +691,7 @@ int main() {
         CHECK(cudaFree(y));
         CHECK(cudaFree(y_ref));
     }
-    std::printf("block: output columns x rows of x a block, stages, blocks an SM, steps of A registers; times in us (CUDA events, median of 20 after\n"
+    std::printf("block: output columns x rows of x a block, stages, blocks an SM, steps of A registers, P: persistent; times in us (CUDA events, median of 20 after\n"
                 "warm-up): hot with one copy of the weights (L2-resident), cold cycling %d packed / %d fp16\n"
                 "copies; cold TF: the fused kernel's TFLOP/s, cold; dequant: the probe's plain reference\n"
                 "kernel (the library's is faster); errors: relative, fused against cuBLAS (every output) and\n"
