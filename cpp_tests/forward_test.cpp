@@ -82,6 +82,37 @@ std::vector<Scenario> scenarios() {
     s.max_seq_len = s.table_positions = 18 + 130;  // the second round's past_len is 18
     all.push_back(s);
 
+    // Prefill of 130 rows with group 128 and 256-column matrices: on Hopper the
+    // fused dequantize + wgmma GEMM (its 128-row tiles with a short last one).
+    // Act-order per matrix (Q in the staging's gathered order, K and V gathered
+    // each), LoRA (fp32 sums), an O bias (O into fp32 sums, then the residual
+    // epilogue) and an fp32 residual; then input order with graphs, O added to
+    // the fp16 residual by the GEMM itself.
+    s = Scenario{};
+    s.name = "gptq4_g128_prefill_fused_gemm_actorder_lora_fp32_residual";
+    s.gptq = true;
+    s.group_size = 128;
+    s.act_order = true;
+    s.hidden = 256, s.heads = 4, s.kv_heads = 4, s.head_dim = 64;
+    s.loras = true;
+    s.o_bias = true;
+    s.residual_fp32 = true;
+    s.batch = 1;
+    s.q_len = 130;
+    s.max_seq_len = s.table_positions = 18 + 130;
+    all.push_back(s);
+
+    s = Scenario{};
+    s.name = "gptq4_g128_prefill_fused_gemm_graphs";
+    s.gptq = true;
+    s.group_size = 128;
+    s.hidden = 256, s.heads = 4, s.kv_heads = 4, s.head_dim = 64;
+    s.use_graphs = true;
+    s.batch = 2;
+    s.q_len = 65;
+    s.max_seq_len = s.table_positions = 18 + 65;
+    all.push_back(s);
+
     // Decode of 3 rows (CUDA: blocks owning columns over the whole K, where that
     // kernel runs), NeoX over half the head with pass-through tiles after it,
     // biases, positions from device lengths; the second round's last sequence

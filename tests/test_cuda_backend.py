@@ -40,7 +40,8 @@ class Spec:
     heads: int = 4
     kv_heads: int = 2
     head_dim: int = 64
-    # "dense", "gptq4", "gptq4_act", "gptq4_act_shared", "gptq4_noidx", "gptq4_z0", "gptq4_g32", "gptq8"
+    # "dense", "gptq4", "gptq4_act", "gptq4_act_shared", "gptq4_noidx", "gptq4_z0", "gptq4_g32", "gptq8",
+    # "gptq4_g128", "gptq4_g128_act_shared"
     weights: str = "gptq4"
     input_norm: Optional[str] = "rms"  # None, "rms", "layer", "layer_bias"
     head_norm: Optional[str] = None  # None, "rms", "layer_bias_per_head"
@@ -64,6 +65,8 @@ def _gptq_options(kind):
         "gptq4_z0": dict(bits=4, group_size=128, act_order=True, zero_offset_one=False),
         "gptq4_g32": dict(bits=4, group_size=32, act_order=True),
         "gptq8": dict(bits=8, group_size=64, act_order=True),
+        "gptq4_g128": dict(bits=4, group_size=128),
+        "gptq4_g128_act_shared": dict(bits=4, group_size=128, act_order=True),
     }[kind]
 
 
@@ -74,7 +77,7 @@ class Pair:
         self.spec = spec
         H, NH, NKV, D = spec.hidden, spec.heads, spec.kv_heads, spec.head_dim
         mats = {"cpu": {}, "cuda": {}}
-        # gptq4_act_shared: q, k and v share one act-order g_idx, as in GPTQ
+        # *act_shared: q, k and v share one act-order g_idx, as in GPTQ
         # checkpoints (one input, quantized together): one packed row order.
         shared_g_idx = None
         for name, (k, n) in {"q": (H, NH * D), "k": (H, NKV * D), "v": (H, NKV * D), "o": (NH * D, H)}.items():
@@ -86,7 +89,7 @@ class Pair:
             else:
                 g = quant.random_gptq(k, n, generator=gen, **_gptq_options(spec.weights),
                                       g_idx=shared_g_idx if name in ("k", "v") else None)
-                if spec.weights == "gptq4_act_shared" and name == "q":
+                if spec.weights.endswith("act_shared") and name == "q":
                     shared_g_idx = g["g_idx"]
                 g_idx = None if spec.weights == "gptq4_noidx" else g["g_idx"]
                 for dev in ("cpu", "cuda"):
@@ -381,6 +384,76 @@ def test_lora_matches_cpu(weights, batch, q_len, gen):
         pair.layers[dev].set_loras([])
     pair.check(batch, q_len, gen, past_len=1)
     pair.check(1, 1, gen, past_len=1)  # the accumulator rows the small-row GEMM adds into were zeroed
+
+
+# On Hopper, beyond the small-row path, packed matrices with one group a
+# 128-row chunk and columns a multiple of 256 go through the fused dequantize +
+# wgmma GEMM (Q, K and V in one launch where their x needs no gathering of its
+# own); elsewhere, or with QATTN_CUDA_WGMMA=0, through dequantize + cuBLAS. Both
+# must match the CPU. 130 and 300 rows: the GEMM's 128-row tiles with a short
+# last one; 40: one short tile. Input order (x read where it lies), one shared
+# act-order (the staging's gathered x for all three), and act-order per matrix
+# (z0: K and V gathered each before a launch of their own).
+FUSED_FEATURES = {
+    "plain": {},
+    "fp32_residual": dict(residual_fp32=True),
+    "no_residual_no_input_norm": dict(has_residual=False, input_norm=None),
+    "biases_post_norm": dict(biases=True, post_norm="rms"),  # O into fp32 sums, then the residual epilogue
+    "graphs": dict(use_graphs=True),
+}
+
+
+def _fused_gemm_pair(weights, gen, **features):
+    spec = Spec(hidden=512, heads=8, kv_heads=4, head_dim=64, weights=weights, max_rows=300, **features)
+    return Pair(spec, gen)
+
+
+@pytest.mark.parametrize("feature", sorted(FUSED_FEATURES))
+@pytest.mark.parametrize("weights", ["gptq4_g128", "gptq4_g128_act_shared", "gptq4_z0"])
+def test_prefill_through_the_fused_dequantize_gemm(feature, weights, gen):
+    pair = _fused_gemm_pair(weights, gen, **FUSED_FEATURES[feature])
+    for batch, q_len in ((1, 130), (3, 100), (1, 40), (1, 130)):
+        pair.check(batch, q_len, gen, past_len=3)
+
+
+@pytest.mark.parametrize("residual_fp32", [False, True])
+def test_fused_gemm_blocks_walk_several_tiles(residual_fp32, gen):
+    # The fused GEMM runs one block an SM, each walking tiles of 256 columns x
+    # 128 rows, its copier running on into the next tile's chunks. 4608 rows at
+    # hidden 1024: Q|K|V make 8 x 36 = 288 tiles and O 4 x 36 = 144, more than
+    # the 132 SMs of an H100 or H200, so blocks take two or three tiles each.
+    spec = Spec(hidden=1024, heads=16, kv_heads=8, head_dim=64, weights="gptq4_g128", max_rows=4608,
+                residual_fp32=residual_fp32)
+    Pair(spec, gen).check(36, 128, gen, past_len=3)
+
+
+def test_prefill_fused_dequantize_gemm_with_lora(gen):
+    # LoRA on q, k, v: Q|K|V leave the fused GEMM in fp32 for the adapters to add to.
+    pair = _fused_gemm_pair("gptq4_g128_act_shared", gen, head_norm="rms")
+    adapters = _adapters(pair, gen, {4: {"q": 8, "v": 4, "o": 16}})
+    for dev in adapters:
+        pair.layers[dev].set_loras(adapters[dev])
+    pair.check(2, 75, gen, past_len=1, loras=(4,))
+    pair.check(2, 75, gen, past_len=1)
+
+
+def test_prefill_without_the_fused_gemm_when_asked(tmp_path):
+    # QATTN_CUDA_WGMMA=0 keeps dequantize + cuBLAS for every large-row call (a
+    # process of its own: the library reads the variable once).
+    script = tmp_path / "no_wgmma.py"
+    script.write_text(
+        "import sys, torch\n"
+        "sys.path.insert(0, %r)\n"
+        "import test_cuda_backend as t\n"
+        "gen = torch.Generator().manual_seed(2)\n"
+        "for weights in ('gptq4_g128', 'gptq4_g128_act_shared'):\n"
+        "    pair = t._fused_gemm_pair(weights, gen)\n"
+        "    for batch, q_len in ((1, 130), (1, 40)):\n"
+        "        pair.check(batch, q_len, gen, past_len=2)\n"
+        "print('ok')\n" % str(pathlib.Path(__file__).parent))
+    env = dict(os.environ, QATTN_CUDA_WGMMA="0")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
 
 
 def test_layers_of_a_device_share_cublas_handles(gen):

@@ -2,8 +2,9 @@
 //   [input norm -> fp16, written in input order and/or gathered into the packed
 //   row order of the GPTQ matrices, one kernel]  ->  Q|K|V into one fp32
 //   accumulator (packed GPTQ 4-bit and <= 32 rows: one tensor-core launch for all
-//   three; otherwise cuBLAS, with packed weights dequantized a bounded slice of
-//   columns at a time against the gathered x)  ->  LoRA
+//   three; beyond, on Hopper, one launch of the fused dequantize + wgmma GEMM
+//   for those it fits; otherwise cuBLAS, with packed weights dequantized a
+//   bounded slice of columns at a time against the gathered x)  ->  LoRA
 //   (two cuBLAS GEMMs per adapter, accumulating into the same buffer)  ->  one
 //   epilogue kernel: bias, head norms, RoPE, fp16 q/k/v, and the accumulator
 //   rows that split-K atomics use zeroed again.
@@ -204,6 +205,12 @@ private:
             QATTN_CUDA_TRY(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
         }
 
+        const bool hopper = gptq4_gemm_large_available(info_.device);
+        for (int p = 0; p < 4; ++p) {
+            const CudaQMatrix& m = *proj_[p];
+            fused_large_[p] = hopper && m.packed() && m.single_group_chunks() && m.out_features() % 256 == 0;
+        }
+
         QATTN_TRY(attach_blas_user(info_.device));
         blas_user_ = true;
         QATTN_TRY(scratch_->reserve(CudaScratch::kWorkspace, kCublasWorkspaceBytes));
@@ -315,6 +322,11 @@ private:
             xg = scratch_->get<__half>(CudaScratch::kGathered);
             ldg = packed_rows;
         }
+        if (fused_large_[p] && !joint && (beta == 0.0f || beta == 1.0f)) {
+            const Gptq4GemmLargeProblem problem{w, N, xg, ldg, c};
+            if (gptq4_gemm_large_fits(problem) && ldc % 8 == 0)
+                return launch_gptq4_gemm_large(&problem, 1, rows, sizeof(T) == sizeof(float), ldc, beta != 0.0f, s);
+        }
         const int slice = joint ? N : dequant_slice(m);
         for (int n0 = 0; n0 < N; n0 += slice) {
             const int count = std::min(slice, N - n0);
@@ -328,6 +340,33 @@ private:
             }
             QATTN_TRY(gemm_xwT(blas_, rows, count, packed_rows, xg, ldg, weights, c + n0, ldc, beta));
         }
+        return QATTN_SUCCESS;
+    }
+
+    // Q, K and V that the fused dequantize + wgmma GEMM fits, in one launch (K
+    // and V alone would each leave half of an H200 idle for a whole wave): those
+    // whose x needs no gathering of its own, in input order or in the order the
+    // input staging gathered. fused[p] says which it computed.
+    qattn_status project_large_fused(const __half* x, int ldx, int rows, __half* acc16, float* acc, bool* fused,
+                                     cudaStream_t s) {
+        Gptq4GemmLargeProblem problems[3];
+        int count = 0, which[3];
+        for (int p = 0; p < 3; ++p) {
+            const CudaQMatrix& m = *proj_[p];
+            if (!fused_large_[p] || (!m.identity_order() && gathered_order_ != order_[p])) continue;
+            const bool gathered = !m.identity_order();
+            void* out = acc16 ? static_cast<void*>(acc16 + column_[p]) : static_cast<void*>(acc + column_[p]);
+            const Gptq4GemmLargeProblem problem{
+                m.packed_gptq(), static_cast<int>(m.out_features()),
+                gathered ? scratch_->get<__half>(CudaScratch::kGathered) : x,
+                gathered ? static_cast<int>(m.packed_rows()) : ldx, out};
+            if (!gptq4_gemm_large_fits(problem)) continue;
+            which[count] = p;
+            problems[count++] = problem;
+        }
+        if (count == 0 || qkv_width_ % 8 != 0) return QATTN_SUCCESS;
+        QATTN_TRY(launch_gptq4_gemm_large(problems, count, rows, acc16 == nullptr, qkv_width_, false, s));
+        for (int i = 0; i < count; ++i) fused[which[i]] = true;
         return QATTN_SUCCESS;
     }
 
@@ -425,7 +464,7 @@ private:
         const bool stage_gather =
             gather_for >= 0 && (!small_rows || stages_input_ || rows > kGatherInKernelRows);
         gathered_order_ = -1;
-        if (!small_rows) QATTN_TRY(dequantize_ahead(0, s));
+        if (!small_rows && !fused_large_[0]) QATTN_TRY(dequantize_ahead(0, s));
         const __half* x = static_cast<const __half*>(call.x);
         if (stages_input_) {
             StageRowsParams st;
@@ -479,11 +518,13 @@ private:
         bool finished = false;
         QATTN_TRY(launch_gptq4_gemm_small(small, small_count, x, H, rows, acc, qkv_width_, sm_count_, finish,
                                           &finished, s));
+        bool fused[3] = {};
+        if (!small_rows) QATTN_TRY(project_large_fused(x, H, rows, acc16, acc, fused, s));
         for (int p = 0; p < 3; ++p) {
-            if (p == 1 && !small_rows) QATTN_TRY(dequantize_kv_together(s));
-            if (acc16)
+            if (p == 1 && !small_rows && !fused[1] && !fused[2]) QATTN_TRY(dequantize_kv_together(s));
+            if (acc16 && !fused[p])
                 QATTN_TRY(project_large(p, x, H, rows, acc16 + column_[p], qkv_width_, s));
-            else if (!(proj_[p]->packed() && small_rows))
+            else if (!acc16 && !fused[p] && !(proj_[p]->packed() && small_rows))
                 QATTN_TRY(project_large(p, x, H, rows, acc + column_[p], qkv_width_, s));
             QATTN_TRY(add_loras(static_cast<qattn_proj>(p), (*call.loras)[p], x, H, rows, acc + column_[p],
                                 qkv_width_, s));
@@ -556,7 +597,8 @@ private:
             const SmallGemmProblem problem{m.packed_gptq(), H / 8, 0, xg};
             QATTN_TRY(launch_gptq4_gemm_small(&problem, 1, attn, K, rows, acc, H, sm_count_, finish, &finished, s));
         } else {
-            if (!m.identity_order()) QATTN_TRY(dequantize_ahead(3, s));  // beside the gather of attn_out
+            if (!m.identity_order() && !fused_large_[3])
+                QATTN_TRY(dequantize_ahead(3, s));  // beside the gather of attn_out
             // With nothing between the projection and the residual, cuBLAS adds it
             // to x itself (beta = 1; its fp32 sums rounded once, as the epilogue
             // would): no fp32 accumulator round trip and no epilogue kernel.
@@ -584,6 +626,9 @@ private:
     // Where forward2's arrival counters start in CudaScratch::kCounters (forward1's first).
     int counters_o_ = 0;
     int64_t dequant_elements_ = 0;
+    // Which packed matrices the fused dequantize + wgmma GEMM may take beyond
+    // the small-row path (a Hopper GPU, single-group chunks, columns % 256 == 0).
+    bool fused_large_[4] = {};
     // order_[p]: the first projection with the same packed row order as p (p
     // itself if none; dense: p). gathered_order_: the order gathered_ holds in
     // this call, -1 for none.

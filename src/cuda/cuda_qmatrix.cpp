@@ -120,10 +120,14 @@ qattn_status CudaQMatrix::pack_gptq4(const QMatrixHostWeights& w) {
 
     std::vector<uint16_t> chunk_scale_zero(static_cast<size_t>(chunks * N * 2));
     std::vector<uint32_t> mixed_chunks(static_cast<size_t>((chunks + 31) / 32), 0u);
+    single_group_chunks_ = true;
     for (int64_t c = 0; c < chunks; ++c) {
         const int32_t first = step_group[c * 8];
         std::copy_n(scale_zero.begin() + first * N * 2, N * 2, chunk_scale_zero.begin() + c * N * 2);
-        if (step_group[c * 8 + 7] != first) mixed_chunks[c / 32] |= 1u << (c % 32);
+        if (step_group[c * 8 + 7] != first) {
+            mixed_chunks[c / 32] |= 1u << (c % 32);
+            single_group_chunks_ = false;
+        }
     }
 
     QATTN_TRY(qpack_buf_.upload(qpack.data(), sizeof(uint32_t) * qpack.size()));

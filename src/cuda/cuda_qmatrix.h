@@ -56,6 +56,9 @@ public:
     // groups multiples of 128 and 16): x in input order is already in packed
     // order, and nothing needs gathering.
     bool identity_order() const { return identity_order_; }
+    // No chunk of 128 packed rows spans two groups (group size a multiple of
+    // 128): the chunk scales are all a kernel needs (gptq4_gemm_large).
+    bool single_group_chunks() const { return single_group_chunks_; }
 
 private:
     explicit CudaQMatrix(const QMatrixInfo& info) : info_(info) {}
@@ -65,6 +68,7 @@ private:
 
     QMatrixInfo info_;
     bool identity_order_ = false;
+    bool single_group_chunks_ = false;
     DeviceBuffer dense_, bias_;
     DeviceBuffer qpack_buf_, scale_zero_buf_, perm_buf_, step_group_buf_, chunk_scale_zero_buf_, mixed_chunks_buf_;
     PackedGptq4 packed_;

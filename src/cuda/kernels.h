@@ -66,6 +66,28 @@ struct DequantizeSlice {
 constexpr int kMaxDequantizeSlices = 2;
 qattn_status launch_dequantize_gptq4(const DequantizeSlice* slices, int count, int sm_count, cudaStream_t stream);
 
+// sm90a/gptq4_gemm_large.cu (Hopper, sm_90a only): out[r, n] (= or +=) sum_j
+// x[r, j] W[j, n] over the packed rows, for rows beyond the small-row path,
+// with the weights dequantized in registers into the tensor cores' operand (no
+// fp16 copy of them). Up to three matrices in one launch, sharing the rows, the
+// output's type and row stride. A matrix fits when its chunks hold one group
+// each (the caller knows: CudaQMatrix::single_group_chunks), its columns are a
+// multiple of 256, and x and out are 16-byte aligned with row strides a
+// multiple of 8 elements (gptq4_gemm_large_fits).
+struct Gptq4GemmLargeProblem {
+    PackedGptq4 w;
+    int n = 0;                  // the matrix's columns
+    const __half* x = nullptr;  // [rows][w.chunks * 128] in packed row order, row stride ldx
+    int ldx = 0;
+    void* out = nullptr;        // fp16 or fp32 [rows][n], row stride ldc
+};
+constexpr int kMaxLargeGemmProblems = 3;
+// A device of compute capability 9.0 whose driver has the tensor-map encoder.
+bool gptq4_gemm_large_available(int device);
+bool gptq4_gemm_large_fits(const Gptq4GemmLargeProblem& p);
+qattn_status launch_gptq4_gemm_large(const Gptq4GemmLargeProblem* problems, int count, int rows, bool out_fp32,
+                                     int ldc, bool accumulate, cudaStream_t stream);
+
 // head_norm_rope.cu: reads the fused Q|K|V fp32 accumulator, adds the biases,
 // applies head norms and RoPE, writes fp16 q, k, v (k and v also or only into
 // KV-cache slots), and zeroes the accumulator rows it read below kSmallRows (the
