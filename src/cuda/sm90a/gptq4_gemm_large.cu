@@ -186,50 +186,56 @@ __device__ __forceinline__ TilePlace place_of(const Batch& batch, int tile) {
     return {which, (column_block - batch.block_begin[which]) * kColumns, (tile / batch.column_blocks) * kTokens};
 }
 
-// out[0], out[1] = a, b, or + what they hold when accumulating.
-template <typename T>
-__device__ __forceinline__ void store_pair(T* out, float a, float b, bool accumulate);
-template <>
-__device__ __forceinline__ void store_pair<float>(float* out, float a, float b, bool accumulate) {
-    float2* const at = reinterpret_cast<float2*>(out);
-    if (accumulate) {
-        const float2 o = *at;
-        a += o.x, b += o.y;
-    }
-    *at = make_float2(a, b);
+// Two adjacent outputs, fp32 or fp16 in memory, fp32 in registers.
+__device__ __forceinline__ float2 load_pair(const float* at) { return *reinterpret_cast<const float2*>(at); }
+__device__ __forceinline__ float2 load_pair(const __half* at) {
+    return __half22float2(*reinterpret_cast<const __half2*>(at));
 }
-template <>
-__device__ __forceinline__ void store_pair<__half>(__half* out, float a, float b, bool accumulate) {
-    __half2* const at = reinterpret_cast<__half2*>(out);
-    if (accumulate) {
-        const float2 o = __half22float2(*at);
-        a += o.x, b += o.y;  // the fp32 sum rounded once, as cuBLAS with beta = 1 does
-    }
-    *at = __floats2half2_rn(a, b);
+__device__ __forceinline__ void store_pair(float* at, float2 v) { *reinterpret_cast<float2*>(at) = v; }
+__device__ __forceinline__ void store_pair(__half* at, float2 v) {
+    *reinterpret_cast<__half2*>(at) = __floats2half2_rn(v.x, v.y);  // an fp32 sum rounded once, as cuBLAS's beta = 1
 }
 
 // d[u][4 i + e]: column local[u] * 8 + g (e < 2) or + 8, row 8 i + 2 t + (e & 1).
 // Lanes g and g ^ 1 (lane ^ 4) swap one value, so that lane g writes row 2t (g
-// even) or 2t + 1 (g odd) of columns g & ~1 and g | 1 as one pair.
+// even) or 2t + 1 (g odd) of columns g & ~1 and g | 1 as one pair. Accumulating,
+// a batch's loads are all issued before its stores: with a store (which may
+// alias) between one load and the next, each load waited a whole trip to the L2,
+// and O's epilogue took longer than cuBLAS's whole margin.
 template <typename T>
 __device__ __forceinline__ void epilogue_pairs(const float (&d)[2][64], const int (&local)[2], T* out, int ldc,
                                                int rows_left, bool accumulate) {
+    constexpr int kBatch = 8;  // pairs: four rows of x, both halves of a column group
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bool even = (g & 1) == 0;
 #pragma unroll
     for (int u = 0; u < 2; ++u)
 #pragma unroll
-        for (int i = 0; i < 16; ++i)
+        for (int i0 = 0; i0 < 16; i0 += kBatch / 2) {
+            float2 v[kBatch];
+            T* at[kBatch];
+            bool live[kBatch];
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
+            for (int b = 0; b < kBatch; ++b) {
+                const int i = i0 + b / 2, h = b % 2;
                 const float mine0 = d[u][4 * i + 2 * h], mine1 = d[u][4 * i + 2 * h + 1];
                 const float theirs = __shfl_xor_sync(0xFFFFFFFFu, even ? mine1 : mine0, 4);
                 const int row = 8 * i + 2 * t + (even ? 0 : 1);
-                if (row >= rows_left) continue;
-                const int column = local[u] * 8 + (g & ~1) + 8 * h;
-                store_pair(out + static_cast<size_t>(row) * ldc + column, even ? mine0 : theirs,
-                           even ? theirs : mine1, accumulate);
+                v[b] = even ? make_float2(mine0, theirs) : make_float2(theirs, mine1);
+                at[b] = out + static_cast<size_t>(row) * ldc + local[u] * 8 + (g & ~1) + 8 * h;
+                live[b] = row < rows_left;
             }
+            if (accumulate) {
+                float2 old[kBatch];
+#pragma unroll
+                for (int b = 0; b < kBatch; ++b) old[b] = live[b] ? load_pair(at[b]) : make_float2(0.0f, 0.0f);
+#pragma unroll
+                for (int b = 0; b < kBatch; ++b) v[b].x += old[b].x, v[b].y += old[b].y;
+            }
+#pragma unroll
+            for (int b = 0; b < kBatch; ++b)
+                if (live[b]) store_pair(at[b], v[b]);
+        }
 }
 
 __global__ void __launch_bounds__(kThreads, 1) gptq4_gemm_large_kernel(const __grid_constant__ Batch batch) {
