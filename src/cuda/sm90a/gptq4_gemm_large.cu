@@ -30,7 +30,6 @@
 #include "cuda/check.h"
 #include "cuda/gptq4_nibbles.cuh"
 #include "cuda/kernels.h"
-#include "cuda/pdl.cuh"
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -253,43 +252,28 @@ __global__ void __launch_bounds__(kThreads, 1) gptq4_gemm_large_kernel(const __g
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();  // the last block-wide barrier: the copier's other threads leave below
-    // The next kernel may launch once every block is here: it waits for this
-    // grid's end before it reads anything, and no block of it fits beside one of
-    // these (their registers fill the SM).
-    allow_dependents();
 
     if (warp < 4) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
         if (tid != 0) return;
-        const auto copy_weights = [&](uint32_t stage, uint32_t bar, const Gptq4GemmLargeProblem& pr, int c,
-                                      int column0) {
-            mbar_expect_tx(bar, kXBytes + kWeightBytes + kScaleBytes);
-            bulk_load(stage + kXBytes, pr.w.qpack + (static_cast<size_t>(c) * (pr.n / 8) + column0 / 8) * 32,
-                      kWeightBytes, bar);
-            bulk_load(stage + kXBytes + kWeightBytes, pr.w.chunk_scale_zero + static_cast<size_t>(c) * pr.n + column0,
-                      kScaleBytes, bar);
-        };
-        // The weights and their scales are the layer's own, written by no kernel
-        // before this one: the first tile's first stages start copying them while
-        // the kernel before still runs (programmatic launch), x only after it.
-        const TilePlace first = place_of(batch, blockIdx.x);
-        const int ahead = min(kStages, batch.problem[first.which].w.chunks);
-        for (int c = 0; c < ahead; ++c)
-            copy_weights(base + c * kStageBytes, full0 + 8 * c, batch.problem[first.which], c, first.column0);
-        wait_for_producers();
         int q = 0;  // the chunk's number in this block's sequence
         for (int tile = blockIdx.x; tile < batch.tiles; tile += gridDim.x) {
             const TilePlace at = place_of(batch, tile);
             const Gptq4GemmLargeProblem& pr = batch.problem[at.which];
+            const int n_tiles = pr.n / 8, tile0 = at.column0 / 8;
             for (int c = 0; c < pr.w.chunks; ++c, ++q) {
                 const int s = q % kStages;
                 // The consumers' release of chunk q - kStages is the empty
                 // barrier's (q / kStages - 1)-th completion.
                 if (q >= kStages) mbar_wait(empty0 + 8 * s, (q / kStages - 1) & 1);
                 const uint32_t stage = base + s * kStageBytes, bar = full0 + 8 * s;
-                if (q >= ahead) copy_weights(stage, bar, pr, c, at.column0);
+                mbar_expect_tx(bar, kXBytes + kWeightBytes + kScaleBytes);
                 tma_load_2d(stage, &batch.x[at.which], c * 128, at.row0, bar);  // rows past the last read as zeros
                 tma_load_2d(stage + kAtomBytes, &batch.x[at.which], c * 128 + 64, at.row0, bar);
+                bulk_load(stage + kXBytes, pr.w.qpack + (static_cast<size_t>(c) * n_tiles + tile0) * 32, kWeightBytes,
+                          bar);
+                bulk_load(stage + kXBytes + kWeightBytes, pr.w.chunk_scale_zero + static_cast<size_t>(c) * pr.n + at.column0,
+                          kScaleBytes, bar);
             }
             // The rows this tile adds into reach the L2 while its last chunks
             // are multiplied, not during its epilogue.
@@ -304,7 +288,6 @@ __global__ void __launch_bounds__(kThreads, 1) gptq4_gemm_large_kernel(const __g
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-    wait_for_producers();  // before the epilogue reads or writes what kernels before use
 
     // Column group u of this warp: n-tiles local[u], local[u] + 1 of the tile
     // (rows g and g + 8 of the warp's 16 in wgmma's A).
@@ -450,8 +433,9 @@ qattn_status launch_gptq4_gemm_large(const Gptq4GemmLargeProblem* problems, int 
     int device = 0, sms = 0;
     QATTN_CUDA_TRY(cudaGetDevice(&device));
     QATTN_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return launch_pdl("gptq4_gemm_large", gptq4_gemm_large_kernel, dim3(std::min(batch.tiles, sms)), dim3(kThreads),
-                      kSharedBytes, stream, batch);
+    gptq4_gemm_large_kernel<<<std::min(batch.tiles, sms), kThreads, kSharedBytes, stream>>>(batch);
+    QATTN_LAUNCH_CHECK("gptq4_gemm_large");
+    return QATTN_SUCCESS;
 }
 
 }  // namespace qattn::cuda
