@@ -198,42 +198,44 @@ __device__ __forceinline__ void store_pair(__half* at, float2 v) {
 
 // d[u][4 i + e]: column local[u] * 8 + g (e < 2) or + 8, row 8 i + 2 t + (e & 1).
 // Lanes g and g ^ 1 (lane ^ 4) swap one value, so that lane g writes row 2t (g
-// even) or 2t + 1 (g odd) of columns g & ~1 and g | 1 as one pair. The pairs go
-// in batches of eight (four rows of x, both halves of a column group; batch k:
-// group u = k / 4, rows i from 4 (k % 4)). Accumulating, the next batch's loads
-// are issued before this batch's stores: the compiler keeps a load behind a
-// store before it (they may alias), and one load waiting behind each store made
-// O's epilogue a chain of 64 trips to the L2.
+// even) or 2t + 1 (g odd) of columns g & ~1 and g | 1 as one pair. Accumulating,
+// a batch's loads are all issued before its stores: with a store (which may
+// alias) between one load and the next, each load waited a whole trip to the L2,
+// and O's epilogue took longer than cuBLAS's whole margin.
 template <typename T>
 __device__ __forceinline__ void epilogue_pairs(const float (&d)[2][64], const int (&local)[2], T* out, int ldc,
                                                int rows_left, bool accumulate) {
-    constexpr int kBatch = 8, kBatches = 2 * 16 / (kBatch / 2);
+    constexpr int kBatch = 8;  // pairs: four rows of x, both halves of a column group
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bool even = (g & 1) == 0;
-    const auto row_of = [&](int k, int b) { return 8 * ((k % 4) * (kBatch / 2) + b / 2) + 2 * t + (even ? 0 : 1); };
-    const auto at = [&](int k, int b) {
-        return out + static_cast<size_t>(row_of(k, b)) * ldc + local[k / 4] * 8 + (g & ~1) + 8 * (b % 2);
-    };
-    float2 old[2][kBatch];
-    const auto load_batch = [&](int k) {
 #pragma unroll
-        for (int b = 0; b < kBatch; ++b)
-            old[k & 1][b] = row_of(k, b) < rows_left ? load_pair(at(k, b)) : make_float2(0.0f, 0.0f);
-    };
-    if (accumulate) load_batch(0);
+    for (int u = 0; u < 2; ++u)
 #pragma unroll
-    for (int k = 0; k < kBatches; ++k) {
-        if (accumulate && k + 1 < kBatches) load_batch(k + 1);
+        for (int i0 = 0; i0 < 16; i0 += kBatch / 2) {
+            float2 v[kBatch];
+            T* at[kBatch];
+            bool live[kBatch];
 #pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-            const int u = k / 4, i = (k % 4) * (kBatch / 2) + b / 2, h = b % 2;
-            const float mine0 = d[u][4 * i + 2 * h], mine1 = d[u][4 * i + 2 * h + 1];
-            const float theirs = __shfl_xor_sync(0xFFFFFFFFu, even ? mine1 : mine0, 4);
-            float2 v = even ? make_float2(mine0, theirs) : make_float2(theirs, mine1);
-            if (accumulate) v.x += old[k & 1][b].x, v.y += old[k & 1][b].y;
-            if (row_of(k, b) < rows_left) store_pair(at(k, b), v);
+            for (int b = 0; b < kBatch; ++b) {
+                const int i = i0 + b / 2, h = b % 2;
+                const float mine0 = d[u][4 * i + 2 * h], mine1 = d[u][4 * i + 2 * h + 1];
+                const float theirs = __shfl_xor_sync(0xFFFFFFFFu, even ? mine1 : mine0, 4);
+                const int row = 8 * i + 2 * t + (even ? 0 : 1);
+                v[b] = even ? make_float2(mine0, theirs) : make_float2(theirs, mine1);
+                at[b] = out + static_cast<size_t>(row) * ldc + local[u] * 8 + (g & ~1) + 8 * h;
+                live[b] = row < rows_left;
+            }
+            if (accumulate) {
+                float2 old[kBatch];
+#pragma unroll
+                for (int b = 0; b < kBatch; ++b) old[b] = live[b] ? load_pair(at[b]) : make_float2(0.0f, 0.0f);
+#pragma unroll
+                for (int b = 0; b < kBatch; ++b) v[b].x += old[b].x, v[b].y += old[b].y;
+            }
+#pragma unroll
+            for (int b = 0; b < kBatch; ++b)
+                if (live[b]) store_pair(at[b], v[b]);
         }
-    }
 }
 
 __global__ void __launch_bounds__(kThreads, 1) gptq4_gemm_large_kernel(const __grid_constant__ Batch batch) {
